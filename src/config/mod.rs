@@ -1,0 +1,397 @@
+//! Configuration: parse the YAML once, validate it, and compile it into the typed [`Config`] the
+//! request path reads. Nothing here runs per request.
+//!
+//! Errors always name the file, line, column and key (`flashgate.yaml:12:18: routes[0].limits…`),
+//! like `nginx -t`, because an operator fixing a config minutes before a sale needs exactly that.
+
+mod raw;
+pub mod values;
+
+use std::cell::RefCell;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+use ipnet::IpNet;
+use serde_saphyr::{Location, Spanned};
+
+pub use raw::Unmatched;
+use raw::{RawConfig, RawIdentity, RawRate, RawRoute};
+pub use values::{PathTemplate, UpstreamUrl};
+
+/// hyper refuses header buffers below this size.
+const MIN_HEADER_BYTES: u64 = 8192;
+/// Keys a per-IP / per-user limiter remembers unless `max_keys` says otherwise.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: String,
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    pub server: Server,
+    pub trusted_proxies: Vec<IpNet>,
+    pub unmatched: Unmatched,
+    pub health_path: Option<String>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub url: UpstreamUrl,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub keep_alive_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    pub drain_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    /// Empty means any method.
+    pub methods: Vec<Method>,
+    pub path: PathTemplate,
+    pub identity: Option<Identity>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// Set by a trusted auth layer in front of flashgate.
+    Header(HeaderName),
+    Cookie(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub source: IdentitySource,
+    pub max_length: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub route: Option<Rate>,
+    pub per_ip: Option<Rate>,
+    pub per_user: Option<Rate>,
+    pub in_flight: Option<u32>,
+}
+
+/// A token bucket: one token every `period`, at most `burst` saved up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub period: Duration,
+    pub burst: NonZeroU32,
+    /// Only used by keyed (per-IP, per-user) buckets.
+    pub max_keys: usize,
+}
+
+impl Rate {
+    /// Seconds the bucket needs to refill from empty: the window `w` of `RateLimit-Policy`.
+    pub fn window_secs(&self) -> u64 {
+        let nanos = self.period.as_nanos() * u128::from(self.burst.get());
+        (nanos.div_ceil(1_000_000_000) as u64).max(1)
+    }
+}
+
+impl Route {
+    pub fn matches_method(&self, method: &Method) -> bool {
+        self.methods.is_empty() || self.methods.contains(method)
+    }
+}
+
+/// A config error with the place it was found: `file:line:col: key: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based line and column; 0 when the error has no place (an unreadable file).
+    pub line: u64,
+    pub column: u64,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        } else {
+            write!(f, "{}: ", self.file)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and compiles a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: 0,
+        column: 0,
+        key: String::new(),
+        message: format!("cannot read config: {e}"),
+    })?;
+    parse(&text, &file)
+}
+
+/// Parses and compiles config text; `file` is only used in messages.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    // serde_path_to_error tracks the key path; serde-saphyr adds the location. The path is
+    // smuggled out through a cell because saphyr's closure must return saphyr's own error.
+    let key_path = RefCell::new(String::new());
+    let raw: RawConfig = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            *key_path.borrow_mut() = e.path().to_string();
+            e.into_inner()
+        })
+    })
+    .map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        // `Spanned` wrappers show up as `.value` in the path; `?` means "no path known".
+        let key = key_path.borrow().replace(".value", "");
+        let key = if key == "?" { String::new() } else { key };
+        ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            key: if key == "." { String::new() } else { key },
+            message: first_line(&e.without_snippet().to_string()),
+        }
+    })?;
+    compile(raw, file)
+}
+
+/// saphyr's message may end with its own location and a snippet; we print our own location.
+fn first_line(msg: &str) -> String {
+    let line = msg.lines().next().unwrap_or(msg).trim();
+    match line.rfind(" at line ") {
+        Some(i) => line[..i].to_owned(),
+        None => line.to_owned(),
+    }
+}
+
+fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
+    let err = |at: &Location, key: String, message: String| ConfigError {
+        file: file.to_owned(),
+        line: at.line(),
+        column: at.column(),
+        key,
+        message,
+    };
+
+    let server = raw.server;
+    if server.max_header_bytes.0 < MIN_HEADER_BYTES {
+        return Err(ConfigError {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            key: "server.max_header_bytes".into(),
+            message: format!("must be at least {MIN_HEADER_BYTES} bytes"),
+        });
+    }
+    if let Some(p) = &raw.health_path
+        && !p.starts_with('/')
+    {
+        return Err(ConfigError {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            key: "health_path".into(),
+            message: format!("`{p}` must start with `/`"),
+        });
+    }
+
+    let mut routes: Vec<Route> = Vec::with_capacity(raw.routes.len());
+    for (i, spanned) in raw.routes.into_iter().enumerate() {
+        let at = spanned.referenced;
+        let route = compile_route(spanned.value, i, &err, &at)?;
+        if routes.iter().any(|r| r.name == route.name) {
+            return Err(err(
+                &at,
+                format!("routes[{i}].name"),
+                format!("duplicate route name `{}`", route.name),
+            ));
+        }
+        routes.push(route);
+    }
+
+    Ok(Config {
+        file: file.to_owned(),
+        listen: raw.listen,
+        upstream: Upstream {
+            url: raw.upstream.url,
+            connect_timeout: raw.upstream.connect_timeout.0,
+            request_timeout: raw.upstream.request_timeout.0,
+            pool_idle_timeout: raw.upstream.pool_idle_timeout.0,
+            pool_max_idle: raw.upstream.pool_max_idle,
+        },
+        server: Server {
+            max_connections: server.max_connections.get(),
+            header_read_timeout: server.header_read_timeout.0,
+            keep_alive_timeout: server.keep_alive_timeout.0,
+            max_header_bytes: usize::try_from(server.max_header_bytes.0).unwrap_or(usize::MAX),
+            max_headers: server.max_headers.get(),
+            max_uri_bytes: usize::try_from(server.max_uri_bytes.0).unwrap_or(usize::MAX),
+            drain_timeout: server.drain_timeout.0,
+            h2_max_concurrent_streams: server.h2_max_concurrent_streams.get(),
+        },
+        trusted_proxies: raw.trusted_proxies.into_iter().map(|t| t.0).collect(),
+        unmatched: raw.unmatched,
+        health_path: raw.health_path,
+        routes,
+    })
+}
+
+type ErrFn<'a> = dyn Fn(&Location, String, String) -> ConfigError + 'a;
+
+fn compile_route(
+    raw: RawRoute,
+    i: usize,
+    err: &ErrFn<'_>,
+    at: &Location,
+) -> Result<Route, ConfigError> {
+    let key = |k: &str| format!("routes[{i}].{k}");
+    let name = raw.name.trim().to_owned();
+    if name.is_empty() {
+        return Err(err(at, key("name"), "must not be empty".into()));
+    }
+    let identity = match raw.identity {
+        None => None,
+        Some(Spanned {
+            value:
+                RawIdentity {
+                    header,
+                    cookie,
+                    max_length,
+                },
+            referenced,
+            ..
+        }) => {
+            let source = match (header, cookie) {
+                (Some(h), None) => IdentitySource::Header(h.0),
+                (None, Some(c)) if !c.trim().is_empty() => IdentitySource::Cookie(c.trim().into()),
+                (None, Some(_)) => {
+                    return Err(err(
+                        &referenced,
+                        key("identity.cookie"),
+                        "must not be empty".into(),
+                    ));
+                }
+                _ => {
+                    return Err(err(
+                        &referenced,
+                        key("identity"),
+                        "set exactly one of `header` or `cookie`".into(),
+                    ));
+                }
+            };
+            Some(Identity {
+                source,
+                max_length: max_length.get(),
+            })
+        }
+    };
+    let rate = |r: Option<Spanned<RawRate>>, k: &str| -> Result<Option<Rate>, ConfigError> {
+        r.map(|s| compile_rate(s.value).map_err(|m| err(&s.referenced, key(k), m)))
+            .transpose()
+    };
+    let limits = Limits {
+        route: rate(raw.limits.route, "limits.route")?,
+        per_ip: rate(raw.limits.per_ip, "limits.per_ip")?,
+        per_user: rate(raw.limits.per_user, "limits.per_user")?,
+        in_flight: raw.limits.in_flight.map(NonZeroU32::get),
+    };
+    if limits.per_user.is_some() && identity.is_none() {
+        return Err(err(
+            at,
+            key("limits.per_user"),
+            "needs an `identity` on the route to know who the user is".into(),
+        ));
+    }
+    Ok(Route {
+        name,
+        methods: raw
+            .matcher
+            .method
+            .map(|m| m.into_vec().into_iter().map(|m| m.0).collect())
+            .unwrap_or_default(),
+        path: raw.matcher.path,
+        identity,
+        limits,
+    })
+}
+
+fn compile_rate(raw: RawRate) -> Result<Rate, String> {
+    let (per, window) = match (raw.per_second, raw.per_minute) {
+        (Some(n), None) => (n, Duration::from_secs(1)),
+        (None, Some(n)) => (n, Duration::from_secs(60)),
+        _ => return Err("set exactly one of `per_second` or `per_minute`".into()),
+    };
+    Ok(Rate {
+        period: window / per.get(),
+        burst: raw.burst.unwrap_or(per),
+        max_keys: raw.max_keys.map(|n| n.get()).unwrap_or(DEFAULT_MAX_KEYS),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "upstream: { url: \"http://127.0.0.1:3000\" }\n";
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let c = parse(BASE, "t.yaml").unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.unmatched, Unmatched::Proxy);
+        assert_eq!(c.server.max_header_bytes, 16 * 1024);
+        assert!(c.routes.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let text =
+            format!("{BASE}routes:\n  - name: a\n    match: {{ path: /a }}\n    limitz: {{}}\n");
+        let e = parse(&text, "t.yaml").unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("limitz"), "{e}");
+        assert!(e.to_string().starts_with("t.yaml:5:"), "{e}");
+    }
+
+    #[test]
+    fn rate_window() {
+        let r = compile_rate(RawRate {
+            per_second: NonZeroU32::new(2),
+            per_minute: None,
+            burst: NonZeroU32::new(5),
+            max_keys: None,
+        })
+        .unwrap();
+        assert_eq!(r.period, Duration::from_millis(500));
+        assert_eq!(r.window_secs(), 3);
+    }
+}

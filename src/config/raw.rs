@@ -1,0 +1,206 @@
+//! The YAML schema as serde types. Every struct rejects unknown keys, and every value type that
+//! can be checked on its own (durations, sizes, rates, path templates, methods, URLs) validates
+//! while it is parsed, so its error carries the line and column of the offending value.
+//! Rules that span several keys live in `compile.rs`, with the location kept by `Spanned`.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::values::{
+    Bytes, Dur, HeaderNameValue, MethodValue, PathTemplate, TrustedNet, UpstreamUrl,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub trusted_proxies: Vec<TrustedNet>,
+    #[serde(default)]
+    pub unmatched: Unmatched,
+    #[serde(default = "default_health_path")]
+    pub health_path: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+
+fn default_health_path() -> Option<String> {
+    Some("/healthz".to_owned())
+}
+
+/// What a request that matches no route gets.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    /// Forwarded to the upstream untouched (a transparent sidecar).
+    #[default]
+    Proxy,
+    /// Answered 404 by flashgate (an allow-list of routes).
+    NotFound,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: UpstreamUrl,
+    #[serde(default = "d_1s")]
+    pub connect_timeout: Dur,
+    #[serde(default = "d_30s")]
+    pub request_timeout: Dur,
+    #[serde(default = "d_90s")]
+    pub pool_idle_timeout: Dur,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle: usize,
+}
+
+fn d_1s() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn d_10s() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn d_30s() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn d_60s() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn d_90s() -> Dur {
+    Dur(Duration::from_secs(90))
+}
+fn default_pool_max_idle() -> usize {
+    1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    #[serde(default = "default_max_connections")]
+    pub max_connections: NonZeroUsize,
+    #[serde(default = "d_10s")]
+    pub header_read_timeout: Dur,
+    #[serde(default = "d_60s")]
+    pub keep_alive_timeout: Dur,
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: Bytes,
+    #[serde(default = "default_max_headers")]
+    pub max_headers: NonZeroUsize,
+    #[serde(default = "default_max_uri_bytes")]
+    pub max_uri_bytes: Bytes,
+    #[serde(default = "d_30s")]
+    pub drain_timeout: Dur,
+    #[serde(default = "default_h2_streams")]
+    pub h2_max_concurrent_streams: NonZeroU32,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            max_connections: default_max_connections(),
+            header_read_timeout: d_10s(),
+            keep_alive_timeout: d_60s(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            max_uri_bytes: default_max_uri_bytes(),
+            drain_timeout: d_30s(),
+            h2_max_concurrent_streams: default_h2_streams(),
+        }
+    }
+}
+
+fn default_max_connections() -> NonZeroUsize {
+    NonZeroUsize::new(10_000).expect("non-zero literal")
+}
+fn default_max_header_bytes() -> Bytes {
+    Bytes(16 * 1024)
+}
+fn default_max_headers() -> NonZeroUsize {
+    NonZeroUsize::new(100).expect("non-zero literal")
+}
+fn default_max_uri_bytes() -> Bytes {
+    Bytes(8 * 1024)
+}
+fn default_h2_streams() -> NonZeroU32 {
+    NonZeroU32::new(256).expect("non-zero literal")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: RawMatch,
+    pub identity: Option<Spanned<RawIdentity>>,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    #[serde(default)]
+    pub method: Option<OneOrMany<MethodValue>>,
+    pub path: PathTemplate,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(t) => vec![t],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// Where the user id comes from. Exactly one source.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub header: Option<HeaderNameValue>,
+    pub cookie: Option<String>,
+    #[serde(default = "default_max_user_len")]
+    pub max_length: NonZeroUsize,
+}
+
+fn default_max_user_len() -> NonZeroUsize {
+    NonZeroUsize::new(128).expect("non-zero literal")
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub route: Option<Spanned<RawRate>>,
+    pub per_ip: Option<Spanned<RawRate>>,
+    pub per_user: Option<Spanned<RawRate>>,
+    pub in_flight: Option<NonZeroU32>,
+}
+
+/// A token bucket: a refill rate (exactly one of `per_second` / `per_minute`) and a burst.
+/// `max_keys` caps the keys a per-IP or per-user bucket remembers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    pub per_second: Option<NonZeroU32>,
+    pub per_minute: Option<NonZeroU32>,
+    pub burst: Option<NonZeroU32>,
+    pub max_keys: Option<NonZeroUsize>,
+}

@@ -1,0 +1,283 @@
+//! Forwarding to the shop backend: one pooled keep-alive client, bodies streamed both ways,
+//! hop-by-hop headers stripped, `X-Forwarded-*` set, `Upgrade` (WebSocket) spliced end to end.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use http::header::{CONNECTION, HOST, UPGRADE};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::debug;
+
+use crate::body::{self, Body};
+use crate::config::{self, UpstreamUrl};
+
+/// Why a forward failed. The distinction matters to a sale: `Connect` means the backend
+/// certainly never saw the request (the unit can be released); the others are uncertain.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("upstream connect failed: {0}")]
+    Connect(String),
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("upstream request failed: {0}")]
+    Failed(String),
+}
+
+/// The pooled client to the one upstream.
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+    base: UpstreamUrl,
+    request_timeout: Duration,
+}
+
+/// What the forwarder needs to know about the client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub ip: IpAddr,
+    /// The peer is a configured trusted proxy: its `X-Forwarded-*` headers are kept.
+    pub trusted: bool,
+}
+
+/// RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+impl Upstream {
+    pub fn new(cfg: &config::Upstream) -> Upstream {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle)
+            .build(http);
+        Upstream {
+            client,
+            base: cfg.url.clone(),
+            request_timeout: cfg.request_timeout,
+        }
+    }
+
+    /// Forwards `req` (already routed and admitted) and returns the upstream's response with
+    /// its body still streaming.
+    pub async fn forward(
+        &self,
+        mut req: Request<Body>,
+        peer: Peer,
+    ) -> Result<Response<Body>, ForwardError> {
+        let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        self.rewrite(&mut req, peer)?;
+
+        let sent = tokio::time::timeout(self.request_timeout, self.client.request(req)).await;
+        let mut resp = match sent {
+            Err(_) => return Err(ForwardError::Timeout(self.request_timeout)),
+            Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(error_chain(&e))),
+            Ok(Err(e)) => return Err(ForwardError::Failed(error_chain(&e))),
+            Ok(Ok(resp)) => resp,
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(splice(client_upgrade, upstream_upgrade));
+            }
+        } else {
+            strip_hop_by_hop(resp.headers_mut());
+        }
+        Ok(resp.map(body::stream::<Incoming>))
+    }
+
+    fn rewrite(&self, req: &mut Request<Body>, peer: Peer) -> Result<(), ForwardError> {
+        let upgrade = wants_upgrade(req.headers());
+        // h2 requests carry the host in the URI authority, not in a Host header.
+        let host = req.headers().get(HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+
+        let path = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+        let pq = if self.base.path_prefix.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{}{}", self.base.path_prefix, path)
+        };
+        let uri = Uri::builder()
+            .scheme(self.base.scheme.clone())
+            .authority(self.base.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| ForwardError::Failed(format!("cannot build upstream URI: {e}")))?;
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+
+        let upgrade_proto = req.headers().get(UPGRADE).cloned();
+        let te_trailers = req
+            .headers()
+            .get_all("te")
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        if upgrade && let Some(proto) = upgrade_proto {
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(UPGRADE, proto);
+        }
+        if te_trailers {
+            // The one TE value that is end-to-end in meaning: the client accepts trailers.
+            headers.insert("te", HeaderValue::from_static("trailers"));
+        }
+        if let Some(host) = &host {
+            headers.insert(HOST, host.clone());
+        }
+        set_forwarded(headers, peer, host.as_ref());
+        Ok(())
+    }
+}
+
+fn set_forwarded(headers: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+    let ip = peer.ip.to_canonical().to_string();
+    let prior: Vec<String> = if peer.trusted {
+        headers
+            .get_all(&XFF)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .collect()
+    } else {
+        // From an untrusted peer the chain is whatever the client typed: drop it.
+        Vec::new()
+    };
+    let chain = if prior.is_empty() {
+        ip
+    } else {
+        format!("{}, {ip}", prior.join(", "))
+    };
+    headers.remove(&XFF);
+    if let Ok(v) = HeaderValue::from_str(&chain) {
+        headers.insert(XFF, v);
+    }
+    if !peer.trusted || !headers.contains_key(&XFP) {
+        headers.insert(XFP, HeaderValue::from_static("http"));
+    }
+    if (!peer.trusted || !headers.contains_key(&XFH))
+        && let Some(host) = host
+    {
+        headers.insert(XFH, host.clone());
+    }
+}
+
+/// Removes the fields named in `Connection`, then the fixed hop-by-hop list.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Copies bytes both ways between the client's and the upstream's upgraded connections.
+async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        debug!(error = %e, "upgraded connection ended");
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_fixed_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn xff_is_replaced_for_untrusted_and_appended_for_trusted() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        let peer = Peer {
+            ip: "10.0.0.9".parse().unwrap(),
+            trusted: false,
+        };
+        set_forwarded(&mut h, peer, None);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
+        set_forwarded(
+            &mut h,
+            Peer {
+                trusted: true,
+                ..peer
+            },
+            None,
+        );
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+}

@@ -1,0 +1,24 @@
+//! flashgate: a reverse-proxy admission sidecar for flash sales.
+//!
+//! All traffic to a shop backend flows through flashgate. Ordinary routes are proxied
+//! untouched; flash-sale routes are admitted only when they win a unit of stock.
+//!
+//! The request path, in the order a request meets it:
+//! 1. [`server`] accepts HTTP/1.1 and h2c, enforces connection, header and idle limits.
+//! 2. [`gate`] runs the steps below in order and turns any [`reject::Reject`] into an answer.
+//! 3. [`state::Snapshot::route_for`] matches the route (first match wins).
+//! 4. [`limit`] guards: in-flight slot, per-IP bucket, [`identity`], per-user bucket, route bucket.
+//! 5. [`forward`] sends the request to the backend over a pooled client, streaming both ways.
+//!
+//! Configuration is parsed, validated and compiled once by [`config`].
+
+pub mod body;
+pub mod client_ip;
+pub mod config;
+pub mod forward;
+pub mod gate;
+pub mod identity;
+pub mod limit;
+pub mod reject;
+pub mod server;
+pub mod state;

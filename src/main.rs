@@ -1,0 +1,209 @@
+//! The `flashgate` command: `serve` runs the proxy, `check` validates a config like `nginx -t`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use flashgate::config::{self, Config, Rate};
+use flashgate::state::App;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "flashgate",
+    version,
+    about = "Admission sidecar for flash sales"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        #[arg(long, short, default_value = "config/flashgate.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a config and print the compiled routes; exit 1 on error.
+    Check {
+        #[arg(long, short, default_value = "config/flashgate.yaml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Serve { config } => serve(&config),
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match config::load(path) {
+        Ok(cfg) => {
+            print!("{}", describe(&cfg));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    let cfg = match config::load(path) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                error!(listen = %cfg.listen, error = %e, "cannot bind");
+                return ExitCode::FAILURE;
+            }
+        };
+        info!(upstream = %cfg.upstream.url.authority, routes = cfg.routes.len(), "flashgate starting");
+        let app = App::new(cfg);
+        match flashgate::server::run(listener, app, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!(error = %e, "server failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    info!("shutdown signal received (send another to exit at once)");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+/// The compiled config as `flashgate check` prints it.
+fn describe(cfg: &Config) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: ok", cfg.file);
+    let u = &cfg.upstream;
+    let _ = writeln!(
+        out,
+        "listen {} -> upstream {}://{}{} (connect {:?}, request {:?})",
+        cfg.listen,
+        u.url.scheme,
+        u.url.authority,
+        u.url.path_prefix,
+        u.connect_timeout,
+        u.request_timeout
+    );
+    let _ = writeln!(out, "routes (first match wins):");
+    for (i, r) in cfg.routes.iter().enumerate() {
+        let methods = if r.methods.is_empty() {
+            "*".to_owned()
+        } else {
+            r.methods
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let _ = write!(out, "  {}. {} {} {}", i + 1, r.name, methods, r.path.source);
+        if let Some(id) = &r.identity {
+            let _ = match &id.source {
+                config::IdentitySource::Header(h) => write!(out, " identity=header:{h}"),
+                config::IdentitySource::Cookie(c) => write!(out, " identity=cookie:{c}"),
+            };
+        }
+        let l = &r.limits;
+        for (name, rate) in [
+            ("route", &l.route),
+            ("per_ip", &l.per_ip),
+            ("per_user", &l.per_user),
+        ] {
+            if let Some(rate) = rate {
+                let _ = write!(out, " {name}={}", show_rate(rate));
+            }
+        }
+        if let Some(n) = l.in_flight {
+            let _ = write!(out, " in_flight={n}");
+        }
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(
+        out,
+        "unmatched: {}",
+        match cfg.unmatched {
+            config::Unmatched::Proxy => "proxy",
+            config::Unmatched::NotFound => "not_found",
+        }
+    );
+    out
+}
+
+fn show_rate(r: &Rate) -> String {
+    let per_sec = 1.0 / r.period.as_secs_f64();
+    if per_sec >= 1.0 {
+        format!("{per_sec:.0}/s burst {}", r.burst)
+    } else {
+        format!("{:.0}/min burst {}", per_sec * 60.0, r.burst)
+    }
+}

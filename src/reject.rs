@@ -1,0 +1,260 @@
+//! Every answer flashgate gives by itself, in one enum, turned into a response in one place.
+//! Bodies are JSON: `{"error": "<reason>", "message": "...", ...}`.
+
+use std::time::Duration;
+
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+use serde_json::{Map, Value, json};
+
+use crate::body::{self, Body};
+use crate::config::Rate;
+use crate::limit::{Denied, Scope};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    RateLimited {
+        scope: Scope,
+        rate: Rate,
+        retry_after: Duration,
+    },
+    /// Too many requests in flight on the route.
+    Overloaded,
+    Unauthenticated(String),
+    BadRequest(String),
+    NotStarted,
+    Ended,
+    AlreadyPurchased {
+        held: u32,
+    },
+    SoldOut {
+        remaining: u64,
+    },
+    NotConfigured {
+        sku: String,
+    },
+    /// The stock store cannot be reached: fail closed.
+    Unavailable,
+    /// No route matched and `unmatched: not_found`.
+    NoRoute,
+    UriTooLong,
+    PayloadTooLarge,
+    /// The upstream could not be reached.
+    BadGateway,
+    /// The upstream did not answer in time.
+    GatewayTimeout,
+}
+
+/// How long a client should wait before retrying when the cause is not a token bucket.
+const RETRY_AFTER_BUSY: u64 = 1;
+
+impl Reject {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Reject::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Reject::Overloaded | Reject::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Reject::NotStarted | Reject::Ended => StatusCode::FORBIDDEN,
+            Reject::AlreadyPurchased { .. } => StatusCode::CONFLICT,
+            Reject::SoldOut { .. } => StatusCode::GONE,
+            Reject::NotConfigured { .. } | Reject::NoRoute => StatusCode::NOT_FOUND,
+            Reject::UriTooLong => StatusCode::URI_TOO_LONG,
+            Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reject::BadGateway => StatusCode::BAD_GATEWAY,
+            Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The machine-readable reason, stable across releases.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Reject::RateLimited { .. } => "rate_limited",
+            Reject::Overloaded => "overloaded",
+            Reject::Unauthenticated(_) => "unauthenticated",
+            Reject::BadRequest(_) => "bad_request",
+            Reject::NotStarted => "not_started",
+            Reject::Ended => "ended",
+            Reject::AlreadyPurchased { .. } => "already_purchased",
+            Reject::SoldOut { .. } => "sold_out",
+            Reject::NotConfigured { .. } => "not_configured",
+            Reject::Unavailable => "unavailable",
+            Reject::NoRoute => "not_found",
+            Reject::UriTooLong => "uri_too_long",
+            Reject::PayloadTooLarge => "payload_too_large",
+            Reject::BadGateway => "upstream_unavailable",
+            Reject::GatewayTimeout => "upstream_timeout",
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Reject::RateLimited { scope, .. } => {
+                format!("too many requests ({} limit)", scope.policy_name())
+            }
+            Reject::Overloaded => "too many requests in flight, retry shortly".into(),
+            Reject::Unauthenticated(m) | Reject::BadRequest(m) => m.clone(),
+            Reject::NotStarted => "the sale has not started yet".into(),
+            Reject::Ended => "the sale has ended".into(),
+            Reject::AlreadyPurchased { .. } => "you already hold the most units allowed".into(),
+            Reject::SoldOut { .. } => "sold out".into(),
+            Reject::NotConfigured { sku } => format!("no stock is configured for `{sku}`"),
+            Reject::Unavailable => "stock service unavailable, retry shortly".into(),
+            Reject::NoRoute => "no route matches this request".into(),
+            Reject::UriTooLong => "request URI too long".into(),
+            Reject::PayloadTooLarge => "request body too large".into(),
+            Reject::BadGateway => "the shop backend could not be reached".into(),
+            Reject::GatewayTimeout => "the shop backend did not answer in time".into(),
+        }
+    }
+
+    /// Whole seconds, rounded up and never 0 (a 105 ms wait is `Retry-After: 1`).
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Reject::RateLimited { retry_after, .. } => Some(ceil_secs(*retry_after)),
+            Reject::Overloaded | Reject::Unavailable => Some(RETRY_AFTER_BUSY),
+            _ => None,
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut fields = Map::new();
+        fields.insert("error".into(), json!(self.reason()));
+        fields.insert("message".into(), json!(self.message()));
+        match &self {
+            Reject::SoldOut { remaining } => {
+                fields.insert("remaining".into(), json!(remaining));
+            }
+            Reject::AlreadyPurchased { held } => {
+                fields.insert("held".into(), json!(held));
+            }
+            Reject::NotConfigured { sku } => {
+                fields.insert("sku".into(), json!(sku));
+            }
+            _ => {}
+        }
+        let retry = self.retry_after_secs();
+        if let Some(secs) = retry {
+            fields.insert("retry_after".into(), json!(secs));
+        }
+        let mut bytes = Value::Object(fields).to_string().into_bytes();
+        bytes.push(b'\n');
+
+        let mut resp = Response::new(body::full(bytes));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(secs) = retry {
+            h.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Reject::RateLimited { scope, rate, .. } = &self {
+            // IETF draft-ietf-httpapi-ratelimit-headers: quota `q` per window `w` seconds;
+            // `r` units remaining, `t` seconds until a unit is back.
+            let name = scope.policy_name();
+            let policy = format!("\"{name}\";q={};w={}", rate.burst, rate.window_secs());
+            let state = format!("\"{name}\";r=0;t={}", retry.unwrap_or(1));
+            if let Ok(v) = HeaderValue::from_str(&policy) {
+                h.insert("ratelimit-policy", v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&state) {
+                h.insert("ratelimit", v);
+            }
+        }
+        resp
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+impl From<Denied> for Reject {
+    fn from(d: Denied) -> Self {
+        match d {
+            Denied::Overloaded => Reject::Overloaded,
+            Denied::RateLimited {
+                scope,
+                rate,
+                retry_after,
+            } => Reject::RateLimited {
+                scope,
+                rate,
+                retry_after,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    #[test]
+    fn retry_after_rounds_up_and_is_never_zero() {
+        assert_eq!(ceil_secs(Duration::from_millis(105)), 1);
+        assert_eq!(ceil_secs(Duration::ZERO), 1);
+        assert_eq!(ceil_secs(Duration::from_millis(2001)), 3);
+        assert_eq!(ceil_secs(Duration::from_secs(2)), 2);
+    }
+
+    #[test]
+    fn every_reject_maps_to_its_status_and_reason() {
+        let rate = Rate {
+            period: Duration::from_millis(500),
+            burst: NonZeroU32::new(4).unwrap(),
+            max_keys: 10,
+        };
+        let cases = [
+            (
+                Reject::RateLimited {
+                    scope: Scope::PerUser,
+                    rate,
+                    retry_after: Duration::from_millis(1200),
+                },
+                429,
+                "rate_limited",
+            ),
+            (Reject::Overloaded, 503, "overloaded"),
+            (Reject::Unauthenticated("x".into()), 401, "unauthenticated"),
+            (Reject::BadRequest("x".into()), 400, "bad_request"),
+            (Reject::NotStarted, 403, "not_started"),
+            (Reject::Ended, 403, "ended"),
+            (
+                Reject::AlreadyPurchased { held: 1 },
+                409,
+                "already_purchased",
+            ),
+            (Reject::SoldOut { remaining: 0 }, 410, "sold_out"),
+            (
+                Reject::NotConfigured { sku: "a".into() },
+                404,
+                "not_configured",
+            ),
+            (Reject::Unavailable, 503, "unavailable"),
+            (Reject::NoRoute, 404, "not_found"),
+            (Reject::UriTooLong, 414, "uri_too_long"),
+            (Reject::PayloadTooLarge, 413, "payload_too_large"),
+            (Reject::BadGateway, 502, "upstream_unavailable"),
+            (Reject::GatewayTimeout, 504, "upstream_timeout"),
+        ];
+        for (reject, status, reason) in cases {
+            assert_eq!(reject.reason(), reason);
+            let resp = reject.clone().into_response();
+            assert_eq!(resp.status().as_u16(), status, "{reason}");
+            assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+            let has_retry = resp.headers().contains_key(RETRY_AFTER);
+            assert_eq!(has_retry, matches!(status, 429 | 503), "{reason}");
+        }
+        let resp = Reject::RateLimited {
+            scope: Scope::PerUser,
+            rate,
+            retry_after: Duration::from_millis(1200),
+        }
+        .into_response();
+        assert_eq!(resp.headers()[RETRY_AFTER], "2");
+        assert_eq!(resp.headers()["ratelimit-policy"], "\"per_user\";q=4;w=2");
+        assert_eq!(resp.headers()["ratelimit"], "\"per_user\";r=0;t=2");
+    }
+}

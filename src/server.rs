@@ -1,0 +1,291 @@
+//! The listener: HTTP/1.1 and h2c (prior knowledge) on one port, a cap on connections, a
+//! header-read timeout against slowloris, a keep-alive idle timeout, and graceful shutdown
+//! that stops accepting and drains in-flight requests within the drain timeout.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::body;
+use crate::config::Server as ServerConfig;
+use crate::gate;
+use crate::state::App;
+
+/// Serves `listener` until `shutdown` resolves, then drains. Used by `main` and by tests
+/// (bind `127.0.0.1:0`); holds no global state, so one process can run many instances.
+pub async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let cfg = app.snapshot().config.server.clone();
+    let builder = http_builder(&cfg);
+    let connections = Arc::new(Semaphore::new(cfg.max_connections));
+    let tracker = TaskTracker::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::pin!(shutdown);
+
+    info!(addr = %listener.local_addr()?, "listening");
+    loop {
+        // Wait for a free connection slot before accepting: over the cap, new connections
+        // queue in the kernel backlog instead of being accepted and starved.
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => p.map_err(io::Error::other)?,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let builder = builder.clone();
+        let stop = stop_rx.clone();
+        let timeouts = (cfg.header_read_timeout, cfg.keep_alive_timeout);
+        tracker.spawn(async move {
+            serve_connection(builder, stream, peer, app, stop, timeouts).await;
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    tracker.close();
+    info!(connections = tracker.len(), drain_timeout = ?cfg.drain_timeout, "shutting down: draining");
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            left = tracker.len(),
+            "drain timeout reached; closing remaining connections"
+        );
+    } else {
+        info!("drained");
+    }
+    Ok(())
+}
+
+fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .max_headers(cfg.max_headers);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
+    b
+}
+
+async fn serve_connection(
+    builder: auto::Builder<TokioExecutor>,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    app: Arc<App>,
+    mut stop: watch::Receiver<bool>,
+    (header_timeout, idle_timeout): (Duration, Duration),
+) {
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Watched {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let busy = activity.begin_request();
+            let app = app.clone();
+            async move {
+                let resp = gate::handle(app, peer, req).await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| body::guarded(b, busy)))
+            }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+
+    let mut graceful = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.changed(), if !graceful => {
+                graceful = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            verdict = activity.watch(header_timeout, idle_timeout), if !graceful => match verdict {
+                Verdict::HeaderTimeout => {
+                    debug!(%peer, "request head not received in time: closing");
+                    return;
+                }
+                Verdict::Idle => {
+                    graceful = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            },
+        }
+    }
+}
+
+/// What one connection is doing, for the header and idle timeouts. hyper's own header timer
+/// also runs while a keep-alive connection is idle, which would make the two timeouts one;
+/// tracking activity here keeps them separate and works the same for HTTP/1 and h2.
+struct Activity {
+    epoch: Instant,
+    in_flight: AtomicUsize,
+    /// When the connection last became idle (ms since epoch).
+    idle_since: AtomicU64,
+    /// When bytes of a new request head started arriving on an idle connection; 0 = none.
+    head_started: AtomicU64,
+}
+
+enum Verdict {
+    HeaderTimeout,
+    Idle,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        // +1 so that 0 can mean "not set".
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn on_read(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            let _ = self.head_started.compare_exchange(
+                0,
+                self.now_ms(),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn begin_request(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_started.store(0, Ordering::Release);
+        Busy(self.clone())
+    }
+
+    /// Resolves when the connection should be closed; polls at a coarse interval.
+    async fn watch(&self, header_timeout: Duration, idle_timeout: Duration) -> Verdict {
+        let tick = (header_timeout.min(idle_timeout) / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let header_ms = u64::try_from(header_timeout.as_millis()).unwrap_or(u64::MAX);
+        let idle_ms = u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            tokio::time::sleep(tick).await;
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                continue;
+            }
+            let now = self.now_ms();
+            let head = self.head_started.load(Ordering::Acquire);
+            if head != 0 {
+                if now.saturating_sub(head) > header_ms {
+                    return Verdict::HeaderTimeout;
+                }
+            } else if now.saturating_sub(self.idle_since.load(Ordering::Acquire)) > idle_ms {
+                return Verdict::Idle;
+            }
+        }
+    }
+}
+
+/// Held while a request is in flight on the connection (until its response body is done).
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.idle_since.store(a.now_ms(), Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The client socket, reporting reads to [`Activity`].
+struct Watched {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.on_read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

@@ -1,0 +1,121 @@
+//! Shared state. The request path reads one immutable [`Snapshot`] (config, routes with their
+//! guards, upstream client); a reload builds a new snapshot and swaps it in atomically, so a
+//! request never sees half of one config and half of another.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::Method;
+use tracing::info;
+
+use crate::config::{Config, Route};
+use crate::forward::Upstream;
+use crate::limit::RouteGuards;
+
+/// How often keyed limiters forget keys whose bucket has refilled.
+const EVICT_EVERY: Duration = Duration::from_secs(10);
+
+pub struct App {
+    snapshot: ArcSwap<Snapshot>,
+}
+
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub routes: Vec<RouteState>,
+    pub upstream: Arc<Upstream>,
+}
+
+pub struct RouteState {
+    pub route: Route,
+    pub guards: Arc<RouteGuards>,
+}
+
+/// A matched route and the path parameters it captured.
+pub struct Matched<'s, 'p> {
+    pub route: &'s RouteState,
+    pub params: matchit::Params<'s, 'p>,
+}
+
+impl Snapshot {
+    /// Compiles runtime state for `config`. Routes that keep their name and limits keep their
+    /// guards (and so their buckets and in-flight count): a reload mid-sale refills nothing.
+    pub fn build(config: Config, previous: Option<&Snapshot>) -> Snapshot {
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| {
+                let kept = previous.and_then(|p| {
+                    p.routes
+                        .iter()
+                        .find(|r| r.route.name == route.name && r.guards.limits() == &route.limits)
+                });
+                RouteState {
+                    route: route.clone(),
+                    guards: kept.map_or_else(
+                        || Arc::new(RouteGuards::new(&route.limits)),
+                        |r| r.guards.clone(),
+                    ),
+                }
+            })
+            .collect();
+        let upstream = match previous {
+            Some(p) if p.config.upstream == config.upstream => p.upstream.clone(),
+            _ => Arc::new(Upstream::new(&config.upstream)),
+        };
+        Snapshot {
+            config: Arc::new(config),
+            routes,
+            upstream,
+        }
+    }
+
+    /// First route whose method and path template match.
+    pub fn route_for<'s, 'p>(&'s self, method: &Method, path: &'p str) -> Option<Matched<'s, 'p>> {
+        self.routes.iter().find_map(|r| {
+            if !r.route.matches_method(method) {
+                return None;
+            }
+            let m = r.route.path.router.at(path).ok()?;
+            Some(Matched {
+                route: r,
+                params: m.params,
+            })
+        })
+    }
+}
+
+impl App {
+    /// Builds the app and starts its housekeeping (limiter eviction). Needs a tokio runtime.
+    pub fn new(config: Config) -> Arc<App> {
+        let app = Arc::new(App {
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+        });
+        tokio::spawn(evict_idle_keys(Arc::downgrade(&app)));
+        app
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Swaps in a new config; in-flight requests finish on the snapshot they started with.
+    pub fn reload(&self, config: Config) {
+        let previous = self.snapshot.load_full();
+        let next = Snapshot::build(config, Some(&previous));
+        info!(routes = next.routes.len(), file = %next.config.file, "config reloaded");
+        self.snapshot.store(Arc::new(next));
+    }
+}
+
+async fn evict_idle_keys(app: Weak<App>) {
+    let mut tick = tokio::time::interval(EVICT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(app) = app.upgrade() else { return };
+        for r in &app.snapshot().routes {
+            r.guards.evict_idle();
+        }
+    }
+}
