@@ -1,0 +1,287 @@
+//! Real parts for integration tests: a flashgate instance, a recording HTTP backend, and a
+//! plain HTTP client — all on real sockets bound to 127.0.0.1:0.
+#![allow(dead_code)]
+
+pub mod redis;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flashgate::body::{self, Body};
+use flashgate::state::App;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A running flashgate, stopped (gracefully) on drop or by `stop()`.
+pub struct Flashgate {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Flashgate {
+    /// Starts flashgate on 127.0.0.1:0 with `yaml` (its `listen` is ignored).
+    pub async fn start(yaml: &str) -> Flashgate {
+        let cfg = flashgate::config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = App::new(cfg);
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(flashgate::server::run(listener, app.clone(), async {
+            let _ = rx.await;
+        }));
+        Flashgate {
+            addr,
+            app,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Signals shutdown and waits for the drain to finish.
+    pub async fn stop(mut self) -> std::io::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(t) => t.await.unwrap(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Flashgate {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// What the backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub peer: SocketAddr,
+}
+
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync,
+>;
+
+/// A real HTTP/1.1 + h2c backend that records every request head it receives.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// TCP connections accepted so far (keep-alive reuse shows as a small number).
+    pub connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Backend {
+    /// A backend that answers 200 with a small JSON echo of the request line.
+    pub async fn start_echo() -> Backend {
+        Backend::start(|req| async move {
+            let line = format!("{} {}", req.method(), req.uri());
+            let body_len = req
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes().len())
+                .unwrap_or(0);
+            json_response(
+                StatusCode::OK,
+                &serde_json::json!({ "request": line, "body_bytes": body_len }).to_string(),
+            )
+        })
+        .await
+    }
+
+    pub async fn start<F, Fut>(handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Backend::serve(listener, handler)
+    }
+
+    /// Serves on an already bound listener (to restart a backend on the same port).
+    pub fn serve<F, Fut>(listener: TcpListener, handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let handler: Handler = Arc::new(move |req| Box::pin(handler(req)));
+        let (seen2, conns2) = (seen.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    return;
+                };
+                conns2.fetch_add(1, Ordering::SeqCst);
+                let handler = handler.clone();
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        seen.lock().unwrap().push(Seen {
+                            method: req.method().clone(),
+                            uri: req.uri().clone(),
+                            version: req.version(),
+                            headers: req.headers().clone(),
+                            peer,
+                        });
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            seen,
+            connections,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn json_response(status: StatusCode, json: &str) -> Response<Body> {
+    let mut r = Response::new(body::full(json.to_owned()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A minimal YAML config pointing at `backend`, with `routes` appended verbatim.
+pub fn config(backend: &Backend, extra: &str) -> String {
+    format!(
+        "upstream: {{ url: \"{}\", connect_timeout: 500ms, request_timeout: 2s }}\n{extra}",
+        backend.url()
+    )
+}
+
+/// A plain HTTP/1.1 client with a connection pool.
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// A client speaking h2c with prior knowledge.
+pub fn h2c_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+/// A collected response.
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// Sends a request and collects the answer; headers as (name, value) pairs.
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(body.into())).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body failed").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str) -> Answer {
+    send(&client(), "GET", url, &[], Bytes::new()).await
+}
+
+/// Polls `cond` every 10 ms until it holds or `within` passes: a wait on a condition, not a
+/// fixed sleep.
+pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
