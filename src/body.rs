@@ -30,7 +30,7 @@ where
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    body.map_err(Into::into).boxed_unsync()
+    body.map_err(|e| -> BoxError { e.into() }).boxed_unsync()
 }
 
 pin_project_lite::pin_project! {

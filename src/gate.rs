@@ -5,20 +5,26 @@
 //! trip to the store or the backend.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use http::{Request, Response, StatusCode};
+use std::time::SystemTime;
+
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::body::{self, Body};
 use crate::client_ip;
-use crate::config::Unmatched;
+use crate::config::{Sale, Unmatched};
 use crate::forward::{ForwardError, Peer};
 use crate::identity;
 use crate::reject::Reject;
+use crate::sale;
 use crate::state::{App, Snapshot};
+use crate::store::{ReserveOutcome, ReserveRequest, Settlement, StoreError};
 
 /// Handles one request; never fails (every failure is an answer).
 pub async fn handle(
@@ -29,7 +35,11 @@ pub async fn handle(
     let snapshot = app.snapshot();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    Ok(match admit_and_forward(&snapshot, peer, req).await {
+    // Boxed as `Send` here, where every lifetime is concrete: rustc cannot prove the
+    // higher-ranked `Send` bound hyper asks for through the store's boxed futures otherwise.
+    let path_future: Pin<Box<dyn Future<Output = Result<Response<Body>, Reject>> + Send + '_>> =
+        Box::pin(admit_and_forward(&app, &snapshot, peer, req));
+    Ok(match path_future.await {
         Ok(resp) => resp,
         Err(reject) => {
             debug!(%method, %path, status = reject.status().as_u16(), reason = reject.reason(), "answered by flashgate");
@@ -39,11 +49,14 @@ pub async fn handle(
 }
 
 async fn admit_and_forward(
+    app: &App,
     snap: &Snapshot,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Reject> {
     let cfg = &snap.config;
+    // Only flashgate may speak as flashgate: the backend trusts these headers.
+    strip_flashgate_headers(req.headers_mut());
 
     // 1. Accept-level limits hyper does not enforce itself (it handles 400/431 on parse).
     let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
@@ -80,20 +93,147 @@ async fn admit_and_forward(
     ))?;
     // 4. Identity (needed by the per-user bucket, so it sits between the buckets).
     let user = match &route.route.identity {
-        Some(identity) => Some(identity::user_id(identity, req.headers())?),
+        Some(identity) => Some(identity::user_id(identity, req.headers())?.to_owned()),
         None => None,
     };
-    if let Some(user) = user {
+    if let Some(user) = &user {
         guards.check_user(user)?;
     }
     guards.check_route()?;
 
-    // 5. Forward; the in-flight slot is held until the response body has been sent.
-    let resp = forward(snap, req, peer).await?;
+    let resp = if let Some(sale) = route.route.sale.as_ref() {
+        // 5–9. A flash-sale route: only a request that wins stock is forwarded.
+        let user = user.ok_or_else(|| Reject::Unauthenticated("no user identity".into()))?;
+        let params: Vec<(String, String)> = matched
+            .params
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        admit_sale(app, snap, sale, user, &params, req, peer).await?
+    } else {
+        // An ordinary route: forward untouched.
+        forward(snap, req, peer).await?
+    };
+    // The in-flight slot is held until the response body has been sent.
     Ok(match slot {
         Some(slot) => resp.map(|b| body::guarded(b, slot)),
         None => resp,
     })
+}
+
+/// Steps 5–9 of the request path for a flash-sale route.
+async fn admit_sale(
+    app: &App,
+    snap: &Snapshot,
+    sale: &Sale,
+    user: String,
+    params: &[(String, String)],
+    req: Request<Incoming>,
+    peer: Peer,
+) -> Result<Response<Body>, Reject> {
+    let (parts, body) = req.into_parts();
+    let (order, body) = sale::read_order(sale, &parts, params, body::stream(body)).await?;
+
+    // 5. Sale window, then 6. the local sold-out flag: both answer without the store.
+    sale::check_window(sale, SystemTime::now())?;
+    if app.sold_out.is_sold_out(&order.sku) {
+        return Err(Reject::SoldOut { remaining: 0 });
+    }
+
+    // 7. The reservation: one atomic script. Any store failure fails closed.
+    let request = ReserveRequest {
+        sku: order.sku.clone(),
+        user: user.clone(),
+        quantity: order.quantity,
+        per_user_limit: sale.per_user_limit,
+    };
+    let reservation = match app.store.reserve(&request).await {
+        Ok(ReserveOutcome::Won { reservation, .. }) => reservation,
+        Ok(ReserveOutcome::SoldOut { remaining }) => {
+            app.sold_out.mark(&order.sku, sale.sold_out_recheck);
+            return Err(Reject::SoldOut { remaining });
+        }
+        Ok(ReserveOutcome::AlreadyPurchased { held }) => {
+            return Err(Reject::AlreadyPurchased { held });
+        }
+        Ok(ReserveOutcome::NotConfigured) => {
+            return Err(Reject::NotConfigured { sku: order.sku });
+        }
+        Err(StoreError::Invalid(m)) => return Err(Reject::BadRequest(m)),
+        Err(e) => {
+            warn!(sku = %order.sku, error = %e, "store unavailable: failing closed");
+            return Err(Reject::Unavailable);
+        }
+    };
+
+    // 8. Forward the winner with headers the backend can trust.
+    let mut req = Request::from_parts(parts, body);
+    let h = req.headers_mut();
+    for (name, value) in [
+        ("x-flashgate-reservation", reservation.as_str()),
+        ("x-flashgate-sku", order.sku.as_str()),
+        ("x-flashgate-user", user.as_str()),
+        ("x-flashgate-quantity", &order.quantity.to_string()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    }
+    let result = snap.upstream.forward(req, peer).await;
+
+    // 9. Outcome: sold, released (the backend certainly did not take it) or uncertain.
+    let outcome = match &result {
+        Ok(resp) if sale.release_on_status.contains(&resp.status().as_u16()) => Outcome::Release,
+        Ok(_) => Outcome::Settle(Settlement::Sold),
+        Err(ForwardError::Connect(_)) => Outcome::Release,
+        Err(ForwardError::Timeout(_) | ForwardError::Failed(_)) => {
+            Outcome::Settle(Settlement::Uncertain)
+        }
+    };
+    match outcome {
+        Outcome::Release => {
+            // Awaited: the buyer's retry must be able to win the unit back.
+            match app.store.release(&order.sku, &reservation).await {
+                Ok(_) => {
+                    app.sold_out.clear(&order.sku);
+                    info!(sku = %order.sku, %reservation, "backend did not take the order: unit released");
+                }
+                Err(e) => {
+                    warn!(sku = %order.sku, %reservation, error = %e, "release failed: unit stays held")
+                }
+            }
+        }
+        Outcome::Settle(to) => {
+            if to == Settlement::Uncertain {
+                warn!(sku = %order.sku, %reservation, %user, "backend outcome unknown: unit kept, reservation marked uncertain");
+            }
+            // Off the response path: the winner should not wait for bookkeeping.
+            let store = app.store.clone();
+            let sku = order.sku.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.settle(&sku, &reservation, to).await {
+                    warn!(%sku, %reservation, error = %e, "settle failed: reservation stays held");
+                }
+            });
+        }
+    }
+    result.map_err(forward_error)
+}
+
+enum Outcome {
+    Release,
+    Settle(Settlement),
+}
+
+fn strip_flashgate_headers(headers: &mut http::HeaderMap) {
+    let spoofed: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-flashgate-"))
+        .cloned()
+        .collect();
+    for name in spoofed {
+        headers.remove(name);
+    }
 }
 
 async fn forward(
@@ -102,13 +242,18 @@ async fn forward(
     peer: Peer,
 ) -> Result<Response<Body>, Reject> {
     let req = req.map(body::stream);
-    snap.upstream.forward(req, peer).await.map_err(|e| {
-        warn!(error = %e, "forward failed");
-        match e {
-            ForwardError::Connect(_) | ForwardError::Failed(_) => Reject::BadGateway,
-            ForwardError::Timeout(_) => Reject::GatewayTimeout,
-        }
-    })
+    snap.upstream
+        .forward(req, peer)
+        .await
+        .map_err(forward_error)
+}
+
+fn forward_error(e: ForwardError) -> Reject {
+    warn!(error = %e, "forward failed");
+    match e {
+        ForwardError::Connect(_) | ForwardError::Failed(_) => Reject::BadGateway,
+        ForwardError::Timeout(_) => Reject::GatewayTimeout,
+    }
 }
 
 fn health() -> Response<Body> {

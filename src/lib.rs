@@ -12,13 +12,17 @@
 //!
 //! Configuration is parsed, validated and compiled once by [`config`].
 
+pub mod admin;
 pub mod body;
 pub mod client_ip;
 pub mod config;
+pub mod demo;
 pub mod forward;
 pub mod gate;
 pub mod identity;
 pub mod limit;
 pub mod reject;
+pub mod sale;
 pub mod server;
 pub mod state;
+pub mod store;

@@ -41,6 +41,60 @@ enum Command {
         #[arg(long, short, default_value = "config/flashgate.yaml")]
         config: PathBuf,
     },
+    /// Set, add or read a SKU's stock through the admin API.
+    Stock {
+        #[command(subcommand)]
+        action: StockAction,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Sale status (stock, buyers, reservations by state) through the admin API.
+    Sale {
+        #[command(subcommand)]
+        action: SaleAction,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// A stand-in shop backend for trying flashgate out (NOT for production).
+    DemoUpstream {
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Base URL of flashgate's admin API.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:9090")]
+    admin: String,
+    /// Bearer token of the admin API.
+    #[arg(
+        long,
+        global = true,
+        env = "FLASHGATE_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum StockAction {
+    /// Set the units left.
+    Set { sku: String, units: u64 },
+    /// Add units (negative removes).
+    Add {
+        sku: String,
+        #[arg(allow_hyphen_values = true)]
+        delta: i64,
+    },
+    /// Read the units left.
+    Get { sku: String },
+}
+
+#[derive(Subcommand)]
+enum SaleAction {
+    /// Stock, buyers, reservations and units by state.
+    Status { sku: String },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +103,35 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Serve { config } => serve(&config),
+        Command::Stock { action, admin } => {
+            let (method, path, body) = match action {
+                StockAction::Set { sku, units } => (
+                    http::Method::PUT,
+                    format!("/v1/stock/{sku}"),
+                    Some(serde_json::json!({ "stock": units })),
+                ),
+                StockAction::Add { sku, delta } => (
+                    http::Method::POST,
+                    format!("/v1/stock/{sku}/add"),
+                    Some(serde_json::json!({ "delta": delta })),
+                ),
+                StockAction::Get { sku } => (http::Method::GET, format!("/v1/stock/{sku}"), None),
+            };
+            admin_call(&admin, method, &path, body)
+        }
+        Command::Sale {
+            action: SaleAction::Status { sku },
+            admin,
+        } => admin_call(&admin, http::Method::GET, &format!("/v1/sales/{sku}"), None),
+        Command::DemoUpstream { listen } => run_async(async move {
+            match flashgate::demo::run(listen).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo upstream on {listen}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
     }
 }
 
@@ -61,6 +144,47 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+fn run_async(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn admin_call(
+    admin: &AdminArgs,
+    method: http::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> ExitCode {
+    let Some(token) = admin.token.as_deref() else {
+        eprintln!("no admin token: pass --token or set FLASHGATE_ADMIN_TOKEN");
+        return ExitCode::FAILURE;
+    };
+    run_async(async move {
+        match flashgate::admin::client::call(&admin.admin, token, method, path, body).await {
+            Ok((status, text)) if status.is_success() => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Ok((status, text)) => {
+                eprintln!("{status}: {text}");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
@@ -84,17 +208,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
+    run_async(async move {
         let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -102,8 +216,39 @@ fn serve(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let admin = cfg.admin.clone();
         info!(upstream = %cfg.upstream.url.authority, routes = cfg.routes.len(), "flashgate starting");
-        let app = App::new(cfg);
+        let app = match App::build(cfg).await {
+            Ok(app) => app,
+            Err(e) => {
+                error!(error = %e, "cannot set up the stock store");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(admin) = admin {
+            match std::env::var(&admin.token_env) {
+                Ok(token) if !token.trim().is_empty() => {
+                    match tokio::net::TcpListener::bind(admin.listen).await {
+                        Ok(l) => {
+                            tokio::spawn(flashgate::admin::run(
+                                l,
+                                app.clone(),
+                                token.trim().to_owned(),
+                                std::future::pending(),
+                            ));
+                        }
+                        Err(e) => {
+                            error!(listen = %admin.listen, error = %e, "cannot bind the admin API");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+                _ => warn!(
+                    env = %admin.token_env,
+                    "admin API disabled: set this environment variable to its bearer token"
+                ),
+            }
+        }
         match flashgate::server::run(listener, app, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -7,17 +7,23 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::Method;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{Config, Route};
 use crate::forward::Upstream;
 use crate::limit::RouteGuards;
+use crate::sale::SoldOut;
+use crate::store::{MemoryStore, RedisConfig, RedisStore, Store, StoreError};
 
 /// How often keyed limiters forget keys whose bucket has refilled.
 const EVICT_EVERY: Duration = Duration::from_secs(10);
 
 pub struct App {
     snapshot: ArcSwap<Snapshot>,
+    /// Where stock lives. Chosen at start; a reload cannot switch stores (it says so).
+    pub store: Arc<dyn Store>,
+    /// Lives across reloads: a SKU sold out before a reload is still sold out after it.
+    pub sold_out: SoldOut,
 }
 
 pub struct Snapshot {
@@ -86,13 +92,31 @@ impl Snapshot {
 }
 
 impl App {
-    /// Builds the app and starts its housekeeping (limiter eviction). Needs a tokio runtime.
-    pub fn new(config: Config) -> Arc<App> {
+    /// Builds the app: connects the store (Redis, or the embedded one when the config has no
+    /// `store`) and starts housekeeping. Needs a tokio runtime. Redis being down is not an
+    /// error here: flash routes answer 503 until it is back.
+    pub async fn build(config: Config) -> Result<Arc<App>, StoreError> {
+        let store: Arc<dyn Store> = match &config.store {
+            None => Arc::new(MemoryStore::new()),
+            Some(s) => Arc::new(
+                RedisStore::connect(&RedisConfig {
+                    url: s.redis.clone(),
+                    connections: s.connections,
+                    connect_timeout: s.connect_timeout,
+                    response_timeout: s.response_timeout,
+                    key_prefix: s.key_prefix.clone(),
+                })
+                .await?,
+            ),
+        };
+        info!(store = store.kind(), "stock store ready");
         let app = Arc::new(App {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+            store,
+            sold_out: SoldOut::default(),
         });
         tokio::spawn(evict_idle_keys(Arc::downgrade(&app)));
-        app
+        Ok(app)
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -102,6 +126,11 @@ impl App {
     /// Swaps in a new config; in-flight requests finish on the snapshot they started with.
     pub fn reload(&self, config: Config) {
         let previous = self.snapshot.load_full();
+        if previous.config.store != config.store {
+            warn!(
+                "the `store` section changed: a restart is needed to switch stores; keeping the current one"
+            );
+        }
         let next = Snapshot::build(config, Some(&previous));
         info!(routes = next.routes.len(), file = %next.config.file, "config reloaded");
         self.snapshot.store(Arc::new(next));

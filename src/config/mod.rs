@@ -12,14 +12,14 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderName, Method};
 use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
 
 pub use raw::Unmatched;
-use raw::{RawConfig, RawIdentity, RawRate, RawRoute};
+use raw::{RawConfig, RawIdentity, RawQuantity, RawRate, RawRoute, RawSale, RawSource, ReleaseOn};
 pub use values::{PathTemplate, UpstreamUrl};
 
 /// hyper refuses header buffers below this size.
@@ -36,7 +36,63 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     pub unmatched: Unmatched,
     pub health_path: Option<String>,
+    pub admin: Option<Admin>,
+    /// `None`: the embedded in-memory store.
+    pub store: Option<StoreConfig>,
     pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    pub token_env: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub redis: String,
+    pub connections: usize,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub key_prefix: String,
+}
+
+/// A flash-sale route's admission rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sale {
+    pub sku: Source,
+    pub quantity: Quantity,
+    pub per_user_limit: u32,
+    pub release_on_connect_error: bool,
+    pub release_on_status: Vec<u16>,
+    pub start: Option<SystemTime>,
+    pub end: Option<SystemTime>,
+    pub max_body: usize,
+    pub sold_out_recheck: Duration,
+}
+
+/// Where a request value (SKU, quantity) is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    PathParam(String),
+    Query(String),
+    Header(HeaderName),
+    /// A top-level field of a JSON object body.
+    Json(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quantity {
+    Fixed(u32),
+    From(Source),
+}
+
+impl Sale {
+    /// Whether reading the SKU or quantity needs the request body.
+    pub fn reads_body(&self) -> bool {
+        matches!(self.sku, Source::Json(_))
+            || matches!(self.quantity, Quantity::From(Source::Json(_)))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +124,7 @@ pub struct Route {
     pub path: PathTemplate,
     pub identity: Option<Identity>,
     pub limits: Limits,
+    pub sale: Option<Sale>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,6 +318,17 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
         trusted_proxies: raw.trusted_proxies.into_iter().map(|t| t.0).collect(),
         unmatched: raw.unmatched,
         health_path: raw.health_path,
+        admin: raw.admin.map(|a| Admin {
+            listen: a.listen,
+            token_env: a.token_env,
+        }),
+        store: raw.store.map(|s| StoreConfig {
+            redis: s.redis,
+            connections: s.connections.get(),
+            connect_timeout: s.connect_timeout.0,
+            response_timeout: s.response_timeout.0,
+            key_prefix: s.key_prefix,
+        }),
         routes,
     })
 }
@@ -331,6 +399,24 @@ fn compile_route(
             "needs an `identity` on the route to know who the user is".into(),
         ));
     }
+    let sale = match raw.sale {
+        None => None,
+        Some(s) => {
+            if identity.is_none() {
+                return Err(err(
+                    &s.referenced,
+                    key("sale"),
+                    "a sale route needs an `identity`: stock is limited per user".into(),
+                ));
+            }
+            Some(compile_sale(
+                s.value,
+                &raw.matcher.path,
+                &|at, k, m| err(at, key(&format!("sale.{k}")), m),
+                &s.referenced,
+            )?)
+        }
+    };
     Ok(Route {
         name,
         methods: raw
@@ -341,7 +427,94 @@ fn compile_route(
         path: raw.matcher.path,
         identity,
         limits,
+        sale,
     })
+}
+
+fn compile_sale(
+    raw: RawSale,
+    path: &PathTemplate,
+    err: &dyn Fn(&Location, &str, String) -> ConfigError,
+    at: &Location,
+) -> Result<Sale, ConfigError> {
+    let sku =
+        compile_source(raw.sku.value, path).map_err(|m| err(&raw.sku.referenced, "sku", m))?;
+    let per_user_limit = raw.per_user_limit.get();
+    let quantity = match raw.quantity {
+        None => Quantity::Fixed(1),
+        Some(Spanned {
+            value: RawQuantity::Fixed(n),
+            referenced,
+            ..
+        }) => {
+            if n == 0 || n > per_user_limit {
+                return Err(err(
+                    &referenced,
+                    "quantity",
+                    format!("must be between 1 and per_user_limit ({per_user_limit}), got {n}"),
+                ));
+            }
+            Quantity::Fixed(n)
+        }
+        Some(Spanned {
+            value: RawQuantity::From(src),
+            referenced,
+            ..
+        }) => {
+            Quantity::From(compile_source(src, path).map_err(|m| err(&referenced, "quantity", m))?)
+        }
+    };
+    let mut release_on_connect_error = false;
+    let mut release_on_status = Vec::new();
+    for r in raw.release_on {
+        match r {
+            ReleaseOn::Named(_) => release_on_connect_error = true,
+            ReleaseOn::Status(code) if (400..=599).contains(&code) => release_on_status.push(code),
+            ReleaseOn::Status(code) => {
+                return Err(err(
+                    at,
+                    "release_on",
+                    format!("status {code}: only 4xx/5xx answers can mean the order was not taken"),
+                ));
+            }
+        }
+    }
+    let (start, end) = (raw.start.map(|t| t.0), raw.end.map(|t| t.0));
+    if let (Some(s), Some(e)) = (start, end)
+        && s >= e
+    {
+        return Err(err(at, "end", "must be after `start`".into()));
+    }
+    Ok(Sale {
+        sku,
+        quantity,
+        per_user_limit,
+        release_on_connect_error,
+        release_on_status,
+        start,
+        end,
+        max_body: usize::try_from(raw.max_body.0).unwrap_or(usize::MAX),
+        sold_out_recheck: raw.sold_out_recheck.0,
+    })
+}
+
+fn compile_source(raw: RawSource, path: &PathTemplate) -> Result<Source, String> {
+    let source = match (raw.path_param, raw.query, raw.header, raw.json) {
+        (Some(p), None, None, None) => {
+            if !path.source.contains(&format!("{{{p}}}")) {
+                return Err(format!(
+                    "path_param `{p}` is not a parameter of the route path `{}`",
+                    path.source
+                ));
+            }
+            Source::PathParam(p)
+        }
+        (None, Some(q), None, None) if !q.is_empty() => Source::Query(q),
+        (None, None, Some(h), None) => Source::Header(h.0),
+        (None, None, None, Some(j)) if !j.is_empty() => Source::Json(j),
+        _ => return Err("set exactly one of `path_param`, `query`, `header` or `json`".into()),
+    };
+    Ok(source)
 }
 
 fn compile_rate(raw: RawRate) -> Result<Rate, String> {

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::values::{
-    Bytes, Dur, HeaderNameValue, MethodValue, PathTemplate, TrustedNet, UpstreamUrl,
+    Bytes, Dur, HeaderNameValue, MethodValue, PathTemplate, Timestamp, TrustedNet, UpstreamUrl,
 };
 
 #[derive(Debug, Deserialize)]
@@ -28,8 +28,53 @@ pub struct RawConfig {
     pub unmatched: Unmatched,
     #[serde(default = "default_health_path")]
     pub health_path: Option<String>,
+    pub admin: Option<RawAdmin>,
+    pub store: Option<RawStore>,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
+}
+
+/// The admin API listener (stock, sale status). Omit to disable it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: SocketAddr,
+    /// Name of the environment variable that holds the bearer token.
+    #[serde(default = "default_token_env")]
+    pub token_env: String,
+}
+
+fn default_token_env() -> String {
+    "FLASHGATE_ADMIN_TOKEN".to_owned()
+}
+
+/// Where stock lives. Omit `store` for the embedded in-memory store (one instance only).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// `redis://host:port/db`, or `redis+unix:///path/to/redis.sock`.
+    pub redis: String,
+    #[serde(default = "default_store_connections")]
+    pub connections: NonZeroUsize,
+    #[serde(default = "d_500ms")]
+    pub connect_timeout: Dur,
+    #[serde(default = "d_250ms")]
+    pub response_timeout: Dur,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_store_connections() -> NonZeroUsize {
+    NonZeroUsize::new(4).expect("non-zero literal")
+}
+fn default_key_prefix() -> String {
+    "fg".to_owned()
+}
+fn d_250ms() -> Dur {
+    Dur(Duration::from_millis(250))
+}
+fn d_500ms() -> Dur {
+    Dur(Duration::from_millis(500))
 }
 
 fn default_listen() -> SocketAddr {
@@ -145,6 +190,68 @@ pub struct RawRoute {
     pub identity: Option<Spanned<RawIdentity>>,
     #[serde(default)]
     pub limits: RawLimits,
+    pub sale: Option<Spanned<RawSale>>,
+}
+
+/// Marks a route as a flash-sale route: a request reaches the backend only if it wins stock.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSale {
+    pub sku: Spanned<RawSource>,
+    #[serde(default)]
+    pub quantity: Option<Spanned<RawQuantity>>,
+    #[serde(default = "default_per_user_limit")]
+    pub per_user_limit: NonZeroU32,
+    #[serde(default)]
+    pub release_on: Vec<ReleaseOn>,
+    /// RFC 3339 times, e.g. `2026-11-27T09:00:00Z`.
+    pub start: Option<Timestamp>,
+    pub end: Option<Timestamp>,
+    /// Most body bytes read to find a JSON field.
+    #[serde(default = "default_sale_max_body")]
+    pub max_body: Bytes,
+    /// How long this instance answers `sold_out` without asking the store again.
+    #[serde(default = "d_1s")]
+    pub sold_out_recheck: Dur,
+}
+
+fn default_per_user_limit() -> NonZeroU32 {
+    NonZeroU32::MIN
+}
+fn default_sale_max_body() -> Bytes {
+    Bytes(16 * 1024)
+}
+
+/// Where a value is read from. Exactly one key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub path_param: Option<String>,
+    pub query: Option<String>,
+    pub header: Option<HeaderNameValue>,
+    pub json: Option<String>,
+}
+
+/// A fixed quantity, or where to read it from.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawQuantity {
+    Fixed(u32),
+    From(RawSource),
+}
+
+/// A backend outcome that means "the order was certainly not taken": release the unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ReleaseOn {
+    Status(u16),
+    Named(ReleaseNamed),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseNamed {
+    ConnectError,
 }
 
 #[derive(Debug, Deserialize)]

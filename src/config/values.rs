@@ -78,6 +78,22 @@ impl<'de> Deserialize<'de> for Bytes {
     }
 }
 
+/// A point in time written as RFC 3339 (`2026-11-27T09:00:00Z`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Timestamp(pub std::time::SystemTime);
+
+impl TryFrom<String> for Timestamp {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        humantime::parse_rfc3339_weak(s.trim())
+            .map(Timestamp)
+            .map_err(|e| {
+                format!("invalid time `{s}` ({e}); write RFC 3339, e.g. 2026-11-27T09:00:00Z")
+            })
+    }
+}
+
 /// An HTTP method name (`GET`, `POST`, …), upper-cased.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]

@@ -27,9 +27,13 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
 /// A running flashgate, stopped (gracefully) on drop or by `stop()`.
 pub struct Flashgate {
     pub addr: SocketAddr,
+    /// The admin API (token [`ADMIN_TOKEN`]), when the config has an `admin` section.
+    pub admin: Option<SocketAddr>,
     pub app: Arc<App>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
@@ -41,13 +45,28 @@ impl Flashgate {
         let cfg = flashgate::config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = App::new(cfg);
+        let has_admin = cfg.admin.is_some();
+        let app = App::build(cfg).await.expect("store setup");
+        let admin = if has_admin {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let a = l.local_addr().unwrap();
+            tokio::spawn(flashgate::admin::run(
+                l,
+                app.clone(),
+                ADMIN_TOKEN.to_owned(),
+                std::future::pending(),
+            ));
+            Some(a)
+        } else {
+            None
+        };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(flashgate::server::run(listener, app.clone(), async {
             let _ = rx.await;
         }));
         Flashgate {
             addr,
+            admin,
             app,
             stop: Some(tx),
             task: Some(task),
@@ -56,6 +75,10 @@ impl Flashgate {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin.expect("config has no admin section"))
     }
 
     /// Signals shutdown and waits for the drain to finish.

@@ -1,1 +1,211 @@
-//! Placeholder until the real redis-server spawner lands.
+//! A real `redis-server` for integration tests: one process per test, on a
+//! unix socket in its own temp dir, no persistence. Killed on drop.
+//!
+//! Tests use it to play the operator's story: start Redis, kill it, restart
+//! it (empty data, empty script cache), freeze it (SIGSTOP), flush scripts.
+//!
+//! Set `REDIS_SERVER_BIN` to use a binary other than `redis-server` on PATH.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a fresh server may take to answer PING before the test fails.
+const START_DEADLINE: Duration = Duration::from_secs(10);
+/// Bound on one raw command from [`RedisServer::cli`].
+const CLI_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct RedisServer {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Spawn a server and wait until it answers PING.
+    pub fn start() -> RedisServer {
+        let dir = tempfile::Builder::new()
+            .prefix("flashgate-redis-")
+            .tempdir()
+            .expect("create temp dir for redis-server");
+        let socket = dir.path().join("redis.sock");
+        let mut server = RedisServer {
+            dir,
+            socket,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// URL for redis-rs (`unix:///…/redis.sock`).
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Process id of the running server, if any.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL the server (no shutdown, nothing saved) and reap it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kill the server if running and start a fresh, empty one on the same
+    /// socket path: all keys and the script cache are gone, as after a crash
+    /// of a Redis without persistence.
+    pub fn restart(&mut self) {
+        self.kill();
+        // redis-server refuses to bind if a stale socket file is left over.
+        let _ = std::fs::remove_file(&self.socket);
+        self.spawn();
+    }
+
+    /// Freeze the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaw a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    /// `SCRIPT FLUSH`: the next EVALSHA gets NOSCRIPT.
+    pub fn script_flush(&self) {
+        self.cli(&["SCRIPT", "FLUSH"]);
+    }
+
+    /// Run one raw command and return the reply. Panics if the server does
+    /// not answer within a few seconds or replies with an error.
+    pub fn cli(&self, args: &[&str]) -> ::redis::Value {
+        let (name, rest) = args.split_first().expect("cli needs a command");
+        let mut con = self
+            .sync_connection()
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url()));
+        let mut cmd = ::redis::cmd(name);
+        for arg in rest {
+            cmd.arg(*arg);
+        }
+        cmd.query::<::redis::Value>(&mut con)
+            .unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
+    }
+
+    /// `GET key` as a string (`None` when the key is missing).
+    pub fn get(&self, key: &str) -> Option<String> {
+        match self.cli(&["GET", key]) {
+            ::redis::Value::Nil => None,
+            ::redis::Value::BulkString(b) => Some(String::from_utf8(b).expect("utf-8 value")),
+            other => panic!("GET {key}: unexpected reply {other:?}"),
+        }
+    }
+
+    /// `HGET key field` as a string.
+    pub fn hget(&self, key: &str, field: &str) -> Option<String> {
+        match self.cli(&["HGET", key, field]) {
+            ::redis::Value::Nil => None,
+            ::redis::Value::BulkString(b) => Some(String::from_utf8(b).expect("utf-8 value")),
+            other => panic!("HGET {key} {field}: unexpected reply {other:?}"),
+        }
+    }
+
+    /// The server's log file (useful in assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    fn sync_connection(&self) -> ::redis::RedisResult<::redis::Connection> {
+        let client = ::redis::Client::open(self.url())?;
+        let con = client.get_connection_with_timeout(CLI_TIMEOUT)?;
+        con.set_read_timeout(Some(CLI_TIMEOUT))?;
+        con.set_write_timeout(Some(CLI_TIMEOUT))?;
+        Ok(con)
+    }
+
+    fn spawn(&mut self) {
+        let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(&bin)
+            .arg("--port")
+            .arg("0")
+            .arg("--unixsocket")
+            .arg(&self.socket)
+            .arg("--unixsocketperm")
+            .arg("700")
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.dir.path().join("redis.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                panic!(
+                    "redis-server not found on PATH: install it (apt-get install -y redis-server)"
+                )
+            }
+            Err(e) => panic!("spawn {bin}: {e}"),
+        };
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Poll PING until it answers; fail with the server log past the deadline.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("redis-server exited early ({status}):\n{}", self.log());
+            }
+            if self.socket.exists() && self.ping() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "redis-server did not answer PING within {START_DEADLINE:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut con) = self.sync_connection() else {
+            return false;
+        };
+        ::redis::cmd("PING").query::<String>(&mut con).is_ok()
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("redis-server is not running");
+        let status = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {pid} failed");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // SIGKILL also ends a paused (SIGSTOPped) process.
+        self.kill();
+    }
+}

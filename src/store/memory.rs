@@ -1,0 +1,309 @@
+//! The embedded store: the same semantics as the Redis scripts, in-process.
+//!
+//! Used when no Redis is configured (one flashgate instance, state lost on
+//! restart). It exists so a demo or a single-box sale needs no Redis, and so
+//! the conformance suite can prove both stores behave the same.
+//!
+//! All sales live in one `HashMap` behind a `std::sync::Mutex`. A std mutex
+//! (not tokio's) is right here: every operation is a few map lookups, the
+//! lock is never held across an `.await`, and an uncontended std mutex is far
+//! cheaper than an async one. The lock is also what makes each operation
+//! atomic, like a Lua script on the Redis server.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use super::{
+    BoxFuture, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleStatus, Settlement, StateCounts,
+    Store, StoreError, new_reservation_id, validate_reserve, validate_sku, validate_units,
+};
+
+/// In-process [`Store`]; see the module docs.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    sales: Mutex<HashMap<String, Sale>>,
+}
+
+/// One SKU's state: the in-memory twin of the four Redis keys.
+#[derive(Debug, Default)]
+struct Sale {
+    /// `None` = not configured (the Redis stock key is missing).
+    stock: Option<u64>,
+    /// user → units held (held + sold + uncertain); zero entries are removed.
+    buyers: HashMap<String, u64>,
+    reservations: HashMap<String, Reservation>,
+    res_counts: StateCounts,
+    unit_counts: StateCounts,
+}
+
+#[derive(Debug)]
+struct Reservation {
+    state: State,
+    quantity: u64,
+    user: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Held,
+    Sold,
+    Released,
+    Uncertain,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::Held => "held",
+            State::Sold => "sold",
+            State::Released => "released",
+            State::Uncertain => "uncertain",
+        }
+    }
+}
+
+impl From<Settlement> for State {
+    fn from(s: Settlement) -> Self {
+        match s {
+            Settlement::Sold => State::Sold,
+            Settlement::Uncertain => State::Uncertain,
+        }
+    }
+}
+
+fn counter(counts: &mut StateCounts, state: State) -> &mut u64 {
+    match state {
+        State::Held => &mut counts.held,
+        State::Sold => &mut counts.sold,
+        State::Released => &mut counts.released,
+        State::Uncertain => &mut counts.uncertain,
+    }
+}
+
+impl Sale {
+    /// Move one reservation's counters from `from` to `to` (the stats hash in Redis).
+    fn count_transition(&mut self, from: Option<State>, to: State, quantity: u64) {
+        if let Some(from) = from {
+            let r = counter(&mut self.res_counts, from);
+            *r = r.saturating_sub(1);
+            let u = counter(&mut self.unit_counts, from);
+            *u = u.saturating_sub(quantity);
+        }
+        let r = counter(&mut self.res_counts, to);
+        *r = r.saturating_add(1);
+        let u = counter(&mut self.unit_counts, to);
+        *u = u.saturating_add(quantity);
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Take the lock. A poisoned lock is recovered rather than propagated:
+    /// no code below panics between two writes, so the state is consistent.
+    fn sales(&self) -> MutexGuard<'_, HashMap<String, Sale>> {
+        self.sales.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn reserve_now(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+        validate_reserve(req)?;
+        let quantity = u64::from(req.quantity);
+        let mut sales = self.sales();
+        // An unknown SKU is simply not configured. Looking it up (instead of
+        // `entry().or_default()`) keeps a flood of made-up SKUs from growing the map.
+        let Some(sale) = sales.get_mut(&req.sku) else {
+            return Ok(ReserveOutcome::NotConfigured);
+        };
+
+        // Same order as reserve.lua: dedupe, then configured, then stock.
+        let held = sale.buyers.get(&req.user).copied().unwrap_or(0);
+        if held.saturating_add(quantity) > u64::from(req.per_user_limit) {
+            return Ok(ReserveOutcome::AlreadyPurchased {
+                held: u32::try_from(held).unwrap_or(u32::MAX),
+            });
+        }
+        let Some(stock) = sale.stock else {
+            return Ok(ReserveOutcome::NotConfigured);
+        };
+        if stock < quantity {
+            return Ok(ReserveOutcome::SoldOut { remaining: stock });
+        }
+
+        let remaining = stock - quantity;
+        let reservation = new_reservation_id();
+        sale.stock = Some(remaining);
+        *sale.buyers.entry(req.user.clone()).or_insert(0) += quantity;
+        sale.reservations.insert(
+            reservation.clone(),
+            Reservation {
+                state: State::Held,
+                quantity,
+                user: req.user.clone(),
+            },
+        );
+        sale.count_transition(None, State::Held, quantity);
+        Ok(ReserveOutcome::Won {
+            reservation,
+            remaining,
+        })
+    }
+
+    fn release_now(&self, sku: &str, id: &str) -> Result<ReleaseOutcome, StoreError> {
+        validate_sku(sku)?;
+        let mut sales = self.sales();
+        let Some(sale) = sales.get_mut(sku) else {
+            return Ok(ReleaseOutcome::NotHeld { state: None });
+        };
+        let Some(res) = sale.reservations.get_mut(id) else {
+            return Ok(ReleaseOutcome::NotHeld { state: None });
+        };
+        if res.state != State::Held {
+            return Ok(ReleaseOutcome::NotHeld {
+                state: Some(res.state.as_str().to_owned()),
+            });
+        }
+        res.state = State::Released;
+        let (quantity, user) = (res.quantity, res.user.clone());
+
+        // Like release.lua: a deleted (unconfigured) stock is not recreated.
+        let remaining = match sale.stock {
+            Some(stock) => {
+                let s = stock.saturating_add(quantity);
+                sale.stock = Some(s);
+                s
+            }
+            None => 0,
+        };
+        if let Some(units) = sale.buyers.get_mut(&user) {
+            *units = units.saturating_sub(quantity);
+            if *units == 0 {
+                sale.buyers.remove(&user);
+            }
+        }
+        sale.count_transition(Some(State::Held), State::Released, quantity);
+        Ok(ReleaseOutcome::Released { remaining })
+    }
+
+    fn settle_now(&self, sku: &str, id: &str, to: Settlement) -> Result<bool, StoreError> {
+        validate_sku(sku)?;
+        let mut sales = self.sales();
+        let Some(sale) = sales.get_mut(sku) else {
+            return Ok(false);
+        };
+        let Some(res) = sale.reservations.get_mut(id) else {
+            return Ok(false);
+        };
+        if res.state != State::Held {
+            return Ok(false);
+        }
+        res.state = to.into();
+        let quantity = res.quantity;
+        sale.count_transition(Some(State::Held), to.into(), quantity);
+        Ok(true)
+    }
+
+    fn set_stock_now(&self, sku: &str, units: u64) -> Result<u64, StoreError> {
+        validate_sku(sku)?;
+        validate_units(units)?;
+        self.sales().entry(sku.to_owned()).or_default().stock = Some(units);
+        Ok(units)
+    }
+
+    fn add_stock_now(&self, sku: &str, delta: i64) -> Result<u64, StoreError> {
+        validate_sku(sku)?;
+        let mut sales = self.sales();
+        let current = sales.get(sku).and_then(|s| s.stock).unwrap_or(0);
+        let next = i128::from(current) + i128::from(delta);
+        if next < 0 {
+            return Err(StoreError::Invalid(format!(
+                "stock would become negative ({current} + {delta})"
+            )));
+        }
+        // Same bound as Redis' INCRBY: stock must fit a signed 64-bit integer.
+        let next = i64::try_from(next)
+            .ok()
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| {
+                StoreError::Invalid(format!("stock would overflow ({current} + {delta})"))
+            })?;
+        sales.entry(sku.to_owned()).or_default().stock = Some(next);
+        Ok(next)
+    }
+
+    fn get_stock_now(&self, sku: &str) -> Result<Option<u64>, StoreError> {
+        validate_sku(sku)?;
+        Ok(self.sales().get(sku).and_then(|s| s.stock))
+    }
+
+    fn status_now(&self, sku: &str) -> Result<SaleStatus, StoreError> {
+        validate_sku(sku)?;
+        let sales = self.sales();
+        let status = match sales.get(sku) {
+            Some(sale) => SaleStatus {
+                sku: sku.to_owned(),
+                stock: sale.stock,
+                buyers: sale.buyers.len() as u64,
+                reservations: sale.res_counts.clone(),
+                units: sale.unit_counts.clone(),
+            },
+            None => SaleStatus {
+                sku: sku.to_owned(),
+                stock: None,
+                buyers: 0,
+                reservations: StateCounts::default(),
+                units: StateCounts::default(),
+            },
+        };
+        Ok(status)
+    }
+}
+
+// Each method does its work inside the future (lazily, like the Redis store)
+// and never awaits while holding the lock.
+impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        req: &'a ReserveRequest,
+    ) -> BoxFuture<'a, Result<ReserveOutcome, StoreError>> {
+        Box::pin(async move { self.reserve_now(req) })
+    }
+
+    fn release<'a>(
+        &'a self,
+        sku: &'a str,
+        reservation: &'a str,
+    ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
+        Box::pin(async move { self.release_now(sku, reservation) })
+    }
+
+    fn settle<'a>(
+        &'a self,
+        sku: &'a str,
+        reservation: &'a str,
+        to: Settlement,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move { self.settle_now(sku, reservation, to) })
+    }
+
+    fn set_stock<'a>(&'a self, sku: &'a str, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move { self.set_stock_now(sku, units) })
+    }
+
+    fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move { self.add_stock_now(sku, delta) })
+    }
+
+    fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(async move { self.get_stock_now(sku) })
+    }
+
+    fn status<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
+        Box::pin(async move { self.status_now(sku) })
+    }
+}

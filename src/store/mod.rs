@@ -1,0 +1,333 @@
+//! Stock stores: where a flash sale's units, buyers and reservations live.
+//!
+//! The proxy talks to one [`Store`] trait object. Two implementations share
+//! one behaviour (and one conformance suite, `tests/store_conformance.rs`):
+//!
+//! - [`RedisStore`]: the real thing. Each decision is ONE Lua script run
+//!   atomically on the server (`lua/reserve.lua`, `lua/release.lua`,
+//!   `lua/settle.lua`), so any number of flashgate instances can share it.
+//! - [`MemoryStore`]: the embedded default when no Redis is configured; same
+//!   semantics in-process, for a single instance.
+//!
+//! # Data model (Redis)
+//!
+//! Every key is built by [`key`] and carries the hash tag `{sku}`, so all keys
+//! one script touches hash to the same Redis Cluster slot:
+//!
+//! | key | type | meaning |
+//! |---|---|---|
+//! | `fg:{sku}:stock` | string int | units left; **missing = not configured, never unlimited** |
+//! | `fg:{sku}:buyers` | hash user → units | units each user holds (held + sold + uncertain): the per-user limit |
+//! | `fg:{sku}:res` | hash id → `state\|qty\|unix_ms\|user` | every reservation; `unix_ms` is the reservation time from the Redis clock |
+//! | `fg:{sku}:stats` | hash | `res:<state>` / `units:<state>` counters, kept by the scripts |
+//! | `fg:{sku}:events` | pub/sub channel | reserved for stock / sold-out events |
+//!
+//! Reservation states: `held` → `sold` | `uncertain` (settle), or `held` →
+//! `released` (release, which returns the units and the user's slot).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::Serialize;
+
+pub mod memory;
+pub mod redis;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::{RedisConfig, RedisStore};
+
+/// A boxed, `Send` future: lets [`Store`] be used as `Arc<dyn Store>`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One buyer asking for `quantity` units of `sku`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveRequest {
+    pub sku: String,
+    pub user: String,
+    /// Units wanted; must be in `1..=per_user_limit` (otherwise [`StoreError::Invalid`]).
+    pub quantity: u32,
+    /// Most units this user may hold of this SKU at once (held + sold + uncertain).
+    pub per_user_limit: u32,
+}
+
+/// What a reservation attempt decided. Only `Won` changes anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    /// The units are now held under `reservation`; forward the request.
+    Won { reservation: String, remaining: u64 },
+    /// Stock is below the quantity asked for (nothing changed).
+    SoldOut { remaining: u64 },
+    /// The user's units + quantity would exceed the per-user limit (nothing changed).
+    AlreadyPurchased { held: u32 },
+    /// The stock key does not exist: the sale is not set up. Never treated as unlimited.
+    NotConfigured,
+}
+
+/// Where a held reservation goes once the backend answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// The backend took the order.
+    Sold,
+    /// We cannot know (timeout after sending, reset mid-response): keep the
+    /// unit and leave the reservation for reconciliation.
+    Uncertain,
+}
+
+impl Settlement {
+    /// The state name stored in the reservation record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Settlement::Sold => "sold",
+            Settlement::Uncertain => "uncertain",
+        }
+    }
+}
+
+/// What a release did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// The units went back to stock (`remaining` is the stock afterwards) and
+    /// the user's slot was freed.
+    Released { remaining: u64 },
+    /// No-op. `state` is the reservation's current state (`"released"` on a
+    /// second release, `"sold"`, `"uncertain"`), or `None` for an unknown id.
+    NotHeld { state: Option<String> },
+}
+
+/// Counts per reservation state (either reservations or units).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StateCounts {
+    pub held: u64,
+    pub sold: u64,
+    pub released: u64,
+    pub uncertain: u64,
+}
+
+/// A snapshot of one sale, for the admin API and audits
+/// (`stock + units.held + units.sold + units.uncertain` = all units ever stocked).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SaleStatus {
+    pub sku: String,
+    /// Units left; `None` when the sale is not configured.
+    pub stock: Option<u64>,
+    /// Users currently holding at least one unit (held, sold or uncertain).
+    pub buyers: u64,
+    pub reservations: StateCounts,
+    pub units: StateCounts,
+}
+
+/// Why a store call failed. The proxy maps these to responses in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Connect / IO / timeout / transient server state: answer 503 `unavailable`.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The caller passed something the store refuses (bad SKU, stock below zero, ...).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// The store answered something we do not understand (a bug or tampered data).
+    #[error("unexpected store reply: {0}")]
+    Protocol(String),
+}
+
+/// The stock store behind flash-sale admission.
+///
+/// Every method is one atomic step on the store; callers never combine two
+/// calls into a check-then-set.
+pub trait Store: Send + Sync + 'static {
+    /// `"memory"` or `"redis"`, for logs and metrics.
+    fn kind(&self) -> &'static str;
+
+    /// Atomically: per-user limit check, stock check, decrement, record.
+    fn reserve<'a>(
+        &'a self,
+        req: &'a ReserveRequest,
+    ) -> BoxFuture<'a, Result<ReserveOutcome, StoreError>>;
+
+    /// Return a `held` reservation's units and the user's slot, at most once.
+    fn release<'a>(
+        &'a self,
+        sku: &'a str,
+        reservation: &'a str,
+    ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>>;
+
+    /// held → sold or held → uncertain; returns false (no-op) if the reservation is not `held`.
+    fn settle<'a>(
+        &'a self,
+        sku: &'a str,
+        reservation: &'a str,
+        to: Settlement,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Set the units left (creates the sale). Returns the new stock.
+    fn set_stock<'a>(&'a self, sku: &'a str, units: u64) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Add `delta` units (negative removes). A missing key counts as 0; a
+    /// result below zero is [`StoreError::Invalid`] and changes nothing.
+    fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Units left, or `None` when the sale is not configured.
+    fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
+
+    /// Stock, buyers and per-state counters of one sale.
+    fn status<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<SaleStatus, StoreError>>;
+}
+
+/// Longest SKU accepted, in bytes. Keeps keys (and logs) bounded.
+pub const MAX_SKU_LEN: usize = 128;
+
+/// The parts of one sale's keyspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPart {
+    Stock,
+    Buyers,
+    Reservations,
+    Stats,
+    Events,
+}
+
+impl KeyPart {
+    fn suffix(self) -> &'static str {
+        match self {
+            KeyPart::Stock => "stock",
+            KeyPart::Buyers => "buyers",
+            KeyPart::Reservations => "res",
+            KeyPart::Stats => "stats",
+            KeyPart::Events => "events",
+        }
+    }
+}
+
+/// The one function that builds Redis keys: `{prefix}:{sku}:{part}`, e.g.
+/// `fg:{abc-1}:stock`.
+///
+/// The braces are a Redis Cluster hash tag: only `sku` is hashed, so every
+/// key of a sale lands on the same slot and one script may touch them all.
+/// Callers must have checked `sku` with [`validate_sku`] (a brace inside it
+/// would break the tag); [`SaleKeys::new`] does both.
+pub fn key(prefix: &str, sku: &str, part: KeyPart) -> String {
+    format!("{prefix}:{{{sku}}}:{}", part.suffix())
+}
+
+/// Reject SKUs that would break the key layout or logs: empty, too long,
+/// containing `{`/`}` (hash tag) or control characters.
+pub fn validate_sku(sku: &str) -> Result<(), StoreError> {
+    if sku.is_empty() {
+        return Err(StoreError::Invalid("empty SKU".into()));
+    }
+    if sku.len() > MAX_SKU_LEN {
+        return Err(StoreError::Invalid(format!(
+            "SKU longer than {MAX_SKU_LEN} bytes"
+        )));
+    }
+    if sku.chars().any(|c| c == '{' || c == '}' || c.is_control()) {
+        return Err(StoreError::Invalid(format!(
+            "SKU {sku:?} contains '{{', '}}' or a control character"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks shared by both stores, so they refuse exactly the same requests.
+pub(crate) fn validate_reserve(req: &ReserveRequest) -> Result<(), StoreError> {
+    validate_sku(&req.sku)?;
+    if req.user.is_empty() {
+        return Err(StoreError::Invalid("empty user id".into()));
+    }
+    if req.quantity == 0 {
+        return Err(StoreError::Invalid("quantity must be at least 1".into()));
+    }
+    if req.quantity > req.per_user_limit {
+        return Err(StoreError::Invalid(format!(
+            "quantity {} exceeds the per-user limit {}",
+            req.quantity, req.per_user_limit
+        )));
+    }
+    Ok(())
+}
+
+/// Redis integers are signed 64-bit; refuse stock that cannot be stored.
+pub(crate) fn validate_units(units: u64) -> Result<i64, StoreError> {
+    i64::try_from(units)
+        .map_err(|_| StoreError::Invalid(format!("stock {units} exceeds {}", i64::MAX)))
+}
+
+/// All keys of one sale, validated once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaleKeys {
+    pub stock: String,
+    pub buyers: String,
+    pub reservations: String,
+    pub stats: String,
+}
+
+impl SaleKeys {
+    /// Validate `sku` and build its keys with [`key`].
+    pub fn new(prefix: &str, sku: &str) -> Result<Self, StoreError> {
+        validate_sku(sku)?;
+        Ok(SaleKeys {
+            stock: key(prefix, sku, KeyPart::Stock),
+            buyers: key(prefix, sku, KeyPart::Buyers),
+            reservations: key(prefix, sku, KeyPart::Reservations),
+            stats: key(prefix, sku, KeyPart::Stats),
+        })
+    }
+
+    /// The keys in the order every script expects them as `KEYS[1..4]`.
+    pub fn script_keys(&self) -> [&str; 4] {
+        [&self.stock, &self.buyers, &self.reservations, &self.stats]
+    }
+}
+
+/// A fresh reservation id: 128 random bits as 32 hex chars. Generated by the
+/// caller (not the script) so Lua stays deterministic apart from `TIME`.
+pub fn new_reservation_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_the_hash_tag() {
+        assert_eq!(key("fg", "abc-1", KeyPart::Stock), "fg:{abc-1}:stock");
+        let k = SaleKeys::new("fg", "abc-1").unwrap();
+        assert_eq!(
+            k.script_keys(),
+            [
+                "fg:{abc-1}:stock",
+                "fg:{abc-1}:buyers",
+                "fg:{abc-1}:res",
+                "fg:{abc-1}:stats"
+            ]
+        );
+        assert_eq!(key("fg", "x", KeyPart::Events), "fg:{x}:events");
+    }
+
+    #[test]
+    fn bad_skus_are_refused() {
+        for sku in [
+            "",
+            "a{b",
+            "a}b",
+            "a\nb",
+            "a\u{7f}b",
+            &"x".repeat(MAX_SKU_LEN + 1),
+        ] {
+            assert!(
+                matches!(validate_sku(sku), Err(StoreError::Invalid(_))),
+                "{sku:?}"
+            );
+        }
+        assert!(validate_sku("sku-1 blue/XL").is_ok());
+    }
+
+    #[test]
+    fn reservation_ids_are_128_bit_hex() {
+        let a = new_reservation_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, new_reservation_id());
+    }
+}

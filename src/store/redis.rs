@@ -1,0 +1,701 @@
+//! The Redis store: every decision is one Lua script, run atomically on the
+//! server, so many flashgate instances can share one Redis without overselling.
+//!
+//! # Connections
+//!
+//! The store holds `connections` multiplexed connections and picks one per
+//! call, round-robin. Each connection lives in a [`Slot`] that (re)connects
+//! lazily, in a background task:
+//!
+//! - [`RedisStore::connect`] never fails because Redis is down: the proxy must
+//!   start anyway, answer 503 on flash routes, and recover by itself.
+//! - A connection that returned an I/O error or timed out is dropped; the next
+//!   call starts a new connect attempt. A failed attempt blocks new attempts for
+//!   [`RECONNECT_BACKOFF`], and calls in that window fail at once instead of
+//!   each waiting for a timeout (a store outage must not become a per-request
+//!   hang).
+//! - The connect attempt runs in its own task, bounded by `connect_timeout`, so
+//!   a caller giving up at `response_timeout` does not cancel it.
+//!
+//! We do not use redis-rs' `ConnectionManager`: it caches a failed connect
+//! attempt forever unless the error is an I/O error (e.g. `LOADING` or an auth
+//! error during the handshake would never heal), and its retry loop is not
+//! bounded by our response timeout.
+//!
+//! Every call is bounded by `response_timeout` as a whole (waiting for a
+//! connection included) and maps any connection trouble to
+//! [`StoreError::Unavailable`].
+//!
+//! # Scripts
+//!
+//! `lua/*.lua` are embedded at build time and run through [`redis::Script`],
+//! which sends `EVALSHA` and, on `NOSCRIPT` (Redis restarted or `SCRIPT FLUSH`),
+//! loads the script and retries once.
+//!
+//! A timeout on `reserve` is ambiguous: the script may have run. We report
+//! `Unavailable` (the buyer gets 503, never a forward), so the worst case is a
+//! unit left `held` with nobody behind it, never an oversell; the record's
+//! timestamp lets reconciliation find it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, Client, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind,
+    Value,
+};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{
+    BoxFuture, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleKeys, SaleStatus, Settlement,
+    StateCounts, Store, StoreError, new_reservation_id, validate_reserve, validate_units,
+};
+
+/// After a failed connect attempt, a slot waits this long before the next one.
+/// Calls in between fail fast with `Unavailable`.
+pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How to reach Redis and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`, `rediss://…`, `unix:///path` or `redis+unix:///path`.
+    pub url: String,
+    /// Multiplexed connections used round-robin (at least 1).
+    pub connections: usize,
+    /// Bound on one connect attempt (TCP/unix connect + handshake).
+    pub connect_timeout: Duration,
+    /// Bound on one store call, end to end.
+    pub response_timeout: Duration,
+    /// First part of every key (`fg` → `fg:{sku}:stock`). Must not contain `{` or `}`.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            connections: 4,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_millis(250),
+            key_prefix: "fg".into(),
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Defaults with another URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            ..RedisConfig::default()
+        }
+    }
+}
+
+/// [`Store`] backed by Redis; see the module docs.
+pub struct RedisStore {
+    slots: Vec<Arc<Slot>>,
+    next: AtomicUsize,
+    prefix: String,
+    response_timeout: Duration,
+    reserve: Script,
+    release: Script,
+    settle: Script,
+    add_stock: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("connections", &self.slots.len())
+            .field("prefix", &self.prefix)
+            .field("response_timeout", &self.response_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Build the store. Fails only on a bad configuration (URL, prefix,
+    /// `connections == 0`), never because Redis is down: the first connect
+    /// attempts start here (waiting at most `connect_timeout`), and later
+    /// calls keep retrying.
+    pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, StoreError> {
+        if cfg.connections == 0 {
+            return Err(StoreError::Invalid(
+                "redis connections must be at least 1".into(),
+            ));
+        }
+        if cfg.key_prefix.contains(['{', '}']) {
+            // A brace in the prefix would become the hash tag instead of {sku}.
+            return Err(StoreError::Invalid(format!(
+                "redis key prefix {:?} must not contain '{{' or '}}'",
+                cfg.key_prefix
+            )));
+        }
+        let client = Client::open(cfg.url.as_str())
+            .map_err(|e| StoreError::Invalid(format!("redis url {:?}: {e}", cfg.url)))?;
+        let conn_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout))
+            .set_response_timeout(Some(cfg.response_timeout));
+
+        let slots: Vec<Arc<Slot>> = (0..cfg.connections)
+            .map(|index| {
+                Arc::new(Slot {
+                    index,
+                    client: client.clone(),
+                    conn_config: conn_config.clone(),
+                    connect_timeout: cfg.connect_timeout,
+                    state: Mutex::new(SlotState::default()),
+                    changed: Notify::new(),
+                })
+            })
+            .collect();
+
+        // Warm up: connect every slot now, in parallel, so the first buyers do
+        // not pay for it. Failures are fine (Redis may come later); each
+        // attempt is bounded by `connect_timeout`.
+        let mut warmups = tokio::task::JoinSet::new();
+        for slot in &slots {
+            warmups.spawn(Arc::clone(slot).connection());
+        }
+        while warmups.join_next().await.is_some() {}
+
+        Ok(RedisStore {
+            slots,
+            next: AtomicUsize::new(0),
+            prefix: cfg.key_prefix.clone(),
+            response_timeout: cfg.response_timeout,
+            reserve: Script::new(include_str!("../../lua/reserve.lua")),
+            release: Script::new(include_str!("../../lua/release.lua")),
+            settle: Script::new(include_str!("../../lua/settle.lua")),
+            add_stock: Script::new(include_str!("../../lua/add_stock.lua")),
+        })
+    }
+
+    /// `PING` through one connection: a readiness check for the admin API.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let reply = self
+            .with_conn(|mut c| async move { redis::cmd("PING").query_async::<Value>(&mut c).await })
+            .await?;
+        let reply: String = convert(reply, "PING")?;
+        if reply == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Protocol(format!("PING answered {reply:?}")))
+        }
+    }
+
+    fn keys(&self, sku: &str) -> Result<SaleKeys, StoreError> {
+        SaleKeys::new(&self.prefix, sku)
+    }
+
+    /// Run `op` on the next connection (round-robin), the whole thing bounded
+    /// by `response_timeout`. A connection that failed or timed out is
+    /// dropped so the next call reconnects.
+    async fn with_conn<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let mut slot = &self.slots[n];
+        let mut used: Option<u64> = None;
+        let outcome = tokio::time::timeout(self.response_timeout, async {
+            let conn = match Arc::clone(slot).connection().await {
+                Ok(conn) => conn,
+                // This slot is in its reconnect backoff, but Redis may already
+                // be back: borrow a sibling's live connection if there is one.
+                Err(e) => {
+                    let (other, conn) = self.live_sibling(n).ok_or(e)?;
+                    slot = other;
+                    conn
+                }
+            };
+            used = Some(conn.id);
+            op(conn.inner).await.map_err(|e| {
+                if drops_connection(&e) {
+                    slot.forget(conn.id);
+                }
+                map_redis_error(e)
+            })
+        })
+        .await;
+        match outcome {
+            Ok(result) => result,
+            Err(_elapsed) => {
+                // No answer in time: the server may be stopped or the link
+                // half-open. Start over on a fresh connection next time.
+                if let Some(id) = used {
+                    slot.forget(id);
+                }
+                Err(StoreError::Unavailable(format!(
+                    "redis did not answer within {:?}",
+                    self.response_timeout
+                )))
+            }
+        }
+    }
+
+    /// Any other slot's current connection, without waiting.
+    fn live_sibling(&self, skip: usize) -> Option<(&Arc<Slot>, Conn)> {
+        let n = self.slots.len();
+        (1..n)
+            .map(|k| &self.slots[(skip + k) % n])
+            .find_map(|slot| slot.current().map(|conn| (slot, conn)))
+    }
+
+    /// Run one of our scripts with the sale's four keys and `args`.
+    async fn run_script(
+        &self,
+        script: &Script,
+        keys: &SaleKeys,
+        args: &[&[u8]],
+    ) -> Result<Value, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys.script_keys() {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        self.with_conn(|mut c| async move { invocation.invoke_async::<Value>(&mut c).await })
+            .await
+    }
+
+    async fn reserve_inner(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+        validate_reserve(req)?;
+        let keys = self.keys(&req.sku)?;
+        let reservation = new_reservation_id();
+        let quantity = req.quantity.to_string();
+        let limit = req.per_user_limit.to_string();
+        let reply = self
+            .run_script(
+                &self.reserve,
+                &keys,
+                &[
+                    req.user.as_bytes(),
+                    quantity.as_bytes(),
+                    limit.as_bytes(),
+                    reservation.as_bytes(),
+                ],
+            )
+            .await?;
+        let (status, rest) = split_reply(reply, "reserve")?;
+        match (status.as_str(), rest.as_slice()) {
+            ("won", [remaining]) => Ok(ReserveOutcome::Won {
+                reservation,
+                remaining: non_negative(remaining, "reserve remaining")?,
+            }),
+            ("sold_out", [remaining]) => Ok(ReserveOutcome::SoldOut {
+                remaining: non_negative(remaining, "reserve remaining")?,
+            }),
+            ("already_purchased", [held]) => {
+                let held = non_negative(held, "reserve held")?;
+                Ok(ReserveOutcome::AlreadyPurchased {
+                    held: u32::try_from(held).unwrap_or(u32::MAX),
+                })
+            }
+            ("not_configured", []) => Ok(ReserveOutcome::NotConfigured),
+            _ => Err(unexpected("reserve", &status, &rest)),
+        }
+    }
+
+    async fn release_inner(&self, sku: &str, id: &str) -> Result<ReleaseOutcome, StoreError> {
+        let keys = self.keys(sku)?;
+        let reply = self
+            .run_script(&self.release, &keys, &[id.as_bytes()])
+            .await?;
+        let (status, rest) = split_reply(reply, "release")?;
+        match (status.as_str(), rest.as_slice()) {
+            ("released", [remaining]) => Ok(ReleaseOutcome::Released {
+                remaining: non_negative(remaining, "release remaining")?,
+            }),
+            ("not_held", []) => Ok(ReleaseOutcome::NotHeld { state: None }),
+            ("not_held", [state]) => Ok(ReleaseOutcome::NotHeld {
+                state: Some(text(state).ok_or_else(|| unexpected("release", &status, &rest))?),
+            }),
+            _ => Err(unexpected("release", &status, &rest)),
+        }
+    }
+
+    async fn settle_inner(&self, sku: &str, id: &str, to: Settlement) -> Result<bool, StoreError> {
+        let keys = self.keys(sku)?;
+        let reply = self
+            .run_script(
+                &self.settle,
+                &keys,
+                &[id.as_bytes(), to.as_str().as_bytes()],
+            )
+            .await?;
+        match reply {
+            Value::Int(1) => Ok(true),
+            Value::Int(0) => Ok(false),
+            other => Err(StoreError::Protocol(format!("settle answered {other:?}"))),
+        }
+    }
+
+    async fn set_stock_inner(&self, sku: &str, units: u64) -> Result<u64, StoreError> {
+        let keys = self.keys(sku)?;
+        let value = validate_units(units)?;
+        let stock = keys.stock;
+        self.with_conn(|mut c| async move {
+            redis::cmd("SET")
+                .arg(&stock)
+                .arg(value)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await?;
+        Ok(units)
+    }
+
+    async fn add_stock_inner(&self, sku: &str, delta: i64) -> Result<u64, StoreError> {
+        let keys = self.keys(sku)?;
+        let delta_arg = delta.to_string();
+        // The script only touches KEYS[1]; the other keys are passed anyway so
+        // every script declares the sale's full key set (same slot, harmless).
+        let reply = self
+            .run_script(&self.add_stock, &keys, &[delta_arg.as_bytes()])
+            .await?;
+        let (status, rest) = split_reply(reply, "add_stock")?;
+        match (status.as_str(), rest.as_slice()) {
+            ("ok", [stock]) => non_negative(stock, "add_stock result"),
+            ("negative", [current]) => Err(StoreError::Invalid(format!(
+                "stock would become negative ({} + {delta})",
+                int(current).unwrap_or(0)
+            ))),
+            ("overflow", [current]) => Err(StoreError::Invalid(format!(
+                "stock would overflow ({} + {delta})",
+                int(current).unwrap_or(0)
+            ))),
+            _ => Err(unexpected("add_stock", &status, &rest)),
+        }
+    }
+
+    async fn get_stock_inner(&self, sku: &str) -> Result<Option<u64>, StoreError> {
+        let keys = self.keys(sku)?;
+        let stock = keys.stock;
+        let reply = self
+            .with_conn(|mut c| async move {
+                redis::cmd("GET")
+                    .arg(&stock)
+                    .query_async::<Value>(&mut c)
+                    .await
+            })
+            .await?;
+        let raw: Option<i64> = convert(reply, "GET stock")?;
+        raw.map(stock_value).transpose()
+    }
+
+    async fn status_inner(&self, sku: &str) -> Result<SaleStatus, StoreError> {
+        let keys = self.keys(sku)?;
+        // MULTI/EXEC so stock, buyers and counters come from one instant.
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("GET")
+            .arg(&keys.stock)
+            .cmd("HLEN")
+            .arg(&keys.buyers)
+            .cmd("HGETALL")
+            .arg(&keys.stats);
+        let reply = self
+            .with_conn(|mut c| async move { pipe.query_async::<Value>(&mut c).await })
+            .await?;
+        let (stock, buyers, stats): (Option<i64>, u64, HashMap<String, i64>) =
+            convert(reply, "status")?;
+        let count = |name: &str| {
+            stats
+                .get(name)
+                .and_then(|v| u64::try_from(*v).ok())
+                .unwrap_or(0)
+        };
+        let counts = |kind: &str| StateCounts {
+            held: count(&format!("{kind}:held")),
+            sold: count(&format!("{kind}:sold")),
+            released: count(&format!("{kind}:released")),
+            uncertain: count(&format!("{kind}:uncertain")),
+        };
+        Ok(SaleStatus {
+            sku: sku.to_owned(),
+            stock: stock.map(stock_value).transpose()?,
+            buyers,
+            reservations: counts("res"),
+            units: counts("units"),
+        })
+    }
+}
+
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        req: &'a ReserveRequest,
+    ) -> BoxFuture<'a, Result<ReserveOutcome, StoreError>> {
+        Box::pin(self.reserve_inner(req))
+    }
+
+    fn release<'a>(
+        &'a self,
+        sku: &'a str,
+        reservation: &'a str,
+    ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
+        Box::pin(self.release_inner(sku, reservation))
+    }
+
+    fn settle<'a>(
+        &'a self,
+        sku: &'a str,
+        reservation: &'a str,
+        to: Settlement,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.settle_inner(sku, reservation, to))
+    }
+
+    fn set_stock<'a>(&'a self, sku: &'a str, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(self.set_stock_inner(sku, units))
+    }
+
+    fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(self.add_stock_inner(sku, delta))
+    }
+
+    fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(self.get_stock_inner(sku))
+    }
+
+    fn status<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
+        Box::pin(self.status_inner(sku))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Connection slots
+
+/// One lazily (re)connected multiplexed connection.
+struct Slot {
+    index: usize,
+    client: Client,
+    conn_config: AsyncConnectionConfig,
+    connect_timeout: Duration,
+    /// A std mutex: held only for a few field updates, never across `.await`.
+    state: Mutex<SlotState>,
+    /// Wakes callers waiting for a connect attempt to finish.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct SlotState {
+    conn: Option<Conn>,
+    /// A connect task is running.
+    connecting: bool,
+    /// No new connect attempt before this instant (set after a failure).
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+    /// Ids tell a stale connection apart from its replacement in `forget`.
+    next_id: u64,
+}
+
+#[derive(Clone)]
+struct Conn {
+    id: u64,
+    inner: MultiplexedConnection,
+}
+
+impl Slot {
+    fn state(&self) -> MutexGuard<'_, SlotState> {
+        // Nothing panics while the lock is held; a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The current connection, if any.
+    fn current(&self) -> Option<Conn> {
+        self.state().conn.clone()
+    }
+
+    /// The current connection, or wait for a connect attempt (starting one if
+    /// none is running and the backoff has passed). Callers bound the wait.
+    async fn connection(self: Arc<Self>) -> Result<Conn, StoreError> {
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut st = self.state();
+                if let Some(conn) = &st.conn {
+                    return Ok(conn.clone());
+                }
+                if !st.connecting {
+                    if let Some(at) = st.retry_at
+                        && Instant::now() < at
+                    {
+                        return Err(StoreError::Unavailable(format!(
+                            "redis unreachable: {}",
+                            st.last_error.as_deref().unwrap_or("connect failed")
+                        )));
+                    }
+                    st.connecting = true;
+                    tokio::spawn(Arc::clone(&self).connect_task());
+                }
+                // `notified` was created under the lock, before the connect
+                // task can publish its result, so no wake-up is missed.
+            }
+            notified.await;
+            // Re-check: either a connection now exists, or the attempt
+            // failed and `retry_at` makes the next pass return the error.
+        }
+    }
+
+    /// One connect attempt, in its own task so a caller's timeout cannot
+    /// cancel it halfway.
+    async fn connect_task(self: Arc<Self>) {
+        // Whatever happens (even a panic in the client), clear `connecting`
+        // and wake the waiters, or they would wait for a result that never comes.
+        struct Done<'a>(&'a Slot);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.state().connecting = false;
+                self.0.changed.notify_waiters();
+            }
+        }
+        let _done = Done(&self);
+
+        let attempt = tokio::time::timeout(
+            self.connect_timeout,
+            self.client
+                .get_multiplexed_async_connection_with_config(&self.conn_config),
+        )
+        .await;
+        let mut st = self.state();
+        match attempt {
+            Ok(Ok(inner)) => {
+                let id = st.next_id;
+                st.next_id += 1;
+                st.conn = Some(Conn { id, inner });
+                st.retry_at = None;
+                if st.last_error.take().is_some() {
+                    tracing::info!(slot = self.index, "redis connection restored");
+                }
+            }
+            Ok(Err(e)) => self.failed(&mut st, e.to_string()),
+            Err(_) => self.failed(
+                &mut st,
+                format!("connect timed out after {:?}", self.connect_timeout),
+            ),
+        }
+        // Unlock before `_done` runs (it takes the lock again).
+        drop(st);
+    }
+
+    fn failed(&self, st: &mut SlotState, error: String) {
+        if st.last_error.as_deref() != Some(error.as_str()) {
+            tracing::warn!(slot = self.index, %error, "redis connect failed");
+        }
+        st.retry_at = Some(Instant::now() + RECONNECT_BACKOFF);
+        st.last_error = Some(error);
+    }
+
+    /// Drop connection `id` (if it is still the current one) so the next
+    /// call reconnects.
+    fn forget(&self, id: u64) {
+        let mut st = self.state();
+        if st.conn.as_ref().is_some_and(|c| c.id == id) {
+            st.conn = None;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Errors and replies
+
+/// Whether an error means the connection itself is unusable.
+fn drops_connection(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_unrecoverable_error()
+}
+
+/// Connection trouble and transient server states are `Unavailable` (the
+/// proxy answers 503 and retries later); anything else is a protocol error.
+fn map_redis_error(e: RedisError) -> StoreError {
+    let transient = match e.kind() {
+        ErrorKind::Io | ErrorKind::AuthenticationFailed | ErrorKind::ClusterConnectionNotFound => {
+            true
+        }
+        ErrorKind::Server(kind) => matches!(
+            kind,
+            ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly
+                | ServerErrorKind::NoScript
+        ),
+        // BUSY: another script is running too long on the server.
+        ErrorKind::Extension => e.code() == Some("BUSY"),
+        _ => false,
+    };
+    if transient {
+        StoreError::Unavailable(format!("redis: {e}"))
+    } else {
+        StoreError::Protocol(format!("redis: {e}"))
+    }
+}
+
+/// Typed conversion of a raw reply. Done outside [`RedisStore::with_conn`]
+/// because redis-rs files conversion failures under `Parse`, which would
+/// otherwise count as a broken connection: bad data is not a bad link.
+fn convert<T: FromRedisValue>(reply: Value, what: &str) -> Result<T, StoreError> {
+    redis::from_redis_value(reply)
+        .map_err(|e| StoreError::Protocol(format!("{what}: unexpected reply: {e}")))
+}
+
+/// Split a script's `{status, ...}` array reply.
+fn split_reply(reply: Value, script: &str) -> Result<(String, Vec<Value>), StoreError> {
+    let Value::Array(mut items) = reply else {
+        return Err(StoreError::Protocol(format!("{script} answered {reply:?}")));
+    };
+    if items.is_empty() {
+        return Err(StoreError::Protocol(format!(
+            "{script} answered an empty array"
+        )));
+    }
+    let rest = items.split_off(1);
+    let status = text(&items[0])
+        .ok_or_else(|| StoreError::Protocol(format!("{script} status {:?}", items[0])))?;
+    Ok((status, rest))
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        other => text(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+fn non_negative(v: &Value, what: &str) -> Result<u64, StoreError> {
+    int(v)
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or_else(|| StoreError::Protocol(format!("{what} is {v:?}, expected an integer >= 0")))
+}
+
+/// A stock read back from Redis. Negative only if someone edited the key by
+/// hand: say so rather than hide it.
+fn stock_value(n: i64) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Protocol(format!("stock key holds {n}")))
+}
+
+fn unexpected(script: &str, status: &str, rest: &[Value]) -> StoreError {
+    StoreError::Protocol(format!("{script} answered {status:?} {rest:?}"))
+}

@@ -1,0 +1,759 @@
+//! One behaviour, two stores: every case in `cases` runs against the
+//! in-process `MemoryStore` and against `RedisStore` on a real, private
+//! `redis-server`. A `redis_only` module adds what only Redis can do wrong:
+//! script cache loss, a dead or frozen server, several instances sharing it,
+//! and the literal key layout.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashgate::store::{
+    MemoryStore, RedisConfig, RedisStore, ReleaseOutcome, ReserveOutcome, ReserveRequest,
+    Settlement, StateCounts, Store, StoreError,
+};
+use redis_support::RedisServer;
+
+/// A store under test, plus whatever must live as long as it.
+struct Fixture {
+    store: Arc<dyn Store>,
+    _server: Option<RedisServer>,
+}
+
+async fn memory_fixture() -> Fixture {
+    Fixture {
+        store: Arc::new(MemoryStore::new()),
+        _server: None,
+    }
+}
+
+async fn redis_fixture() -> Fixture {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&config(&server)).await.unwrap();
+    Fixture {
+        store: Arc::new(store),
+        _server: Some(server),
+    }
+}
+
+fn config(server: &RedisServer) -> RedisConfig {
+    RedisConfig {
+        url: server.url(),
+        connections: 4,
+        connect_timeout: Duration::from_millis(500),
+        response_timeout: Duration::from_secs(2),
+        key_prefix: "fg".into(),
+    }
+}
+
+fn req(sku: &str, user: &str, quantity: u32, per_user_limit: u32) -> ReserveRequest {
+    ReserveRequest {
+        sku: sku.into(),
+        user: user.into(),
+        quantity,
+        per_user_limit,
+    }
+}
+
+/// Reserve and insist on a win; returns the reservation id.
+async fn win(store: &dyn Store, r: &ReserveRequest, remaining: u64) -> String {
+    match store.reserve(r).await.unwrap() {
+        ReserveOutcome::Won {
+            reservation,
+            remaining: left,
+        } => {
+            assert_eq!(left, remaining, "remaining after {r:?}");
+            reservation
+        }
+        other => panic!("{r:?}: expected Won, got {other:?}"),
+    }
+}
+
+fn counts(held: u64, sold: u64, released: u64, uncertain: u64) -> StateCounts {
+    StateCounts {
+        held,
+        sold,
+        released,
+        uncertain,
+    }
+}
+
+/// The shared cases. Each takes the store and owns its SKUs.
+mod cases {
+    use super::*;
+
+    pub async fn won(store: Arc<dyn Store>) {
+        assert_eq!(store.set_stock("won-1", 3).await.unwrap(), 3);
+        let id = win(&*store, &req("won-1", "alice", 1, 1), 2).await;
+        assert_eq!(id.len(), 32, "128-bit hex id: {id}");
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(store.get_stock("won-1").await.unwrap(), Some(2));
+        let other = win(&*store, &req("won-1", "bob", 1, 1), 1).await;
+        assert_ne!(id, other);
+    }
+
+    pub async fn sold_out_reports_remaining(store: Arc<dyn Store>) {
+        store.set_stock("so-1", 1).await.unwrap();
+        win(&*store, &req("so-1", "alice", 1, 1), 0).await;
+        assert_eq!(
+            store.reserve(&req("so-1", "bob", 1, 1)).await.unwrap(),
+            ReserveOutcome::SoldOut { remaining: 0 }
+        );
+
+        // Not enough for the quantity asked: nothing changes.
+        store.set_stock("so-2", 2).await.unwrap();
+        assert_eq!(
+            store.reserve(&req("so-2", "carol", 3, 3)).await.unwrap(),
+            ReserveOutcome::SoldOut { remaining: 2 }
+        );
+        assert_eq!(store.get_stock("so-2").await.unwrap(), Some(2));
+        let status = store.status("so-2").await.unwrap();
+        assert_eq!(status.buyers, 0);
+        assert_eq!(status.reservations, StateCounts::default());
+    }
+
+    pub async fn per_user_limit_one(store: Arc<dyn Store>) {
+        store.set_stock("lim-1", 5).await.unwrap();
+        win(&*store, &req("lim-1", "alice", 1, 1), 4).await;
+        assert_eq!(
+            store.reserve(&req("lim-1", "alice", 1, 1)).await.unwrap(),
+            ReserveOutcome::AlreadyPurchased { held: 1 }
+        );
+        assert_eq!(store.get_stock("lim-1").await.unwrap(), Some(4));
+        // Other users are not affected.
+        win(&*store, &req("lim-1", "bob", 1, 1), 3).await;
+    }
+
+    pub async fn per_user_limit_three(store: Arc<dyn Store>) {
+        store.set_stock("lim-3", 10).await.unwrap();
+        win(&*store, &req("lim-3", "alice", 2, 3), 8).await;
+        win(&*store, &req("lim-3", "alice", 1, 3), 7).await;
+        assert_eq!(
+            store.reserve(&req("lim-3", "alice", 1, 3)).await.unwrap(),
+            ReserveOutcome::AlreadyPurchased { held: 3 }
+        );
+        assert_eq!(store.get_stock("lim-3").await.unwrap(), Some(7));
+        let status = store.status("lim-3").await.unwrap();
+        assert_eq!(status.buyers, 1);
+        assert_eq!(status.units, counts(3, 0, 0, 0));
+        assert_eq!(status.reservations, counts(2, 0, 0, 0));
+    }
+
+    pub async fn repeat_buyer_is_told_even_when_sold_out(store: Arc<dyn Store>) {
+        store.set_stock("dedupe-first", 1).await.unwrap();
+        win(&*store, &req("dedupe-first", "alice", 1, 1), 0).await;
+        assert_eq!(
+            store
+                .reserve(&req("dedupe-first", "alice", 1, 1))
+                .await
+                .unwrap(),
+            ReserveOutcome::AlreadyPurchased { held: 1 }
+        );
+    }
+
+    pub async fn not_configured_never_wins(store: Arc<dyn Store>) {
+        for user in ["alice", "bob", "carol"] {
+            assert_eq!(
+                store.reserve(&req("nc-1", user, 1, 1)).await.unwrap(),
+                ReserveOutcome::NotConfigured
+            );
+        }
+        assert_eq!(store.get_stock("nc-1").await.unwrap(), None);
+        let status = store.status("nc-1").await.unwrap();
+        assert_eq!(status.stock, None);
+        assert_eq!(status.buyers, 0);
+        assert_eq!(status.reservations, StateCounts::default());
+
+        // Zero stock is configured and sold out, not "not configured".
+        store.set_stock("nc-1", 0).await.unwrap();
+        assert_eq!(
+            store.reserve(&req("nc-1", "alice", 1, 1)).await.unwrap(),
+            ReserveOutcome::SoldOut { remaining: 0 }
+        );
+    }
+
+    pub async fn release_once(store: Arc<dyn Store>) {
+        store.set_stock("rel-1", 1).await.unwrap();
+        let id = win(&*store, &req("rel-1", "alice", 1, 1), 0).await;
+        assert_eq!(
+            store.release("rel-1", &id).await.unwrap(),
+            ReleaseOutcome::Released { remaining: 1 }
+        );
+        assert_eq!(
+            store.release("rel-1", &id).await.unwrap(),
+            ReleaseOutcome::NotHeld {
+                state: Some("released".into())
+            }
+        );
+        assert_eq!(store.get_stock("rel-1").await.unwrap(), Some(1));
+        assert_eq!(
+            store
+                .release("rel-1", "00000000000000000000000000000000")
+                .await
+                .unwrap(),
+            ReleaseOutcome::NotHeld { state: None }
+        );
+        assert_eq!(
+            store.release("rel-unknown-sku", &id).await.unwrap(),
+            ReleaseOutcome::NotHeld { state: None }
+        );
+        let status = store.status("rel-1").await.unwrap();
+        assert_eq!(status.buyers, 0, "release frees the user's slot");
+        assert_eq!(status.reservations, counts(0, 0, 1, 0));
+        assert_eq!(status.units, counts(0, 0, 1, 0));
+    }
+
+    pub async fn released_unit_can_be_won_again(store: Arc<dyn Store>) {
+        store.set_stock("again-1", 1).await.unwrap();
+        let first = win(&*store, &req("again-1", "alice", 1, 1), 0).await;
+        assert_eq!(
+            store.reserve(&req("again-1", "bob", 1, 1)).await.unwrap(),
+            ReserveOutcome::SoldOut { remaining: 0 }
+        );
+        store.release("again-1", &first).await.unwrap();
+        // The same user may win the returned unit...
+        let second = win(&*store, &req("again-1", "alice", 1, 1), 0).await;
+        assert_ne!(first, second);
+        assert_eq!(
+            store.reserve(&req("again-1", "bob", 1, 1)).await.unwrap(),
+            ReserveOutcome::SoldOut { remaining: 0 }
+        );
+        // ...and so may someone else.
+        store.release("again-1", &second).await.unwrap();
+        win(&*store, &req("again-1", "bob", 1, 1), 0).await;
+        // Releasing the first reservation again must not add a unit.
+        assert_eq!(
+            store.release("again-1", &first).await.unwrap(),
+            ReleaseOutcome::NotHeld {
+                state: Some("released".into())
+            }
+        );
+        assert_eq!(store.get_stock("again-1").await.unwrap(), Some(0));
+    }
+
+    pub async fn quantity_above_one(store: Arc<dyn Store>) {
+        store.set_stock("qty-1", 5).await.unwrap();
+        let a = win(&*store, &req("qty-1", "alice", 3, 3), 2).await;
+        assert_eq!(
+            store.reserve(&req("qty-1", "bob", 3, 3)).await.unwrap(),
+            ReserveOutcome::SoldOut { remaining: 2 }
+        );
+        win(&*store, &req("qty-1", "bob", 2, 3), 0).await;
+        assert_eq!(
+            store.release("qty-1", &a).await.unwrap(),
+            ReleaseOutcome::Released { remaining: 3 }
+        );
+        let status = store.status("qty-1").await.unwrap();
+        assert_eq!(status.stock, Some(3));
+        assert_eq!(status.buyers, 1);
+        assert_eq!(status.units, counts(2, 0, 3, 0));
+        assert_eq!(status.reservations, counts(1, 0, 1, 0));
+
+        // Quantities outside 1..=limit are a caller bug, refused outright.
+        for bad in [req("qty-1", "carol", 0, 1), req("qty-1", "carol", 2, 1)] {
+            assert!(
+                matches!(store.reserve(&bad).await, Err(StoreError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(store.get_stock("qty-1").await.unwrap(), Some(3));
+    }
+
+    pub async fn settle_and_status(store: Arc<dyn Store>) {
+        store.set_stock("st-1", 10).await.unwrap();
+        let u1 = win(&*store, &req("st-1", "u1", 1, 2), 9).await;
+        let u2 = win(&*store, &req("st-1", "u2", 2, 2), 7).await;
+        let u3 = win(&*store, &req("st-1", "u3", 1, 2), 6).await;
+        let _u4 = win(&*store, &req("st-1", "u4", 1, 2), 5).await;
+
+        assert!(store.settle("st-1", &u1, Settlement::Sold).await.unwrap());
+        assert!(!store.settle("st-1", &u1, Settlement::Sold).await.unwrap());
+        assert!(
+            !store
+                .settle("st-1", &u1, Settlement::Uncertain)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .settle("st-1", &u2, Settlement::Uncertain)
+                .await
+                .unwrap()
+        );
+        // Sold and uncertain units are kept: release is a no-op.
+        assert_eq!(
+            store.release("st-1", &u1).await.unwrap(),
+            ReleaseOutcome::NotHeld {
+                state: Some("sold".into())
+            }
+        );
+        assert_eq!(
+            store.release("st-1", &u2).await.unwrap(),
+            ReleaseOutcome::NotHeld {
+                state: Some("uncertain".into())
+            }
+        );
+        assert_eq!(
+            store.release("st-1", &u3).await.unwrap(),
+            ReleaseOutcome::Released { remaining: 6 }
+        );
+        assert!(!store.settle("st-1", &u3, Settlement::Sold).await.unwrap());
+        assert!(
+            !store
+                .settle("st-1", "no-such-id", Settlement::Sold)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .settle("st-other", &u1, Settlement::Sold)
+                .await
+                .unwrap()
+        );
+
+        // A buyer whose units were sold still counts against the limit.
+        assert_eq!(
+            store.reserve(&req("st-1", "u2", 1, 2)).await.unwrap(),
+            ReserveOutcome::AlreadyPurchased { held: 2 }
+        );
+
+        let status = store.status("st-1").await.unwrap();
+        assert_eq!(status.sku, "st-1");
+        assert_eq!(status.stock, Some(6));
+        assert_eq!(status.buyers, 3, "u1 (sold), u2 (uncertain), u4 (held)");
+        assert_eq!(status.reservations, counts(1, 1, 1, 1));
+        assert_eq!(status.units, counts(1, 1, 1, 2));
+        // The audit: stock + held + sold + uncertain = everything ever stocked.
+        let u = &status.units;
+        assert_eq!(status.stock.unwrap() + u.held + u.sold + u.uncertain, 10);
+
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["units"]["uncertain"], 2);
+    }
+
+    pub async fn stock_admin(store: Arc<dyn Store>) {
+        // A missing key counts as 0 for add_stock.
+        assert_eq!(store.add_stock("adm-1", 5).await.unwrap(), 5);
+        assert_eq!(store.add_stock("adm-1", -2).await.unwrap(), 3);
+        assert!(matches!(
+            store.add_stock("adm-1", -4).await,
+            Err(StoreError::Invalid(_))
+        ));
+        assert_eq!(store.get_stock("adm-1").await.unwrap(), Some(3));
+        assert!(matches!(
+            store.add_stock("adm-missing", -1).await,
+            Err(StoreError::Invalid(_))
+        ));
+        assert_eq!(store.get_stock("adm-missing").await.unwrap(), None);
+        assert_eq!(store.add_stock("adm-1", -3).await.unwrap(), 0);
+
+        assert_eq!(store.set_stock("adm-1", 7).await.unwrap(), 7);
+        assert_eq!(store.get_stock("adm-1").await.unwrap(), Some(7));
+        // Stock must fit Redis' signed 64-bit integers, in both stores.
+        assert!(matches!(
+            store.set_stock("adm-1", u64::MAX).await,
+            Err(StoreError::Invalid(_))
+        ));
+        store.set_stock("adm-1", i64::MAX as u64).await.unwrap();
+        assert!(matches!(
+            store.add_stock("adm-1", 1).await,
+            Err(StoreError::Invalid(_))
+        ));
+        assert_eq!(
+            store.get_stock("adm-1").await.unwrap(),
+            Some(i64::MAX as u64)
+        );
+    }
+
+    pub async fn bad_skus_are_invalid(store: Arc<dyn Store>) {
+        for sku in ["a{b}", "x}", "{x", "", "a\nb", "tab\there"] {
+            let invalid = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Invalid(_)));
+            assert!(
+                invalid(store.reserve(&req(sku, "u", 1, 1)).await.map(drop)),
+                "{sku:?}"
+            );
+            assert!(invalid(store.set_stock(sku, 1).await.map(drop)), "{sku:?}");
+            assert!(invalid(store.add_stock(sku, 1).await.map(drop)), "{sku:?}");
+            assert!(invalid(store.get_stock(sku).await.map(drop)), "{sku:?}");
+            assert!(invalid(store.release(sku, "id").await.map(drop)), "{sku:?}");
+            assert!(
+                invalid(store.settle(sku, "id", Settlement::Sold).await.map(drop)),
+                "{sku:?}"
+            );
+            assert!(invalid(store.status(sku).await.map(drop)), "{sku:?}");
+        }
+        assert!(matches!(
+            store.reserve(&req("ok-sku", "", 1, 1)).await,
+            Err(StoreError::Invalid(_))
+        ));
+    }
+
+    pub async fn users_may_contain_separators(store: Arc<dyn Store>) {
+        store.set_stock("sep-1", 2).await.unwrap();
+        let id = win(&*store, &req("sep-1", "a|b|c", 1, 1), 1).await;
+        assert_eq!(
+            store.reserve(&req("sep-1", "a|b|c", 1, 1)).await.unwrap(),
+            ReserveOutcome::AlreadyPurchased { held: 1 }
+        );
+        assert_eq!(
+            store.release("sep-1", &id).await.unwrap(),
+            ReleaseOutcome::Released { remaining: 2 }
+        );
+        assert_eq!(store.status("sep-1").await.unwrap().buyers, 0);
+        win(&*store, &req("sep-1", "a|b|c", 1, 1), 1).await;
+    }
+
+    /// 500 buyers race for 50 units: exactly 50 win.
+    pub async fn concurrent_buyers_never_oversell(store: Arc<dyn Store>) {
+        store.set_stock("race-1", 50).await.unwrap();
+        let tasks: Vec<_> = (0..500)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    store
+                        .reserve(&req("race-1", &format!("user-{i}"), 1, 1))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut ids = HashSet::new();
+        let mut sold_out = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                ReserveOutcome::Won { reservation, .. } => assert!(ids.insert(reservation)),
+                ReserveOutcome::SoldOut { remaining: 0 } => sold_out += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(ids.len(), 50);
+        assert_eq!(sold_out, 450);
+        assert_eq!(store.get_stock("race-1").await.unwrap(), Some(0));
+        let status = store.status("race-1").await.unwrap();
+        assert_eq!(status.units.held, 50);
+        assert_eq!(status.reservations.held, 50);
+        assert_eq!(status.buyers, 50);
+    }
+}
+
+/// One `#[tokio::test]` per case, for the store `$fixture` builds.
+macro_rules! conformance {
+    ($fixture:ident: $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let f = super::$fixture().await;
+                super::cases::$case(Arc::clone(&f.store)).await;
+            }
+        )*
+    };
+}
+
+macro_rules! all_cases {
+    ($fixture:ident) => {
+        conformance!($fixture:
+            won,
+            sold_out_reports_remaining,
+            per_user_limit_one,
+            per_user_limit_three,
+            repeat_buyer_is_told_even_when_sold_out,
+            not_configured_never_wins,
+            release_once,
+            released_unit_can_be_won_again,
+            quantity_above_one,
+            settle_and_status,
+            stock_admin,
+            bad_skus_are_invalid,
+            users_may_contain_separators,
+            concurrent_buyers_never_oversell,
+        );
+    };
+}
+
+mod memory {
+    use super::*;
+    all_cases!(memory_fixture);
+
+    #[test]
+    fn kind() {
+        assert_eq!(MemoryStore::new().kind(), "memory");
+    }
+}
+
+mod redis {
+    use super::*;
+    all_cases!(redis_fixture);
+}
+
+/// What only the Redis store can get wrong.
+mod redis_only {
+    use super::*;
+    use std::time::Instant;
+
+    fn short_timeouts(server: &RedisServer) -> RedisConfig {
+        RedisConfig {
+            connect_timeout: Duration::from_millis(200),
+            response_timeout: Duration::from_millis(200),
+            ..config(server)
+        }
+    }
+
+    /// Poll `f` until it returns true; panic after `within`.
+    async fn eventually<F, Fut>(within: Duration, what: &str, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + within;
+        while !f().await {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Run `call`, expect `Unavailable`, and return how long it took.
+    async fn unavailable<T: std::fmt::Debug>(
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Duration {
+        let started = Instant::now();
+        let result = call.await;
+        let elapsed = started.elapsed();
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "expected Unavailable, got {result:?}"
+        );
+        elapsed
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kind_and_keys_follow_the_data_model() {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&config(&server)).await.unwrap();
+        assert_eq!(store.kind(), "redis");
+        store.ping().await.unwrap();
+
+        store.set_stock("abc-1", 3).await.unwrap();
+        assert_eq!(server.get("fg:{abc-1}:stock").as_deref(), Some("3"));
+        let id = win(&store, &req("abc-1", "al|ice", 2, 2), 1).await;
+
+        assert_eq!(server.get("fg:{abc-1}:stock").as_deref(), Some("1"));
+        assert_eq!(
+            server.hget("fg:{abc-1}:buyers", "al|ice").as_deref(),
+            Some("2")
+        );
+        let record = server.hget("fg:{abc-1}:res", &id).unwrap();
+        let parts: Vec<&str> = record.splitn(4, '|').collect();
+        assert_eq!(parts[0], "held");
+        assert_eq!(parts[1], "2");
+        assert_eq!(parts[3], "al|ice");
+        let ms: u128 = parts[2].parse().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        assert!(now.abs_diff(ms) < 60_000, "record time {ms} vs now {now}");
+        assert_eq!(
+            server.hget("fg:{abc-1}:stats", "res:held").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            server.hget("fg:{abc-1}:stats", "units:held").as_deref(),
+            Some("2")
+        );
+
+        store
+            .settle("abc-1", &id, Settlement::Uncertain)
+            .await
+            .unwrap();
+        let record = server.hget("fg:{abc-1}:res", &id).unwrap();
+        assert!(record.starts_with("uncertain|2|"), "{record}");
+
+        // A custom prefix moves every key; braces in it are refused.
+        let other = RedisStore::connect(&RedisConfig {
+            key_prefix: "shop7".into(),
+            ..config(&server)
+        })
+        .await
+        .unwrap();
+        other.set_stock("abc-1", 9).await.unwrap();
+        assert_eq!(server.get("shop7:{abc-1}:stock").as_deref(), Some("9"));
+        assert_eq!(store.get_stock("abc-1").await.unwrap(), Some(1));
+        let bad = RedisStore::connect(&RedisConfig {
+            key_prefix: "f{g}".into(),
+            ..config(&server)
+        })
+        .await;
+        assert!(matches!(bad, Err(StoreError::Invalid(_))));
+        let zero = RedisStore::connect(&RedisConfig {
+            connections: 0,
+            ..config(&server)
+        })
+        .await;
+        assert!(matches!(zero, Err(StoreError::Invalid(_))));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn script_flush_between_calls_is_handled() {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&config(&server)).await.unwrap();
+        store.set_stock("flush-1", 3).await.unwrap();
+        let a = win(&store, &req("flush-1", "alice", 1, 1), 2).await;
+        server.script_flush();
+        let b = win(&store, &req("flush-1", "bob", 1, 1), 1).await;
+        server.script_flush();
+        assert_eq!(
+            store.release("flush-1", &a).await.unwrap(),
+            ReleaseOutcome::Released { remaining: 2 }
+        );
+        server.script_flush();
+        assert!(store.settle("flush-1", &b, Settlement::Sold).await.unwrap());
+        server.script_flush();
+        assert_eq!(store.add_stock("flush-1", 1).await.unwrap(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn killed_server_is_unavailable_then_recovers_after_restart() {
+        let mut server = RedisServer::start();
+        let store = RedisStore::connect(&short_timeouts(&server)).await.unwrap();
+        store.set_stock("kill-1", 10).await.unwrap();
+        win(&store, &req("kill-1", "alice", 1, 1), 9).await;
+
+        server.kill();
+        let bound = Duration::from_secs(2);
+        // Several rounds so every pooled connection notices the loss.
+        for i in 0..8 {
+            let user = format!("user-{i}");
+            assert!(unavailable(store.reserve(&req("kill-1", &user, 1, 1))).await < bound);
+            assert!(unavailable(store.release("kill-1", "x")).await < bound);
+            assert!(unavailable(store.settle("kill-1", "x", Settlement::Sold)).await < bound);
+            assert!(unavailable(store.get_stock("kill-1")).await < bound);
+            assert!(unavailable(store.set_stock("kill-1", 1)).await < bound);
+            assert!(unavailable(store.add_stock("kill-1", 1)).await < bound);
+            assert!(unavailable(store.status("kill-1")).await < bound);
+        }
+
+        // A fresh, empty server on the same socket: no data, no scripts.
+        server.restart();
+        eventually(Duration::from_secs(5), "store reconnects", || async {
+            store.set_stock("kill-1", 2).await.is_ok()
+        })
+        .await;
+        // Every connection in the pool works again, scripts reload on NOSCRIPT.
+        for _ in 0..8 {
+            store.get_stock("kill-1").await.unwrap();
+        }
+        win(&store, &req("kill-1", "alice", 1, 1), 1).await;
+        win(&store, &req("kill-1", "bob", 1, 1), 0).await;
+        assert_eq!(
+            store.reserve(&req("kill-1", "carol", 1, 1)).await.unwrap(),
+            ReserveOutcome::SoldOut { remaining: 0 }
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn store_starts_while_redis_is_down() {
+        let mut server = RedisServer::start();
+        server.kill();
+        let started = Instant::now();
+        let store = RedisStore::connect(&short_timeouts(&server)).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(
+            unavailable(store.reserve(&req("down-1", "alice", 1, 1))).await
+                < Duration::from_secs(2)
+        );
+        assert!(unavailable(store.ping()).await < Duration::from_secs(2));
+
+        server.restart();
+        eventually(Duration::from_secs(5), "store connects", || async {
+            store.set_stock("down-1", 1).await.is_ok()
+        })
+        .await;
+        win(&store, &req("down-1", "alice", 1, 1), 0).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frozen_server_times_out_then_recovers() {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&short_timeouts(&server)).await.unwrap();
+        store.set_stock("frozen-1", 5).await.unwrap();
+
+        server.pause();
+        for i in 0..6 {
+            let user = format!("user-{i}");
+            let elapsed = unavailable(store.reserve(&req("frozen-1", &user, 1, 1))).await;
+            assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+        }
+        server.resume();
+
+        eventually(Duration::from_secs(5), "store answers again", || async {
+            store.get_stock("frozen-1").await.is_ok()
+        })
+        .await;
+        // Reservations whose answer was lost may have gone through (fail
+        // closed: a unit held by nobody, never an oversell). The books balance.
+        let status = store.status("frozen-1").await.unwrap();
+        assert_eq!(status.stock.unwrap() + status.units.held, 5);
+        let left = status.stock.unwrap();
+        if left > 0 {
+            win(&store, &req("frozen-1", "late-buyer", 1, 1), left - 1).await;
+        }
+    }
+
+    /// Several flashgate instances (stores) share one Redis: still exactly
+    /// the stock is won.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn instances_sharing_redis_never_oversell() {
+        let server = RedisServer::start();
+        let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+        for _ in 0..3 {
+            stores.push(Arc::new(
+                RedisStore::connect(&config(&server)).await.unwrap(),
+            ));
+        }
+        stores[0].set_stock("multi-1", 50).await.unwrap();
+        let tasks: Vec<_> = (0..600)
+            .map(|i| {
+                let store = Arc::clone(&stores[i % stores.len()]);
+                tokio::spawn(async move {
+                    store
+                        .reserve(&req("multi-1", &format!("user-{}", i % 300), 1, 1))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for task in tasks {
+            if let ReserveOutcome::Won { .. } = task.await.unwrap() {
+                won += 1;
+            }
+        }
+        assert_eq!(won, 50);
+        let status = stores[1].status("multi-1").await.unwrap();
+        assert_eq!(status.stock, Some(0));
+        assert_eq!(status.buyers, 50, "each winner is a distinct user");
+    }
+
+    /// A released reservation's unit goes back, but a late release after the
+    /// operator deleted the stock key does not reopen the sale.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn release_does_not_recreate_deleted_stock() {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&config(&server)).await.unwrap();
+        store.set_stock("gone-1", 1).await.unwrap();
+        let id = win(&store, &req("gone-1", "alice", 1, 1), 0).await;
+        server.cli(&["DEL", "fg:{gone-1}:stock"]);
+        assert_eq!(
+            store.release("gone-1", &id).await.unwrap(),
+            ReleaseOutcome::Released { remaining: 0 }
+        );
+        assert_eq!(store.get_stock("gone-1").await.unwrap(), None);
+        assert_eq!(
+            store.reserve(&req("gone-1", "bob", 1, 1)).await.unwrap(),
+            ReserveOutcome::NotConfigured
+        );
+    }
+}
