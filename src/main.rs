@@ -35,6 +35,14 @@ enum Command {
     Serve {
         #[arg(long, short, default_value = "config/flashgate.yaml")]
         config: PathBuf,
+        /// Listen here instead of the config's `listen` (e.g. 0.0.0.0:8080 in a container).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Exit 0 if GET URL answers 200 (for container health checks).
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
     },
     /// Validate a config and print the compiled routes; exit 1 on error.
     Check {
@@ -102,7 +110,20 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config, listen } => serve(&config, listen),
+        Command::Health { url } => run_async(async move {
+            match flashgate::admin::client::call(&url, "", http::Method::GET, "", None).await {
+                Ok((status, _)) if status == http::StatusCode::OK => ExitCode::SUCCESS,
+                Ok((status, text)) => {
+                    eprintln!("{url}: {status} {text}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
         Command::Stock { action, admin } => {
             let (method, path, body) = match action {
                 StockAction::Set { sku, units } => (
@@ -200,14 +221,17 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn serve(path: &std::path::Path) -> ExitCode {
-    let cfg = match config::load(path) {
+fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> ExitCode {
+    let mut cfg = match config::load(path) {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(listen) = listen {
+        cfg.listen = listen;
+    }
     run_async(async move {
         let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
             Ok(l) => l,
