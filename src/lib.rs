@@ -22,6 +22,7 @@ pub mod gate;
 pub mod identity;
 pub mod limit;
 pub mod reject;
+pub mod reload;
 pub mod sale;
 pub mod server;
 pub mod state;

@@ -232,6 +232,7 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> ExitCo
     if let Some(listen) = listen {
         cfg.listen = listen;
     }
+    let config_path = path.to_path_buf();
     run_async(async move {
         let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
             Ok(l) => l,
@@ -273,6 +274,7 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> ExitCo
                 ),
             }
         }
+        tokio::spawn(flashgate::reload::watch(app.clone(), config_path));
         match flashgate::server::run(listener, app, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

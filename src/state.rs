@@ -2,6 +2,7 @@
 //! guards, upstream client); a reload builds a new snapshot and swaps it in atomically, so a
 //! request never sees half of one config and half of another.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ pub struct App {
     pub store: Arc<dyn Store>,
     /// Lives across reloads: a SKU sold out before a reload is still sold out after it.
     pub sold_out: SoldOut,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
 }
 
 pub struct Snapshot {
@@ -114,6 +117,8 @@ impl App {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             store,
             sold_out: SoldOut::default(),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
         });
         tokio::spawn(evict_idle_keys(Arc::downgrade(&app)));
         Ok(app)
@@ -134,6 +139,7 @@ impl App {
         let next = Snapshot::build(config, Some(&previous));
         info!(routes = next.routes.len(), file = %next.config.file, "config reloaded");
         self.snapshot.store(Arc::new(next));
+        self.reloads.fetch_add(1, Ordering::Relaxed);
     }
 }
 

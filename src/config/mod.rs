@@ -104,7 +104,7 @@ pub struct Upstream {
     pub pool_max_idle: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
@@ -244,6 +244,11 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
 /// saphyr's message may end with its own location and a snippet; we print our own location.
 fn first_line(msg: &str) -> String {
     let line = msg.lines().next().unwrap_or(msg).trim();
+    // A hint meant for programmers embedding saphyr, not for operators.
+    let line = line
+        .split(", set DuplicateKeyPolicy")
+        .next()
+        .unwrap_or(line);
     match line.rfind(" at line ") {
         Some(i) => line[..i].to_owned(),
         None => line.to_owned(),
