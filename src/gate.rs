@@ -63,6 +63,16 @@ async fn admit_and_forward(
     if uri_len > cfg.server.max_uri_bytes {
         return Err(Reject::UriTooLong);
     }
+    // hyper reads such a body as chunked; the backend might trust Content-Length instead.
+    // Two framings for one body is how requests get smuggled: refuse.
+    let h = req.headers();
+    if h.contains_key(http::header::CONTENT_LENGTH)
+        && h.contains_key(http::header::TRANSFER_ENCODING)
+    {
+        return Err(Reject::BadRequest(
+            "Content-Length and Transfer-Encoding together are not accepted".into(),
+        ));
+    }
     if cfg.health_path.as_deref() == Some(req.uri().path()) {
         return Ok(health());
     }
