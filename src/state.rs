@@ -14,6 +14,7 @@ use crate::config::{Config, Route};
 use crate::forward::Upstream;
 use crate::limit::RouteGuards;
 use crate::sale::SoldOut;
+use crate::store::breaker::Breaker;
 use crate::store::{MemoryStore, RedisConfig, RedisStore, Store, StoreError};
 
 /// How often keyed limiters forget keys whose bucket has refilled.
@@ -101,16 +102,17 @@ impl App {
     pub async fn build(config: Config) -> Result<Arc<App>, StoreError> {
         let store: Arc<dyn Store> = match &config.store {
             None => Arc::new(MemoryStore::new()),
-            Some(s) => Arc::new(
-                RedisStore::connect(&RedisConfig {
+            Some(s) => {
+                let redis = RedisStore::connect(&RedisConfig {
                     url: s.redis.clone(),
                     connections: s.connections,
                     connect_timeout: s.connect_timeout,
                     response_timeout: s.response_timeout,
                     key_prefix: s.key_prefix.clone(),
                 })
-                .await?,
-            ),
+                .await?;
+                Arc::new(Breaker::new(redis, s.breaker_failures, s.breaker_cooldown))
+            }
         };
         info!(store = store.kind(), "stock store ready");
         let app = Arc::new(App {

@@ -55,6 +55,8 @@ pub struct StoreConfig {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub key_prefix: String,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
 }
 
 /// A flash-sale route's admission rules.
@@ -333,6 +335,8 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             connect_timeout: s.connect_timeout.0,
             response_timeout: s.response_timeout.0,
             key_prefix: s.key_prefix,
+            breaker_failures: s.breaker_failures.get(),
+            breaker_cooldown: s.breaker_cooldown.0,
         }),
         routes,
     })

@@ -62,6 +62,16 @@ pub struct RawStore {
     pub response_timeout: Dur,
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
+    /// Consecutive store failures that open the circuit breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: NonZeroU32,
+    /// How long an open breaker fails calls at once before probing.
+    #[serde(default = "d_1s")]
+    pub breaker_cooldown: Dur,
+}
+
+fn default_breaker_failures() -> NonZeroU32 {
+    NonZeroU32::new(5).expect("non-zero literal")
 }
 
 fn default_store_connections() -> NonZeroUsize {

@@ -30,6 +30,7 @@ use std::pin::Pin;
 
 use serde::Serialize;
 
+pub mod breaker;
 pub mod memory;
 pub mod redis;
 
