@@ -81,3 +81,68 @@ impl<B: HttpBody, G> HttpBody for Guarded<B, G> {
 pub fn guarded<G: Send + 'static>(body: Body, guard: G) -> Body {
     Guarded::new(body, guard).boxed_unsync()
 }
+
+/// The error a [`limited`] body fails with once it passes its limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {0} bytes")]
+pub struct TooLarge(pub u64);
+
+pin_project_lite::pin_project! {
+    struct Limited<B> {
+        #[pin]
+        inner: B,
+        left: u64,
+        max: u64,
+        tripped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+}
+
+impl<B> HttpBody for Limited<B>
+where
+    B: HttpBody<Data = Bytes, Error = BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let n = data.len() as u64;
+            if n > *this.left {
+                this.tripped
+                    .store(true, std::sync::atomic::Ordering::Release);
+                return Poll::Ready(Some(Err(Box::new(TooLarge(*this.max)))));
+            }
+            *this.left -= n;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Streams `body` but fails it past `max` bytes. The flag tells the caller afterwards that
+/// the limit (and not the network) ended the body, so it can answer 413.
+pub fn limited(body: Body, max: u64) -> (Body, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let tripped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = Limited {
+        inner: body,
+        left: max,
+        max,
+        tripped: tripped.clone(),
+    }
+    .boxed_unsync();
+    (body, tripped)
+}

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use std::time::SystemTime;
 
@@ -85,12 +86,19 @@ async fn admit_and_forward(
     // 2. Route match: first match wins; no match → the configured default.
     let Some(matched) = snap.route_for(req.method(), req.uri().path()) else {
         return match cfg.unmatched {
-            Unmatched::Proxy => forward(snap, req, peer).await,
+            Unmatched::Proxy => {
+                let (req, limit) = limit_body(req, cfg.server.max_body)?;
+                forward(snap, req, peer, limit).await
+            }
             Unmatched::NotFound => Err(Reject::NoRoute),
         };
     };
     let route = matched.route;
     let guards = &route.guards;
+    let max_body = route.route.max_body.or(cfg.server.max_body);
+    if declared_length(&req).is_some_and(|n| max_body.is_some_and(|max| n > max)) {
+        return Err(Reject::PayloadTooLarge);
+    }
 
     // 3. Guards. The in-flight slot first (the only reversible check), then per-client buckets,
     //    then the shared route bucket, so a client rejected for its own excess spends no token
@@ -111,18 +119,22 @@ async fn admit_and_forward(
     }
     guards.check_route()?;
 
-    let resp = if let Some(sale) = route.route.sale.as_ref() {
-        // 5–9. A flash-sale route: only a request that wins stock is forwarded.
-        let user = user.ok_or_else(|| Reject::Unauthenticated("no user identity".into()))?;
-        let params: Vec<(String, String)> = matched
+    let params: Vec<(String, String)> = match route.route.sale {
+        Some(_) => matched
             .params
             .iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        admit_sale(app, snap, sale, user, &params, req, peer).await?
+            .collect(),
+        None => Vec::new(),
+    };
+    let (req, limit) = limit_body(req, max_body)?;
+    let resp = if let Some(sale) = route.route.sale.as_ref() {
+        // 5–9. A flash-sale route: only a request that wins stock is forwarded.
+        let user = user.ok_or_else(|| Reject::Unauthenticated("no user identity".into()))?;
+        admit_sale(app, snap, sale, user, &params, (req, limit), peer).await?
     } else {
         // An ordinary route: forward untouched.
-        forward(snap, req, peer).await?
+        forward(snap, req, peer, limit).await?
     };
     // The in-flight slot is held until the response body has been sent.
     Ok(match slot {
@@ -138,11 +150,11 @@ async fn admit_sale(
     sale: &Sale,
     user: String,
     params: &[(String, String)],
-    req: Request<Incoming>,
+    (req, limit): (Request<Body>, BodyLimit),
     peer: Peer,
 ) -> Result<Response<Body>, Reject> {
     let (parts, body) = req.into_parts();
-    let (order, body) = sale::read_order(sale, &parts, params, body::stream(body)).await?;
+    let (order, body) = sale::read_order(sale, &parts, params, body).await?;
 
     // 5. Sale window, then 6. the local sold-out flag: both answer without the store.
     sale::check_window(sale, SystemTime::now())?;
@@ -227,7 +239,7 @@ async fn admit_sale(
             });
         }
     }
-    result.map_err(forward_error)
+    result.map_err(|e| forward_error(e, &limit))
 }
 
 enum Outcome {
@@ -248,17 +260,47 @@ fn strip_flashgate_headers(headers: &mut http::HeaderMap) {
 
 async fn forward(
     snap: &Snapshot,
-    req: Request<Incoming>,
+    req: Request<Body>,
     peer: Peer,
+    limit: BodyLimit,
 ) -> Result<Response<Body>, Reject> {
-    let req = req.map(body::stream);
     snap.upstream
         .forward(req, peer)
         .await
-        .map_err(forward_error)
+        .map_err(|e| forward_error(e, &limit))
 }
 
-fn forward_error(e: ForwardError) -> Reject {
+/// Set when the body limit (not the network) cut the request body short.
+type BodyLimit = Option<Arc<AtomicBool>>;
+
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Boxes the body for forwarding, enforcing `max` bytes: a declared length over it is refused
+/// at once; a streamed body is cut off when it passes it.
+fn limit_body(
+    req: Request<Incoming>,
+    max: Option<u64>,
+) -> Result<(Request<Body>, BodyLimit), Reject> {
+    let Some(max) = max else {
+        return Ok((req.map(body::stream), None));
+    };
+    if declared_length(&req).is_some_and(|n| n > max) {
+        return Err(Reject::PayloadTooLarge);
+    }
+    let (parts, b) = req.into_parts();
+    let (b, tripped) = body::limited(body::stream(b), max);
+    Ok((Request::from_parts(parts, b), Some(tripped)))
+}
+
+fn forward_error(e: ForwardError, limit: &BodyLimit) -> Reject {
+    if limit.as_ref().is_some_and(|t| t.load(Ordering::Acquire)) {
+        return Reject::PayloadTooLarge;
+    }
     warn!(error = %e, "forward failed");
     match e {
         ForwardError::Connect(_) | ForwardError::Failed(_) => Reject::BadGateway,

@@ -46,3 +46,35 @@ async fn unreachable_upstream_is_502_json() {
     assert_eq!(a.status, 502);
     assert_eq!(a.json()["error"], "upstream_unavailable");
 }
+
+#[tokio::test]
+async fn body_over_the_route_limit_is_413() {
+    use http_body_util::BodyExt;
+    let backend = Backend::start_echo().await;
+    let fg = Flashgate::start(&config(
+        &backend,
+        "routes:\n  - name: up\n    match: { path: /upload }\n    max_body: 1KiB\n",
+    ))
+    .await;
+    let c = client();
+    // Declared too large: refused before anything is forwarded.
+    let a = send(&c, "POST", &fg.url("/upload"), &[], vec![b'x'; 2048]).await;
+    assert_eq!(a.status, 413, "{}", a.text());
+    assert_eq!(a.json()["error"], "payload_too_large");
+    assert_eq!(backend.count(), 0);
+    // Within the limit: forwarded whole.
+    let a = send(&c, "POST", &fg.url("/upload"), &[], vec![b'x'; 1024]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["body_bytes"], 1024);
+    // Streamed (chunked, no length) past the limit: cut off and answered 413.
+    let chunks: Vec<Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>> = (0..8)
+        .map(|_| Ok(http_body::Frame::data(bytes::Bytes::from(vec![b'y'; 512]))))
+        .collect();
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks)).boxed();
+    let streaming =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let req = http::Request::post(fg.url("/upload")).body(body).unwrap();
+    let resp = streaming.request(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+}

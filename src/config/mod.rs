@@ -116,6 +116,7 @@ pub struct Server {
     pub max_uri_bytes: usize,
     pub drain_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
+    pub max_body: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +127,7 @@ pub struct Route {
     pub path: PathTemplate,
     pub identity: Option<Identity>,
     pub limits: Limits,
+    pub max_body: Option<u64>,
     pub sale: Option<Sale>,
 }
 
@@ -321,6 +323,7 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             max_uri_bytes: usize::try_from(server.max_uri_bytes.0).unwrap_or(usize::MAX),
             drain_timeout: server.drain_timeout.0,
             h2_max_concurrent_streams: server.h2_max_concurrent_streams.get(),
+            max_body: server.max_body.map(|b| b.0),
         },
         trusted_proxies: raw.trusted_proxies.into_iter().map(|t| t.0).collect(),
         unmatched: raw.unmatched,
@@ -436,6 +439,7 @@ fn compile_route(
         path: raw.matcher.path,
         identity,
         limits,
+        max_body: raw.max_body.map(|b| b.0),
         sale,
     })
 }

@@ -158,6 +158,8 @@ pub struct RawServer {
     pub drain_timeout: Dur,
     #[serde(default = "default_h2_streams")]
     pub h2_max_concurrent_streams: NonZeroU32,
+    /// Request body limit for every route without its own `max_body`; none by default.
+    pub max_body: Option<Bytes>,
 }
 
 impl Default for RawServer {
@@ -171,6 +173,7 @@ impl Default for RawServer {
             max_uri_bytes: default_max_uri_bytes(),
             drain_timeout: d_30s(),
             h2_max_concurrent_streams: default_h2_streams(),
+            max_body: None,
         }
     }
 }
@@ -200,6 +203,8 @@ pub struct RawRoute {
     pub identity: Option<Spanned<RawIdentity>>,
     #[serde(default)]
     pub limits: RawLimits,
+    /// Request body limit on this route (413 past it).
+    pub max_body: Option<Bytes>,
     pub sale: Option<Spanned<RawSale>>,
 }
 
