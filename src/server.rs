@@ -84,6 +84,9 @@ pub async fn run(
     } else {
         info!("drained");
     }
+    // Dropping the sender is the signal for connections still open to close now (their tasks
+    // are not owned by this function and would otherwise outlive it).
+    drop(stop_tx);
     Ok(())
 }
 
@@ -137,9 +140,15 @@ async fn serve_connection(
                 }
                 return;
             }
-            _ = stop.changed(), if !graceful => {
-                graceful = true;
-                conn.as_mut().graceful_shutdown();
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    debug!(%peer, "drain timeout reached: closing");
+                    return;
+                }
+                if !graceful {
+                    graceful = true;
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             verdict = activity.watch(header_timeout, idle_timeout), if !graceful => match verdict {
                 Verdict::HeaderTimeout => {

@@ -231,14 +231,19 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             .location()
             .map(|l| (l.line(), l.column()))
             .unwrap_or((0, 0));
-        // `Spanned` wrappers show up as `.value` in the path; `?` means "no path known".
+        // `Spanned` wrappers show up as `.value` in the path; `?` is a segment serde could not
+        // name (e.g. a syntax error inside a mapping), so `routes[0].match.?` is `routes[0].match`.
         let key = key_path.borrow().replace(".value", "");
-        let key = if key == "?" { String::new() } else { key };
+        let key = key.trim_end_matches(".?");
         ConfigError {
             file: file.to_owned(),
             line,
             column,
-            key: if key == "." { String::new() } else { key },
+            key: if key == "?" || key == "." {
+                String::new()
+            } else {
+                key.to_owned()
+            },
             message: first_line(&e.without_snippet().to_string()),
         }
     })?;

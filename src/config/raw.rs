@@ -3,11 +3,14 @@
 //! while it is parsed, so its error carries the line and column of the offending value.
 //! Rules that span several keys live in `compile.rs`, with the location kept by `Spanned`.
 
+use std::fmt;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_saphyr::Spanned;
 
 use super::values::{
@@ -277,11 +280,37 @@ pub struct RawMatch {
     pub path: PathTemplate,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// One value or a list of them (`method: POST` or `method: [GET, HEAD]`).
+///
+/// Not `#[serde(untagged)]`: an untagged enum replaces the inner error with "data did not match
+/// any variant", which hides the one thing the operator needs (e.g. "invalid HTTP method").
+#[derive(Debug)]
 pub enum OneOrMany<T> {
     One(T),
     Many(Vec<T>),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = OneOrMany<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a value or a list of values")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                T::deserialize(de::value::StrDeserializer::<E>::new(v)).map(OneOrMany::One)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(OneOrMany::Many(items))
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
 }
 
 impl<T> OneOrMany<T> {

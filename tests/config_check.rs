@@ -1,0 +1,252 @@
+//! `flashgate check --config FILE`, run as the real binary, the way an operator runs it minutes
+//! before a sale: a bad file exits 1 with one line saying `file:line:col: key: what is wrong`;
+//! a good file exits 0 and prints the compiled routes.
+//!
+//! `tests/fixtures/bad_*.yaml` holds one file per validation rule; every file there must have
+//! an expectation below.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Output};
+
+/// Runs the binary from the crate root, so paths print as `tests/fixtures/...`.
+fn flashgate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flashgate"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run flashgate")
+}
+
+fn check(path: &str) -> Output {
+    flashgate(&["check", "--config", path])
+}
+
+/// (fixture name, line the error is reported at, fragments the message must contain).
+/// Line 0 means the error carries no location and prints as `file: key: message`.
+const BAD: &[(&str, u64, &[&str])] = &[
+    ("yaml_syntax", 5, &["routes[0].match: ", "unclosed bracket"]),
+    (
+        "unknown_top_key",
+        3,
+        &["upstreams: ", "unknown field `upstreams`"],
+    ),
+    (
+        "unknown_nested_key",
+        4,
+        &["server.header_timeout: ", "unknown field `header_timeout`"],
+    ),
+    ("duplicate_key", 3, &["duplicate mapping key: listen"]),
+    (
+        "duration",
+        3,
+        &["upstream.request_timeout: ", "invalid duration `soon`"],
+    ),
+    (
+        "zero_rate",
+        6,
+        &["routes[0].limits.route.per_second: ", "nonzero"],
+    ),
+    (
+        "rate_both",
+        6,
+        &[
+            "routes[0].limits.route: ",
+            "set exactly one of `per_second` or `per_minute`",
+        ],
+    ),
+    (
+        "rate_neither",
+        6,
+        &[
+            "routes[0].limits.per_ip: ",
+            "set exactly one of `per_second` or `per_minute`",
+        ],
+    ),
+    (
+        "zero_burst",
+        6,
+        &["routes[0].limits.route.burst: ", "nonzero"],
+    ),
+    (
+        "path_template",
+        4,
+        &[
+            "routes[0].match.path: ",
+            "invalid path template `/api/{sku`",
+        ],
+    ),
+    (
+        "method",
+        4,
+        &["routes[0].match.method[1]: ", "invalid HTTP method `PO ST`"],
+    ),
+    (
+        "upstream_scheme",
+        2,
+        &["upstream.url: ", "only http:// is supported"],
+    ),
+    // Reported at the last key of the top-level mapping (line 2), where the parser noticed
+    // the field was missing; the message is what matters here.
+    ("missing_upstream", 2, &["missing field `upstream`"]),
+    (
+        "duplicate_route",
+        5,
+        &["routes[1].name: ", "duplicate route name `api`"],
+    ),
+    (
+        "empty_route_name",
+        3,
+        &["routes[0].name: ", "must not be empty"],
+    ),
+    // Reported at the route (its `name:` line), not at the `per_user:` line.
+    (
+        "per_user_without_identity",
+        3,
+        &["routes[0].limits.per_user: ", "needs an `identity`"],
+    ),
+    (
+        "identity_both",
+        5,
+        &[
+            "routes[0].identity: ",
+            "set exactly one of `header` or `cookie`",
+        ],
+    ),
+    (
+        "identity_none",
+        5,
+        &[
+            "routes[0].identity: ",
+            "set exactly one of `header` or `cookie`",
+        ],
+    ),
+    (
+        "header_name",
+        5,
+        &[
+            "routes[0].identity.header: ",
+            "invalid header name `X User`",
+        ],
+    ),
+    (
+        "trusted_proxy",
+        4,
+        &[
+            "trusted_proxies[1]: ",
+            "invalid address or CIDR `300.1.2.3`",
+        ],
+    ),
+    (
+        "size",
+        3,
+        &["server.max_uri_bytes: ", "unknown size unit `parsecs`"],
+    ),
+    // Checked after parsing, where the value's location is no longer known: no line.
+    (
+        "max_header_bytes",
+        0,
+        &["server.max_header_bytes: ", "must be at least 8192 bytes"],
+    ),
+    ("health_path", 0, &["health_path: ", "must start with `/`"]),
+    ("listen", 1, &["listen: ", "invalid socket address"]),
+    ("unmatched", 2, &["unmatched: ", "unknown variant `reject`"]),
+    (
+        "zero_in_flight",
+        5,
+        &["routes[0].limits.in_flight: ", "nonzero"],
+    ),
+];
+
+#[test]
+fn every_bad_fixture_fails_with_its_location_and_reason() {
+    let mut failures = Vec::new();
+    for (name, line, fragments) in BAD {
+        let path = format!("tests/fixtures/bad_{name}.yaml");
+        let out = check(&path);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let prefix = if *line == 0 {
+            format!("{path}: ")
+        } else {
+            format!("{path}:{line}:")
+        };
+        let ok = out.status.code() == Some(1)
+            && out.stdout.is_empty()
+            && stderr.starts_with(&prefix)
+            && stderr.lines().count() == 1
+            && fragments.iter().all(|f| stderr.contains(f));
+        if !ok {
+            failures.push(format!(
+                "{path}: exit {:?}, expected `{prefix}` + {fragments:?}, got: {stderr}",
+                out.status.code()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn every_fixture_has_an_expectation() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let on_disk: BTreeSet<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("bad_"))
+        .collect();
+    let expected: BTreeSet<String> = BAD
+        .iter()
+        .map(|(name, _, _)| format!("bad_{name}.yaml"))
+        .collect();
+    assert_eq!(on_disk, expected);
+}
+
+#[test]
+fn example_config_checks_ok_and_lists_routes() {
+    let out = check("config/flashgate.yaml");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "config/flashgate.yaml: ok");
+    assert!(lines[1].starts_with("listen 127.0.0.1:8080 -> upstream http://127.0.0.1:3000"));
+    assert_eq!(lines[2], "routes (first match wins):");
+    assert_eq!(
+        lines[3],
+        "  1. flash-buy POST /api/flash/{sku}/buy identity=header:x-user-id \
+         route=5000/s burst 1000 per_ip=50/s burst 100 per_user=2/s burst 2 in_flight=2000"
+    );
+    assert_eq!(lines[4], "  2. everything-else * /{*rest}");
+    assert_eq!(lines[5], "unmatched: proxy");
+}
+
+#[test]
+fn missing_file_exits_1_with_a_clear_message() {
+    let out = check("tests/fixtures/no_such_file.yaml");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.starts_with("tests/fixtures/no_such_file.yaml: cannot read config: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("No such file or directory"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_a_bad_config_with_the_same_message() {
+    let out = flashgate(&["serve", "--config", "tests/fixtures/bad_rate_both.yaml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.starts_with("tests/fixtures/bad_rate_both.yaml:6:"),
+        "{stderr}"
+    );
+}
