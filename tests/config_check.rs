@@ -99,10 +99,9 @@ const BAD: &[(&str, u64, &[&str])] = &[
         3,
         &["routes[0].name: ", "must not be empty"],
     ),
-    // Reported at the route (its `name:` line), not at the `per_user:` line.
     (
         "per_user_without_identity",
-        3,
+        6,
         &["routes[0].limits.per_user: ", "needs an `identity`"],
     ),
     (
@@ -142,13 +141,12 @@ const BAD: &[(&str, u64, &[&str])] = &[
         3,
         &["server.max_uri_bytes: ", "unknown size unit `parsecs`"],
     ),
-    // Checked after parsing, where the value's location is no longer known: no line.
     (
         "max_header_bytes",
-        0,
+        3,
         &["server.max_header_bytes: ", "must be at least 8192 bytes"],
     ),
-    ("health_path", 0, &["health_path: ", "must start with `/`"]),
+    ("health_path", 2, &["health_path: ", "must start with `/`"]),
     ("listen", 1, &["listen: ", "invalid socket address"]),
     ("unmatched", 2, &["unmatched: ", "unknown variant `reject`"]),
     (

@@ -274,25 +274,21 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
     };
 
     let server = raw.server;
-    if server.max_header_bytes.0 < MIN_HEADER_BYTES {
-        return Err(ConfigError {
-            file: file.to_owned(),
-            line: 0,
-            column: 0,
-            key: "server.max_header_bytes".into(),
-            message: format!("must be at least {MIN_HEADER_BYTES} bytes"),
-        });
+    if server.max_header_bytes.value.0 < MIN_HEADER_BYTES {
+        return Err(err(
+            &server.max_header_bytes.referenced,
+            "server.max_header_bytes".into(),
+            format!("must be at least {MIN_HEADER_BYTES} bytes"),
+        ));
     }
     if let Some(p) = &raw.health_path
-        && !p.starts_with('/')
+        && !p.value.starts_with('/')
     {
-        return Err(ConfigError {
-            file: file.to_owned(),
-            line: 0,
-            column: 0,
-            key: "health_path".into(),
-            message: format!("`{p}` must start with `/`"),
-        });
+        return Err(err(
+            &p.referenced,
+            "health_path".into(),
+            format!("`{}` must start with `/`", p.value),
+        ));
     }
 
     let mut routes: Vec<Route> = Vec::with_capacity(raw.routes.len());
@@ -323,7 +319,8 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             max_connections: server.max_connections.get(),
             header_read_timeout: server.header_read_timeout.0,
             keep_alive_timeout: server.keep_alive_timeout.0,
-            max_header_bytes: usize::try_from(server.max_header_bytes.0).unwrap_or(usize::MAX),
+            max_header_bytes: usize::try_from(server.max_header_bytes.value.0)
+                .unwrap_or(usize::MAX),
             max_headers: server.max_headers.get(),
             max_uri_bytes: usize::try_from(server.max_uri_bytes.0).unwrap_or(usize::MAX),
             drain_timeout: server.drain_timeout.0,
@@ -332,7 +329,7 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
         },
         trusted_proxies: raw.trusted_proxies.into_iter().map(|t| t.0).collect(),
         unmatched: raw.unmatched,
-        health_path: raw.health_path,
+        health_path: raw.health_path.map(|p| p.value),
         admin: raw.admin.map(|a| Admin {
             listen: a.listen,
             token_env: a.token_env,
@@ -403,15 +400,18 @@ fn compile_route(
         r.map(|s| compile_rate(s.value).map_err(|m| err(&s.referenced, key(k), m)))
             .transpose()
     };
+    let per_user_at = raw.limits.per_user.as_ref().map(|s| s.referenced);
     let limits = Limits {
         route: rate(raw.limits.route, "limits.route")?,
         per_ip: rate(raw.limits.per_ip, "limits.per_ip")?,
         per_user: rate(raw.limits.per_user, "limits.per_user")?,
         in_flight: raw.limits.in_flight.map(NonZeroU32::get),
     };
-    if limits.per_user.is_some() && identity.is_none() {
+    if let Some(per_user_at) = per_user_at
+        && identity.is_none()
+    {
         return Err(err(
-            at,
+            &per_user_at,
             key("limits.per_user"),
             "needs an `identity` on the route to know who the user is".into(),
         ));

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
-use serde_saphyr::Spanned;
+use serde_saphyr::{Location, Spanned};
 
 use super::values::{
     Bytes, Dur, HeaderNameValue, MethodValue, PathTemplate, Timestamp, TrustedNet, UpstreamUrl,
@@ -30,7 +30,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub unmatched: Unmatched,
     #[serde(default = "default_health_path")]
-    pub health_path: Option<String>,
+    pub health_path: Option<Spanned<String>>,
     pub admin: Option<RawAdmin>,
     pub store: Option<RawStore>,
     #[serde(default)]
@@ -94,8 +94,12 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8080))
 }
 
-fn default_health_path() -> Option<String> {
-    Some("/healthz".to_owned())
+fn default_health_path() -> Option<Spanned<String>> {
+    Some(Spanned::new(
+        "/healthz".to_owned(),
+        Location::UNKNOWN,
+        Location::UNKNOWN,
+    ))
 }
 
 /// What a request that matches no route gets.
@@ -152,7 +156,7 @@ pub struct RawServer {
     #[serde(default = "d_60s")]
     pub keep_alive_timeout: Dur,
     #[serde(default = "default_max_header_bytes")]
-    pub max_header_bytes: Bytes,
+    pub max_header_bytes: Spanned<Bytes>,
     #[serde(default = "default_max_headers")]
     pub max_headers: NonZeroUsize,
     #[serde(default = "default_max_uri_bytes")]
@@ -184,8 +188,8 @@ impl Default for RawServer {
 fn default_max_connections() -> NonZeroUsize {
     NonZeroUsize::new(10_000).expect("non-zero literal")
 }
-fn default_max_header_bytes() -> Bytes {
-    Bytes(16 * 1024)
+fn default_max_header_bytes() -> Spanned<Bytes> {
+    Spanned::new(Bytes(16 * 1024), Location::UNKNOWN, Location::UNKNOWN)
 }
 fn default_max_headers() -> NonZeroUsize {
     NonZeroUsize::new(100).expect("non-zero literal")

@@ -145,6 +145,13 @@ impl PathTemplate {
         router
             .insert(s, ())
             .map_err(|e| format!("invalid path template `{s}`: {e}"))?;
+        // matchit's catch-all needs at least one byte, but `/static/{*rest}` should also
+        // match `/static/` itself (and `/{*rest}` the root page).
+        if let Some(i) = s.rfind("/{*")
+            && s.ends_with('}')
+        {
+            let _ = router.insert(&s[..=i], ());
+        }
         Ok(PathTemplate {
             source: s.to_owned(),
             router,
@@ -237,6 +244,17 @@ mod tests {
             Ok(Dur(Duration::from_secs(120)))
         );
         assert!(Dur::try_from("soon".to_owned()).is_err());
+    }
+
+    #[test]
+    fn catch_all_matches_its_own_prefix() {
+        let t = PathTemplate::compile("/{*rest}").unwrap();
+        assert!(t.router.at("/").is_ok());
+        assert!(t.router.at("/a/b").is_ok());
+        let t = PathTemplate::compile("/static/{*rest}").unwrap();
+        assert!(t.router.at("/static/").is_ok());
+        assert!(t.router.at("/static/x.css").is_ok());
+        assert!(t.router.at("/other").is_err());
     }
 
     #[test]
