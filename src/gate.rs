@@ -234,6 +234,44 @@ fn strip_flashgate_headers(headers: &mut http::HeaderMap) {
     for name in spoofed {
         headers.remove(name);
     }
+    // Nor may a client remove them: the forwarder strips every header named in `Connection`,
+    // which would drop the ones flashgate sets on a winner (`Connection: x-flashgate-user`).
+    let ours = |token: &str| {
+        token
+            .trim()
+            .get(..12)
+            .is_some_and(|p| p.eq_ignore_ascii_case("x-flashgate-"))
+    };
+    let nominates_ours = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(ours)));
+    if nominates_ours {
+        let values: Vec<HeaderValue> = headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        headers.remove(http::header::CONNECTION);
+        for value in values {
+            let kept = match value.to_str() {
+                Ok(v) => v
+                    .split(',')
+                    .filter(|t| !ours(t))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                Err(_) => {
+                    headers.append(http::header::CONNECTION, value);
+                    continue;
+                }
+            };
+            if !kept.trim().is_empty()
+                && let Ok(v) = HeaderValue::from_str(kept.trim())
+            {
+                headers.append(http::header::CONNECTION, v);
+            }
+        }
+    }
 }
 
 async fn forward(
