@@ -78,7 +78,10 @@ impl Flashgate {
     }
 
     pub fn admin_url(&self) -> String {
-        format!("http://{}", self.admin.expect("config has no admin section"))
+        format!(
+            "http://{}",
+            self.admin.expect("config has no admin section")
+        )
     }
 
     /// Signals shutdown and waits for the drain to finish.
