@@ -579,10 +579,12 @@ mod cases {
             started.elapsed() < Duration::from_secs(2),
             "answered at the timeout"
         );
-        assert_eq!(
-            flash_seen(&backend, "slow-1").len(),
-            1,
-            "the request did reach it"
+        assert!(
+            eventually(Duration::from_secs(5), || flash_seen(&backend, "slow-1")
+                .len()
+                == 1)
+            .await,
+            "the request did reach the backend"
         );
 
         let status = status_until(&fg, "slow-1", |s| s["reservations"]["uncertain"] == 1).await;
@@ -1049,6 +1051,8 @@ mod cases {
         let client = client();
         assert_eq!(buy(&client, &fg, "fast-1", "alice").await.status, 200);
         assert_rejected(&buy(&client, &fg, "fast-1", "bob").await, 410, "sold_out");
+        // Alice's settle script runs off the response path: let it land before counting.
+        status_until(&fg, "fast-1", |s| s["reservations"] == counts(0, 1, 0, 0)).await;
         let scripts_before = store.redis.as_ref().map(script_calls);
 
         for i in 0..50 {
