@@ -1239,6 +1239,85 @@ mod redis_only {
         })
         .await;
     }
+
+    // Two instances sharing Redis, each with its own local sold-out flag.
+
+    const RECHECK_SALE: &str = "{ sku: { path_param: sku }, sold_out_recheck: 300ms }";
+
+    /// Instance B learned the SKU is sold out; stock is then raised through instance A. B's
+    /// flag is only local, so B finds the new stock once `sold_out_recheck` has passed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stock_raised_elsewhere_is_found_after_the_recheck() {
+        bounded(async {
+            let server = RedisServer::start();
+            let store = redis_yaml(&server);
+            let (shop_a, shop_b) = (shop().await, shop().await);
+            let cfg = |b: &Backend| sale_config(&b.url(), &store, "5s", BUY_PATH, RECHECK_SALE);
+            let fg_a = Flashgate::start(&cfg(&shop_a)).await;
+            let fg_b = Flashgate::start(&cfg(&shop_b)).await;
+            set_stock(&fg_a, "re-1", 1).await;
+            let client = client();
+            assert_eq!(buy(&client, &fg_b, "re-1", "alice").await.status, 200);
+            assert_rejected(&buy(&client, &fg_b, "re-1", "bob").await, 410, "sold_out");
+
+            assert_eq!(add_stock(&fg_a, "re-1", 1).await, 1);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let a = buy(&client, &fg_b, "re-1", &format!("retry-{tries}")).await;
+                if a.status == 200 {
+                    break;
+                }
+                assert_rejected(&a, 410, "sold_out");
+                assert!(Instant::now() < deadline, "B never saw the new stock");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let users: Vec<String> = flash_seen(&shop_b, "re-1")
+                .iter()
+                .map(|s| one_header(s, "x-flashgate-user").to_owned())
+                .collect();
+            assert_eq!(users, ["alice".to_owned(), format!("retry-{tries}")]);
+            assert_eq!(shop_a.count(), 0);
+            assert_eq!(stock(&fg_a, "re-1").await, 0);
+        })
+        .await;
+    }
+
+    /// DESIGN step 6: an instance answers sold out locally "until stock is raised again
+    /// (admin/API or event)". Raising it through A's admin API should reach B at once via the
+    /// `fg:{sku}:events` channel; until that exists B waits out `sold_out_recheck`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "stock events (fg:{sku}:events) are not implemented: B waits sold_out_recheck"]
+    async fn stock_raised_elsewhere_reaches_every_instance_at_once() {
+        bounded(async {
+            let server = RedisServer::start();
+            let store = redis_yaml(&server);
+            let sale = "{ sku: { path_param: sku }, sold_out_recheck: 60s }";
+            let (shop_a, shop_b) = (shop().await, shop().await);
+            let fg_a =
+                Flashgate::start(&sale_config(&shop_a.url(), &store, "5s", BUY_PATH, sale)).await;
+            let fg_b =
+                Flashgate::start(&sale_config(&shop_b.url(), &store, "5s", BUY_PATH, sale)).await;
+            set_stock(&fg_a, "ev-1", 1).await;
+            let client = client();
+            assert_eq!(buy(&client, &fg_b, "ev-1", "alice").await.status, 200);
+            assert_rejected(&buy(&client, &fg_b, "ev-1", "bob").await, 410, "sold_out");
+            assert_eq!(add_stock(&fg_a, "ev-1", 1).await, 1);
+            let won = async {
+                loop {
+                    if buy(&client, &fg_b, "ev-1", "carol").await.status == 200 {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(2), won)
+                .await
+                .expect("B still answers sold_out from its local flag");
+        })
+        .await;
+    }
 }
 
 /// The real `flashgate` binary talking to a running admin API.
