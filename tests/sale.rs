@@ -394,6 +394,66 @@ mod cases {
         assert_eq!(status["units"], counts(0, 100, 0, 0));
     }
 
+    /// The backend refuses every third order with 503 (`release_on`), under the same race:
+    /// each refused unit goes back and may be sold again, and the books still balance —
+    /// accepted orders + stock left == 100, never more accepted than stocked.
+    pub async fn backend_refusing_some_orders_never_oversells(store: StoreFixture) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let backend = Backend::start({
+            let calls = calls.clone();
+            move |_req| {
+                let refuse = calls.fetch_add(1, Ordering::SeqCst) % 3 == 2;
+                async move {
+                    if refuse {
+                        json_response(StatusCode::SERVICE_UNAVAILABLE, r#"{"backend":"busy"}"#)
+                    } else {
+                        json_response(StatusCode::OK, r#"{"order":"accepted"}"#)
+                    }
+                }
+            }
+        })
+        .await;
+        let fg = start(&backend.url(), &store).await;
+        set_stock(&fg, "flaky-1", 100).await;
+
+        let users: Vec<String> = (0..2000).map(|i| format!("user-{i:04}")).collect();
+        let outcomes = fire(&[&fg], "flaky-1", users).await;
+
+        let t = tally(&outcomes);
+        let accepted = t.get(&(200, String::new())).copied().unwrap_or(0);
+        let refused = t.get(&(503, String::new())).copied().unwrap_or(0);
+        let sold_out = t.get(&(410, "sold_out".into())).copied().unwrap_or(0);
+        assert_eq!(
+            accepted + refused + sold_out,
+            2000,
+            "no other answers: {t:?}"
+        );
+        assert!(refused > 0, "the backend did refuse some: {t:?}");
+        assert!(accepted <= 100, "oversold: {t:?}");
+
+        // The backend saw exactly the accepted and the refused orders, one per user.
+        let seen = flash_seen(&backend, "flaky-1");
+        assert_eq!(seen.len(), accepted + refused);
+        let users: HashSet<&str> = seen
+            .iter()
+            .map(|s| one_header(s, "x-flashgate-user"))
+            .collect();
+        assert_eq!(users.len(), seen.len(), "one order per user");
+
+        let left = stock(&fg, "flaky-1").await as usize;
+        assert_eq!(
+            accepted + left,
+            100,
+            "accepted {accepted} + left {left}: {t:?}"
+        );
+        let status = status_until(&fg, "flaky-1", |s| s["units"]["sold"] == accepted).await;
+        assert_eq!(
+            status["reservations"],
+            counts(0, accepted as u64, refused as u64, 0)
+        );
+        assert_eq!(status["buyers"], accepted);
+    }
+
     /// 300 users each press "buy" five times at once, with plenty of stock: each user reaches
     /// the backend exactly once, the other four attempts are `already_purchased`.
     pub async fn one_purchase_per_user(store: StoreFixture) {
@@ -1090,6 +1150,29 @@ mod cases {
     }
 }
 
+/// `SCRIPT LOAD` calls the server has run so far (how redis-rs recovers from NOSCRIPT).
+fn script_loads(server: &RedisServer) -> u64 {
+    command_calls(server, &["cmdstat_script|load"])
+}
+
+/// Sum of `calls=` of the named `INFO commandstats` lines.
+fn command_calls(server: &RedisServer, stats: &[&str]) -> u64 {
+    let info: String = ::redis::from_redis_value(server.cli(&["INFO", "commandstats"])).unwrap();
+    info.lines()
+        .filter(|l| {
+            stats
+                .iter()
+                .any(|s| l.strip_prefix(s).is_some_and(|r| r.starts_with(':')))
+        })
+        .map(|l| {
+            let calls = l.split([':', ',']).find_map(|f| f.strip_prefix("calls="));
+            calls
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{l}"))
+        })
+        .sum()
+}
+
 /// Reads an HTTP/1.1 request or response head (up to the blank line) from a raw stream.
 async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
     let mut head = Vec::new();
@@ -1130,16 +1213,7 @@ fn chunked(head: &str, chunks: &[&[u8]]) -> Vec<u8> {
 
 /// `EVALSHA` + `EVAL` calls the server has run so far (`INFO commandstats`).
 fn script_calls(server: &RedisServer) -> u64 {
-    let info: String = ::redis::from_redis_value(server.cli(&["INFO", "commandstats"])).unwrap();
-    info.lines()
-        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .map(|l| {
-            let calls = l.split([':', ',']).find_map(|f| f.strip_prefix("calls="));
-            calls
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("{l}"))
-        })
-        .sum()
+    command_calls(server, &["cmdstat_evalsha", "cmdstat_eval"])
 }
 
 /// One `#[tokio::test]` per case, for the store `$fixture` builds.
@@ -1158,6 +1232,7 @@ macro_rules! all_cases {
     ($fixture:ident) => {
         sale_suite!($fixture:
             sells_exactly_the_stock,
+            backend_refusing_some_orders_never_oversells,
             one_purchase_per_user,
             refused_connection_releases_the_unit,
             release_on_status_returns_the_unit,
@@ -1235,6 +1310,54 @@ mod redis_only {
             assert_eq!(stock(&fg_a, "shared-1").await, 0);
             let status = status_until(&fg_b, "shared-1", |s| s["units"]["sold"] == 100).await;
             assert_eq!(status["buyers"], 100);
+            assert_eq!(status["reservations"], counts(0, 100, 0, 0));
+        })
+        .await;
+    }
+
+    /// `SCRIPT FLUSH` in the middle of a sale (as after a Redis restart or failover): 60
+    /// units sold, the script cache emptied, then 940 more buyers race for the last 40 — all
+    /// 128 in flight get NOSCRIPT at once, reload the script, and the count stays exact.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn script_cache_flushed_mid_sale_never_oversells() {
+        bounded(async {
+            let server = RedisServer::start();
+            let backend = shop().await;
+            let fg = Flashgate::start(&sale_config(
+                &backend.url(),
+                &redis_yaml(&server),
+                "5s",
+                BUY_PATH,
+                PATH_SALE,
+            ))
+            .await;
+            set_stock(&fg, "flush-1", 100).await;
+            let users: Vec<String> = (0..1000).map(|i| format!("user-{i:04}")).collect();
+
+            let first = fire(&[&fg], "flush-1", users[..60].to_vec()).await;
+            assert!(first.iter().all(|o| o.status == 200), "{:?}", tally(&first));
+            // Let the first wave's settles land, so the flush hits buyers, not bookkeeping.
+            status_until(&fg, "flush-1", |s| s["units"]["sold"] == 60).await;
+            server.script_flush();
+            let loads_before = script_loads(&server);
+            let rest = fire(&[&fg], "flush-1", users[60..].to_vec()).await;
+            assert!(
+                script_loads(&server) > loads_before,
+                "NOSCRIPT was met and handled"
+            );
+
+            let t = tally(&rest);
+            assert_eq!(t.get(&(200, String::new())), Some(&40), "{t:?}");
+            assert_eq!(t.get(&(410, "sold_out".into())), Some(&900), "{t:?}");
+            assert_eq!(t.len(), 2, "no 503: {t:?}");
+            let seen = flash_seen(&backend, "flush-1");
+            let users: HashSet<&str> = seen
+                .iter()
+                .map(|s| one_header(s, "x-flashgate-user"))
+                .collect();
+            assert_eq!((seen.len(), users.len()), (100, 100));
+            assert_eq!(stock(&fg, "flush-1").await, 0);
+            let status = status_until(&fg, "flush-1", |s| s["units"]["sold"] == 100).await;
             assert_eq!(status["reservations"], counts(0, 100, 0, 0));
         })
         .await;
