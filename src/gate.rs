@@ -25,7 +25,7 @@ use crate::identity;
 use crate::reject::Reject;
 use crate::sale;
 use crate::state::{App, Snapshot};
-use crate::store::{ReserveOutcome, ReserveRequest, Settlement, StoreError};
+use crate::store::{ReserveOutcome, ReserveRequest, Settlement, Store, StoreError};
 
 /// Handles one request; never fails (every failure is an answer).
 pub async fn handle(
@@ -188,6 +188,15 @@ async fn admit_sale(
         }
     };
 
+    // From here on the reservation must end sold, released or uncertain, even if this future
+    // is dropped (hyper cancels it when the client disconnects mid-order).
+    let mut pending = Pending {
+        store: app.store.clone(),
+        sku: order.sku.clone(),
+        reservation: reservation.clone(),
+        on_drop: Some(Outcome::Settle(Settlement::Uncertain)),
+    };
+
     // 8. Forward the winner with headers the backend can trust.
     let mut req = Request::from_parts(parts, body);
     let h = req.headers_mut();
@@ -215,7 +224,10 @@ async fn admit_sale(
     match outcome {
         Outcome::Release => {
             // Awaited: the buyer's retry must be able to win the unit back.
-            match app.store.release(&order.sku, &reservation).await {
+            pending.on_drop = Some(Outcome::Release);
+            let released = app.store.release(&order.sku, &reservation).await;
+            pending.done();
+            match released {
                 Ok(_) => {
                     app.sold_out.clear(&order.sku);
                     info!(sku = %order.sku, %reservation, "backend did not take the order: unit released");
@@ -226,6 +238,7 @@ async fn admit_sale(
             }
         }
         Outcome::Settle(to) => {
+            pending.done();
             if to == Settlement::Uncertain {
                 warn!(sku = %order.sku, %reservation, %user, "backend outcome unknown: unit kept, reservation marked uncertain");
             }
@@ -242,9 +255,53 @@ async fn admit_sale(
     result.map_err(|e| forward_error(e, &limit))
 }
 
+#[derive(Clone, Copy)]
 enum Outcome {
     Release,
     Settle(Settlement),
+}
+
+/// A won reservation whose outcome (step 9) is not recorded yet. If the request future is
+/// dropped first (the client went away, and hyper cancels its request), the drop records
+/// `on_drop` off the response path: `uncertain` while the order may be with the backend,
+/// `release` once the backend refused it. Otherwise the unit would stay `held` for good and
+/// the buyer would be told `already_purchased` for an order nobody knows about.
+struct Pending {
+    store: Arc<dyn Store>,
+    sku: String,
+    reservation: String,
+    on_drop: Option<Outcome>,
+}
+
+impl Pending {
+    /// Step 9 ran: nothing left to do on drop.
+    fn done(&mut self) {
+        self.on_drop = None;
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let Some(outcome) = self.on_drop.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.store.clone();
+        let sku = std::mem::take(&mut self.sku);
+        let reservation = std::mem::take(&mut self.reservation);
+        warn!(%sku, %reservation, "request dropped mid-order (client gone): recording the outcome anyway");
+        runtime.spawn(async move {
+            let recorded = match outcome {
+                Outcome::Release => store.release(&sku, &reservation).await.map(drop),
+                Outcome::Settle(to) => store.settle(&sku, &reservation, to).await.map(drop),
+            };
+            if let Err(e) = recorded {
+                warn!(%sku, %reservation, error = %e, "recording a dropped order failed: reservation stays held");
+            }
+        });
+    }
 }
 
 fn strip_flashgate_headers(headers: &mut http::HeaderMap) {
@@ -255,6 +312,44 @@ fn strip_flashgate_headers(headers: &mut http::HeaderMap) {
         .collect();
     for name in spoofed {
         headers.remove(name);
+    }
+    // Nor may a client remove them: the forwarder strips every header named in `Connection`,
+    // which would drop the ones flashgate sets on a winner (`Connection: x-flashgate-user`).
+    let ours = |token: &str| {
+        token
+            .trim()
+            .get(..12)
+            .is_some_and(|p| p.eq_ignore_ascii_case("x-flashgate-"))
+    };
+    let nominates_ours = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(ours)));
+    if nominates_ours {
+        let values: Vec<HeaderValue> = headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        headers.remove(http::header::CONNECTION);
+        for value in values {
+            let kept = match value.to_str() {
+                Ok(v) => v
+                    .split(',')
+                    .filter(|t| !ours(t))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                Err(_) => {
+                    headers.append(http::header::CONNECTION, value);
+                    continue;
+                }
+            };
+            if !kept.trim().is_empty()
+                && let Ok(v) = HeaderValue::from_str(kept.trim())
+            {
+                headers.append(http::header::CONNECTION, v);
+            }
+        }
     }
 }
 
