@@ -23,6 +23,7 @@ use crate::config::{Sale, Unmatched};
 use crate::forward::{ForwardError, Peer};
 use crate::identity;
 use crate::reject::Reject;
+use crate::route_path;
 use crate::sale;
 use crate::state::{App, Snapshot};
 use crate::store::{ReserveOutcome, ReserveRequest, Settlement, Store, StoreError};
@@ -83,8 +84,10 @@ async fn admit_and_forward(
         trusted: client_ip::is_trusted(peer.ip(), &cfg.trusted_proxies),
     };
 
-    // 2. Route match: first match wins; no match → the configured default.
-    let Some(matched) = snap.route_for(req.method(), req.uri().path()) else {
+    // 2. Route match on the normalized path (so `/buy/` or `/%62uy` cannot slip past a sale
+    //    route); first match wins; no match → the configured default.
+    let path = route_path::normalize(req.uri().path()).into_owned();
+    let Some(matched) = snap.route_for(req.method(), &path) else {
         return match cfg.unmatched {
             Unmatched::Proxy => {
                 let (req, limit) = limit_body(req, cfg.server.max_body)?;

@@ -23,6 +23,7 @@ pub mod identity;
 pub mod limit;
 pub mod reject;
 pub mod reload;
+pub mod route_path;
 pub mod sale;
 pub mod server;
 pub mod state;

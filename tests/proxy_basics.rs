@@ -78,3 +78,36 @@ async fn body_over_the_route_limit_is_413() {
     let resp = streaming.request(req).await.unwrap();
     assert_eq!(resp.status(), 413);
 }
+
+#[tokio::test]
+async fn path_variants_cannot_bypass_a_sale_route() {
+    let backend = Backend::start_echo().await;
+    let fg = Flashgate::start(&config(
+        &backend,
+        "routes:\n  - name: buy\n    match: { method: POST, path: \"/api/flash/{sku}/buy\" }\n    identity: { header: X-User-Id }\n    sale: { sku: { path_param: sku } }\n  - name: rest\n    match: { path: \"/{*rest}\" }\n",
+    ))
+    .await;
+    fg.app.store.set_stock("tee", 0).await.unwrap();
+    let c = client();
+    for (i, path) in [
+        "/api/flash/tee/buy",
+        "/api/flash/tee/buy/",
+        "//api/flash/tee/buy",
+        "/api/flash/tee/./buy",
+        "/api/flash/x/../tee/buy",
+        "/api/flash/tee/%62uy",
+        "/api/flash/%74ee/buy",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let user = format!("u{i}");
+        let a = send(&c, "POST", &fg.url(path), &[("x-user-id", &user)], "").await;
+        assert_eq!(a.status, 410, "{path}: {}", a.text());
+    }
+    assert_eq!(
+        backend.count(),
+        0,
+        "no variant may reach the backend without a reservation"
+    );
+}

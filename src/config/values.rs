@@ -141,6 +141,11 @@ impl PathTemplate {
         if !s.starts_with('/') {
             return Err(format!("path template `{s}` must start with `/`"));
         }
+        if s.len() > 1 && s.ends_with('/') {
+            return Err(format!(
+                "path template `{s}`: drop the trailing `/` (requests are matched without it)"
+            ));
+        }
         let mut router = matchit::Router::new();
         router
             .insert(s, ())
@@ -151,6 +156,9 @@ impl PathTemplate {
             && s.ends_with('}')
         {
             let _ = router.insert(&s[..=i], ());
+            if i > 0 {
+                let _ = router.insert(&s[..i], ());
+            }
         }
         Ok(PathTemplate {
             source: s.to_owned(),
@@ -253,6 +261,7 @@ mod tests {
         assert!(t.router.at("/a/b").is_ok());
         let t = PathTemplate::compile("/static/{*rest}").unwrap();
         assert!(t.router.at("/static/").is_ok());
+        assert!(t.router.at("/static").is_ok());
         assert!(t.router.at("/static/x.css").is_ok());
         assert!(t.router.at("/other").is_err());
     }
