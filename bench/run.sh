@@ -115,7 +115,7 @@ sed 's|SKU_PATH|"/api/flash/gone/buy"|' "$work/flash.lua" >"$work/flash-gone.lua
 curl -s -o /dev/null -X POST -H 'X-User-Id: warmup' "http://127.0.0.1:$PF/api/flash/gone/buy"
 
 # Commands flashgate itself sends (commandstats also counts the calls made inside scripts).
-redis_calls() { rcli INFO commandstats | awk -F'[:=,]' '/^cmdstat_(evalsha|eval|script|get|set|incrby|ping|hello|client)[:]/ {s+=$3} END {print s+0}'; }
+redis_calls() { rcli INFO commandstats | awk -F'[:=,]' '/^cmdstat_(evalsha|eval|script|ping|hello|client|select)[:]/ {s+=$3} END {print s+0}'; }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$FGPID/stat"; }
 to_ms() { # wrk prints 1.23ms / 456.00us / 1.20s
   awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v+0 } else if (v ~ /s$/) { sub(/s$/,"",v); print v*1000 } else print v }'

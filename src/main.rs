@@ -234,12 +234,10 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> ExitCo
     }
     let config_path = path.to_path_buf();
     run_async(async move {
-        let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                error!(listen = %cfg.listen, error = %e, "cannot bind");
-                return ExitCode::FAILURE;
-            }
+        let listen = cfg.listen;
+        let threads = match cfg.server.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
         };
         let admin = cfg.admin.clone();
         info!(upstream = %cfg.upstream.url.authority, routes = cfg.routes.len(), "flashgate starting");
@@ -275,10 +273,10 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> ExitCo
             }
         }
         tokio::spawn(flashgate::reload::watch(app.clone(), config_path));
-        match flashgate::server::run(listener, app, shutdown_signal()).await {
+        match flashgate::server::run_per_core(listen, threads, app, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                error!(error = %e, "server failed");
+                error!(listen = %listen, error = %e, "server failed");
                 ExitCode::FAILURE
             }
         }

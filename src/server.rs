@@ -31,9 +31,19 @@ pub async fn run(
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let connections = Arc::new(Semaphore::new(app.snapshot().config.server.max_connections));
+    run_shared(listener, app, shutdown, connections).await
+}
+
+/// Like [`run`], with the connection cap shared by several listeners (one per core).
+pub async fn run_shared(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    connections: Arc<Semaphore>,
+) -> io::Result<()> {
     let cfg = app.snapshot().config.server.clone();
     let builder = http_builder(&cfg);
-    let connections = Arc::new(Semaphore::new(cfg.max_connections));
     let tracker = TaskTracker::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
@@ -88,6 +98,66 @@ pub async fn run(
     // are not owned by this function and would otherwise outlive it).
     drop(stop_tx);
     Ok(())
+}
+
+/// A listening socket with `SO_REUSEPORT`, so that one listener per core can share the port
+/// and the kernel spreads new connections across them.
+pub fn bind_reuseport(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Serves `addr` with `threads` single-threaded runtimes, each with its own listener
+/// (`SO_REUSEPORT`) and upstream pool: a request stays on one core from accept to response,
+/// the way nginx workers do, instead of hopping between threads. Returns when every thread
+/// has drained after `shutdown`.
+pub async fn run_per_core(
+    addr: std::net::SocketAddr,
+    threads: usize,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let connections = Arc::new(Semaphore::new(app.snapshot().config.server.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut handles = Vec::with_capacity(threads);
+    for i in 0..threads.max(1) {
+        let listener = bind_reuseport(addr)?;
+        let (app, connections, mut stop) = (app.clone(), connections.clone(), stop_rx.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("flashgate-{i}"))
+            .spawn(move || -> io::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let listener = TcpListener::from_std(listener)?;
+                    let stopped = async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    };
+                    run_shared(listener, app, stopped, connections).await
+                })
+            })?;
+        handles.push(handle);
+    }
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let joined = tokio::task::spawn_blocking(move || {
+        for h in handles {
+            match h.join() {
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(io::Error::other("a server thread panicked")),
+                Ok(Ok(())) => {}
+            }
+        }
+        Ok(())
+    });
+    joined.await.map_err(io::Error::other)?
 }
 
 fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {

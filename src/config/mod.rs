@@ -117,6 +117,8 @@ pub struct Server {
     pub drain_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
     pub max_body: Option<u64>,
+    /// 0 = one per core.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -326,6 +328,7 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             drain_timeout: server.drain_timeout.0,
             h2_max_concurrent_streams: server.h2_max_concurrent_streams.get(),
             max_body: server.max_body.map(|b| b.0),
+            threads: server.threads,
         },
         trusted_proxies: raw.trusted_proxies.into_iter().map(|t| t.0).collect(),
         unmatched: raw.unmatched,

@@ -167,6 +167,9 @@ pub struct RawServer {
     pub h2_max_concurrent_streams: NonZeroU32,
     /// Request body limit for every route without its own `max_body`; none by default.
     pub max_body: Option<Bytes>,
+    /// Serving threads (one runtime and listener each); 0 = one per core.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 impl Default for RawServer {
@@ -181,6 +184,7 @@ impl Default for RawServer {
             drain_timeout: d_30s(),
             h2_max_concurrent_streams: default_h2_streams(),
             max_body: None,
+            threads: 0,
         }
     }
 }
