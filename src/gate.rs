@@ -26,7 +26,9 @@ use crate::reject::Reject;
 use crate::route_path;
 use crate::sale;
 use crate::state::{App, Snapshot};
-use crate::store::{ReserveOutcome, ReserveRequest, Settlement, Store, StoreError};
+use crate::store::{
+    Record, ReserveOutcome, ReserveRequest, Settlement, Store, StoreError, record_retrying,
+};
 
 /// Handles one request; never fails (every failure is an answer).
 pub async fn handle(
@@ -236,7 +238,16 @@ async fn admit_sale(
                     info!(sku = %order.sku, %reservation, "backend did not take the order: unit released");
                 }
                 Err(e) => {
-                    warn!(sku = %order.sku, %reservation, error = %e, "release failed: unit stays held")
+                    warn!(sku = %order.sku, %reservation, error = %e, "release failed: retrying in the background");
+                    let (store, sku) = (app.store.clone(), order.sku.clone());
+                    let reservation = reservation.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            record_retrying(&*store, &sku, &reservation, Record::Release).await
+                        {
+                            warn!(%sku, %reservation, error = %e, "release failed: unit stays held");
+                        }
+                    });
                 }
             }
         }
@@ -249,7 +260,9 @@ async fn admit_sale(
             let store = app.store.clone();
             let sku = order.sku.clone();
             tokio::spawn(async move {
-                if let Err(e) = store.settle(&sku, &reservation, to).await {
+                if let Err(e) =
+                    record_retrying(&*store, &sku, &reservation, Record::Settle(to)).await
+                {
                     warn!(%sku, %reservation, error = %e, "settle failed: reservation stays held");
                 }
             });
@@ -296,10 +309,11 @@ impl Drop for Pending {
         let reservation = std::mem::take(&mut self.reservation);
         warn!(%sku, %reservation, "request dropped mid-order (client gone): recording the outcome anyway");
         runtime.spawn(async move {
-            let recorded = match outcome {
-                Outcome::Release => store.release(&sku, &reservation).await.map(drop),
-                Outcome::Settle(to) => store.settle(&sku, &reservation, to).await.map(drop),
+            let what = match outcome {
+                Outcome::Release => Record::Release,
+                Outcome::Settle(to) => Record::Settle(to),
             };
+            let recorded = record_retrying(&*store, &sku, &reservation, what).await;
             if let Err(e) = recorded {
                 warn!(%sku, %reservation, error = %e, "recording a dropped order failed: reservation stays held");
             }
