@@ -60,6 +60,9 @@ use super::{
 /// Calls in between fail fast with `Unavailable`.
 pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Script runs that may meet NOSCRIPT (each loads the script again) before a call fails.
+const NOSCRIPT_TRIES: u32 = 3;
+
 /// How to reach Redis and how long to wait for it.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -263,8 +266,24 @@ impl RedisStore {
         for arg in args {
             invocation.arg(*arg);
         }
-        self.with_conn(|mut c| async move { invocation.invoke_async::<Value>(&mut c).await })
-            .await
+        self.with_conn(|mut c| async move {
+            // redis-rs answers NOSCRIPT by loading the script and retrying once. A second
+            // NOSCRIPT means the cache was flushed again in between (an operator's SCRIPT
+            // FLUSH, a failover): the store is there, so try again rather than fail the buyer.
+            let mut tries = 1;
+            loop {
+                match invocation.invoke_async::<Value>(&mut c).await {
+                    Err(e)
+                        if tries < NOSCRIPT_TRIES
+                            && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
+                    {
+                        tries += 1;
+                    }
+                    reply => return reply,
+                }
+            }
+        })
+        .await
     }
 
     async fn reserve_inner(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
