@@ -23,7 +23,9 @@
 //! | `fg:{sku}:events` | pub/sub channel | reserved for stock / sold-out events |
 //!
 //! Reservation states: `held` → `sold` | `uncertain` (settle), or `held` →
-//! `released` (release, which returns the units and the user's slot).
+//! `released` (release, which returns the units and the user's slot). A
+//! `cancelled` record is a tombstone for a reserve whose reply was lost
+//! (see [`RedisStore`]): it holds nothing and is never counted.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -202,16 +204,28 @@ pub async fn record_retrying(
     reservation: &str,
     what: Record,
 ) -> Result<(), StoreError> {
+    retry_while_unavailable(|| async move {
+        match what {
+            Record::Settle(to) => store.settle(sku, reservation, to).await.map(drop),
+            Record::Release => store.release(sku, reservation).await.map(drop),
+        }
+    })
+    .await
+}
+
+/// Runs `call` until it gives anything but [`StoreError::Unavailable`], pausing between tries
+/// (50ms doubling to 2s), for up to [`RECORD_RETRY_FOR`].
+pub(crate) async fn retry_while_unavailable<T, F, Fut>(mut call: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
     let give_up = tokio::time::Instant::now() + RECORD_RETRY_FOR;
     let mut pause = RECORD_RETRY_FIRST;
     loop {
-        let result = match what {
-            Record::Settle(to) => store.settle(sku, reservation, to).await.map(drop),
-            Record::Release => store.release(sku, reservation).await.map(drop),
-        };
-        match result {
+        match call().await {
             Err(StoreError::Unavailable(e)) if tokio::time::Instant::now() + pause < give_up => {
-                tracing::debug!(%sku, %reservation, error = %e, "recording the outcome failed; retrying");
+                tracing::debug!(error = %e, "store unavailable; retrying");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(RECORD_RETRY_MAX);
             }
