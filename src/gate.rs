@@ -15,6 +15,7 @@ use std::time::SystemTime;
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::body::{self, Body};
@@ -197,6 +198,7 @@ async fn admit_sale(
     // is dropped (hyper cancels it when the client disconnects mid-order).
     let mut pending = Pending {
         store: app.store.clone(),
+        tasks: app.bookkeeping.clone(),
         sku: order.sku.clone(),
         reservation: reservation.clone(),
         on_drop: Some(Outcome::Settle(Settlement::Uncertain)),
@@ -241,7 +243,7 @@ async fn admit_sale(
                     warn!(sku = %order.sku, %reservation, error = %e, "release failed: retrying in the background");
                     let (store, sku) = (app.store.clone(), order.sku.clone());
                     let reservation = reservation.clone();
-                    tokio::spawn(async move {
+                    app.bookkeeping.spawn(async move {
                         if let Err(e) =
                             record_retrying(&*store, &sku, &reservation, Record::Release).await
                         {
@@ -259,7 +261,7 @@ async fn admit_sale(
             // Off the response path: the winner should not wait for bookkeeping.
             let store = app.store.clone();
             let sku = order.sku.clone();
-            tokio::spawn(async move {
+            app.bookkeeping.spawn(async move {
                 if let Err(e) =
                     record_retrying(&*store, &sku, &reservation, Record::Settle(to)).await
                 {
@@ -284,6 +286,7 @@ enum Outcome {
 /// the buyer would be told `already_purchased` for an order nobody knows about.
 struct Pending {
     store: Arc<dyn Store>,
+    tasks: TaskTracker,
     sku: String,
     reservation: String,
     on_drop: Option<Outcome>,
@@ -308,7 +311,7 @@ impl Drop for Pending {
         let sku = std::mem::take(&mut self.sku);
         let reservation = std::mem::take(&mut self.reservation);
         warn!(%sku, %reservation, "request dropped mid-order (client gone): recording the outcome anyway");
-        runtime.spawn(async move {
+        let record = async move {
             let what = match outcome {
                 Outcome::Release => Record::Release,
                 Outcome::Settle(to) => Record::Settle(to),
@@ -317,7 +320,8 @@ impl Drop for Pending {
             if let Err(e) = recorded {
                 warn!(%sku, %reservation, error = %e, "recording a dropped order failed: reservation stays held");
             }
-        });
+        };
+        self.tasks.spawn_on(record, &runtime);
     }
 }
 
