@@ -39,7 +39,7 @@ fn guards(per_second: u32, max_keys: usize) -> RouteGuards {
 
 /// The `i`th distinct client address: IPv4 for even `i`, IPv6 for odd.
 fn ip(i: u64) -> IpAddr {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32.wrapping_add((i / 2) as u32)))
     } else {
         IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)))
@@ -69,7 +69,7 @@ async fn flood(keys: u64, max_keys: usize) -> Figures {
         let user = format!("user-{i:016x}");
         assert!(g.check_user(&user).is_ok(), "a fresh user is limited");
         assert!(g.check_ip(ip(i)).is_ok(), "a fresh IP is limited");
-        if i % 10_000 == 0 || i == keys - 1 {
+        if i.is_multiple_of(10_000) || i == keys - 1 {
             let (ips, users) = g.key_counts();
             assert!(
                 ips <= max_keys && users <= max_keys,

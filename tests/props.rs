@@ -357,7 +357,7 @@ fn variant(path: &str, choices: &[u8]) -> String {
             _ => {}
         }
         for ch in seg.chars() {
-            if c.next().unwrap() % 3 == 0 {
+            if c.next().unwrap().is_multiple_of(3) {
                 out.push_str(&format!("%{:02X}", ch as u32));
             } else {
                 out.push(ch);
@@ -367,7 +367,7 @@ fn variant(path: &str, choices: &[u8]) -> String {
     if out.is_empty() {
         out.push('/');
     }
-    if c.next().unwrap() % 2 == 0 && !out.ends_with('/') {
+    if c.next().unwrap().is_multiple_of(2) && !out.ends_with('/') {
         out.push('/');
     }
     out
