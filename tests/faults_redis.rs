@@ -37,7 +37,7 @@ async fn bounded(fut: impl std::future::Future<Output = ()>) {
 
 /// One flash route (SKU from the path, one unit per user) and a catch-all ordinary route,
 /// with a short store timeout and a quick circuit breaker.
-fn sale_config(backend: &Backend, redis: &RedisServer) -> String {
+fn sale_config(backend: &Backend, redis: &RedisServer, store_timeout: Duration) -> String {
     format!(
         "upstream: {{ url: \"{}\", connect_timeout: 500ms, request_timeout: 5s }}\n\
          store: {{ redis: \"{}\", connect_timeout: 300ms, response_timeout: {}ms, \
@@ -51,7 +51,7 @@ fn sale_config(backend: &Backend, redis: &RedisServer) -> String {
          \x20   match: {{ path: \"/{{*rest}}\" }}\n",
         backend.url(),
         redis.url(),
-        STORE_TIMEOUT.as_millis()
+        store_timeout.as_millis()
     )
 }
 
@@ -205,7 +205,7 @@ async fn redis_killed_mid_sale_fails_closed_and_recovers_from_its_aof() {
     bounded(async {
         let redis = RedisServer::start_persistent();
         let backend = shop().await;
-        let fg = Flashgate::start(&sale_config(&backend, &redis)).await;
+        let fg = Flashgate::start(&sale_config(&backend, &redis, STORE_TIMEOUT)).await;
         const STOCK: u64 = 300;
         fg.app.store.set_stock("kill-1", STOCK).await.unwrap();
 
@@ -290,12 +290,17 @@ async fn redis_killed_mid_sale_fails_closed_and_recovers_from_its_aof() {
             .expect("units stay held with no order behind them");
         let mut all: Vec<Shot> = before.into_iter().chain(after).collect();
         if s.stock != Some(0) {
-            let last = Storm::start(buy_url(&fg, "kill-1"), "last", 8, 1_000);
+            // Until the store says it is all gone (a 410 may still come from this instance's
+            // local sold-out flag, set before the units came back).
+            let last = Storm::start(buy_url(&fg, "kill-1"), "last", 8, 50_000);
             assert!(
-                eventually(Duration::from_secs(10), || last
-                    .count(|s| s.error == "sold_out")
-                    > 0)
-                .await
+                eventually(Duration::from_secs(10), || redis
+                    .get("fg:{kill-1}:stock")
+                    .as_deref()
+                    == Some("0"))
+                .await,
+                "the units that came back were never sold: {:?}",
+                tally(&last.shots())
             );
             all.extend(last.stop().await);
         }
@@ -313,7 +318,9 @@ async fn script_cache_flushed_while_buyers_fire_sells_exactly_the_stock() {
     bounded(async {
         let redis = RedisServer::start();
         let backend = shop().await;
-        let fg = Flashgate::start(&sale_config(&backend, &redis)).await;
+        // A generous store timeout: this test is about NOSCRIPT, and on a loaded machine a
+        // timed-out reserve would (rightly) be a 503.
+        let fg = Flashgate::start(&sale_config(&backend, &redis, Duration::from_secs(5))).await;
         const STOCK: u64 = 200;
         fg.app.store.set_stock("flush-2", STOCK).await.unwrap();
 
@@ -350,7 +357,6 @@ async fn script_cache_flushed_while_buyers_fire_sells_exactly_the_stock() {
                 .all(|s| s.status == 200 || s.error == "sold_out"),
             "a flush leaked to a buyer: {t:?}"
         );
-        assert_fail_closed_answers(&shots);
         assert_sold_exactly(&fg, &redis, &backend, "flush-2", STOCK, &shots).await;
     })
     .await;

@@ -267,24 +267,16 @@ mod binary {
         stderr: Arc<Mutex<String>>,
     }
 
-    fn free_port() -> SocketAddr {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    }
-
     impl Proc {
-        /// Starts `flashgate serve --config config --listen <free port>` and waits until
+        /// Starts `flashgate --log-format json serve --config config --listen 127.0.0.1:0`,
+        /// learns its port from the `listening` log line (a port picked by the test could be
+        /// taken by another test's socket before the child binds it), and waits until
         /// `/healthz` answers.
         async fn start(config: &Path) -> Proc {
-            let addr = free_port();
             let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashgate"))
-                .arg("serve")
+                .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
                 .arg("--config")
                 .arg(config)
-                .arg("--listen")
-                .arg(addr.to_string())
                 .env("RUST_LOG", "info")
                 .env_remove("FLASHGATE_ADMIN_TOKEN")
                 .stdin(Stdio::null())
@@ -305,12 +297,14 @@ mod binary {
             });
             let mut p = Proc {
                 child,
-                addr,
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 stderr,
             };
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
-                if let Some(a) = p.try_get("/healthz").await
+                if p.addr.port() == 0 {
+                    p.addr = p.listening_addr().unwrap_or(p.addr);
+                } else if let Some(a) = p.try_get("/healthz").await
                     && a.status == 200
                 {
                     return p;
@@ -325,6 +319,15 @@ mod binary {
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+
+        /// The address in the JSON log line `{"fields":{"message":"listening","addr":…}}`.
+        fn listening_addr(&self) -> Option<SocketAddr> {
+            self.stderr().lines().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                let fields = &v["fields"];
+                (fields["message"] == "listening").then(|| fields["addr"].as_str()?.parse().ok())?
+            })
         }
 
         fn url(&self, path: &str) -> String {
