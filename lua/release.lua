@@ -6,15 +6,32 @@
 --
 -- KEYS[1] stock, KEYS[2] buyers, KEYS[3] res, KEYS[4] stats (see reserve.lua)
 -- ARGV[1] reservation id
+-- ARGV[2] 'release' (default) or 'cancel': the caller sent a reserve with this
+--         id and never got the reply. A held unit is released as usual; an
+--         unknown id gets a tombstone `cancelled|0|unix_ms|`, so that the
+--         reserve, if it is still queued (a stalled server runs what waits in
+--         its sockets when it thaws), is refused by reserve.lua's id check.
 --
 -- Returns one of:
 --   {'released', remaining}
---   {'not_held', state}   the reservation exists in another state
+--   {'not_held', state}   the reservation exists in another state (or was
+--                         just tombstoned: 'cancelled')
 --   {'not_held'}          unknown reservation id
+
+-- Redis < 5 needs this before writing after TIME (see reserve.lua).
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
 
 local id = ARGV[1]
 local rec = redis.call('HGET', KEYS[3], id)
 if not rec then
+  if ARGV[2] == 'cancel' then
+    local now = redis.call('TIME')
+    local unix_ms = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+    redis.call('HSET', KEYS[3], id, 'cancelled|0|' .. unix_ms .. '|')
+    return {'not_held', 'cancelled'}
+  end
   return {'not_held'}
 end
 

@@ -15,6 +15,7 @@ use std::time::SystemTime;
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::body::{self, Body};
@@ -26,7 +27,9 @@ use crate::reject::Reject;
 use crate::route_path;
 use crate::sale;
 use crate::state::{App, Snapshot};
-use crate::store::{ReserveOutcome, ReserveRequest, Settlement, Store, StoreError};
+use crate::store::{
+    Record, ReserveOutcome, ReserveRequest, Settlement, Store, StoreError, record_retrying,
+};
 
 /// Handles one request; never fails (every failure is an answer).
 pub async fn handle(
@@ -195,6 +198,7 @@ async fn admit_sale(
     // is dropped (hyper cancels it when the client disconnects mid-order).
     let mut pending = Pending {
         store: app.store.clone(),
+        tasks: app.bookkeeping.clone(),
         sku: order.sku.clone(),
         reservation: reservation.clone(),
         on_drop: Some(Outcome::Settle(Settlement::Uncertain)),
@@ -236,7 +240,16 @@ async fn admit_sale(
                     info!(sku = %order.sku, %reservation, "backend did not take the order: unit released");
                 }
                 Err(e) => {
-                    warn!(sku = %order.sku, %reservation, error = %e, "release failed: unit stays held")
+                    warn!(sku = %order.sku, %reservation, error = %e, "release failed: retrying in the background");
+                    let (store, sku) = (app.store.clone(), order.sku.clone());
+                    let reservation = reservation.clone();
+                    app.bookkeeping.spawn(async move {
+                        if let Err(e) =
+                            record_retrying(&*store, &sku, &reservation, Record::Release).await
+                        {
+                            warn!(%sku, %reservation, error = %e, "release failed: unit stays held");
+                        }
+                    });
                 }
             }
         }
@@ -248,8 +261,10 @@ async fn admit_sale(
             // Off the response path: the winner should not wait for bookkeeping.
             let store = app.store.clone();
             let sku = order.sku.clone();
-            tokio::spawn(async move {
-                if let Err(e) = store.settle(&sku, &reservation, to).await {
+            app.bookkeeping.spawn(async move {
+                if let Err(e) =
+                    record_retrying(&*store, &sku, &reservation, Record::Settle(to)).await
+                {
                     warn!(%sku, %reservation, error = %e, "settle failed: reservation stays held");
                 }
             });
@@ -271,6 +286,7 @@ enum Outcome {
 /// the buyer would be told `already_purchased` for an order nobody knows about.
 struct Pending {
     store: Arc<dyn Store>,
+    tasks: TaskTracker,
     sku: String,
     reservation: String,
     on_drop: Option<Outcome>,
@@ -295,15 +311,17 @@ impl Drop for Pending {
         let sku = std::mem::take(&mut self.sku);
         let reservation = std::mem::take(&mut self.reservation);
         warn!(%sku, %reservation, "request dropped mid-order (client gone): recording the outcome anyway");
-        runtime.spawn(async move {
-            let recorded = match outcome {
-                Outcome::Release => store.release(&sku, &reservation).await.map(drop),
-                Outcome::Settle(to) => store.settle(&sku, &reservation, to).await.map(drop),
+        let record = async move {
+            let what = match outcome {
+                Outcome::Release => Record::Release,
+                Outcome::Settle(to) => Record::Settle(to),
             };
+            let recorded = record_retrying(&*store, &sku, &reservation, what).await;
             if let Err(e) = recorded {
                 warn!(%sku, %reservation, error = %e, "recording a dropped order failed: reservation stays held");
             }
-        });
+        };
+        self.tasks.spawn_on(record, &runtime);
     }
 }
 

@@ -80,6 +80,7 @@ pub async fn run_shared(
     }
 
     drop(listener);
+    let drain_started = Instant::now();
     tracker.close();
     info!(connections = tracker.len(), drain_timeout = ?cfg.drain_timeout, "shutting down: draining");
     let _ = stop_tx.send(true);
@@ -97,6 +98,19 @@ pub async fn run_shared(
     // Dropping the sender is the signal for connections still open to close now (their tasks
     // are not owned by this function and would otherwise outlive it).
     drop(stop_tx);
+    // What the answered requests left to record (an order's settle) gets the rest of the
+    // drain time: the process exits after this, and an unrecorded order would stay `held`.
+    app.bookkeeping.close();
+    let left = cfg.drain_timeout.saturating_sub(drain_started.elapsed());
+    if tokio::time::timeout(left, app.bookkeeping.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            left = app.bookkeeping.len(),
+            "drain timeout reached with store bookkeeping unfinished"
+        );
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::Method;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, Route};
@@ -28,6 +29,10 @@ pub struct App {
     pub sold_out: SoldOut,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// Store writes a request leaves behind off its response path (settle, release). A
+    /// graceful shutdown waits for them after the drain, or an order answered during the
+    /// drain would stay `held`.
+    pub bookkeeping: TaskTracker,
 }
 
 pub struct Snapshot {
@@ -121,6 +126,7 @@ impl App {
             sold_out: SoldOut::default(),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            bookkeeping: TaskTracker::new(),
         });
         tokio::spawn(evict_idle_keys(Arc::downgrade(&app)));
         Ok(app)

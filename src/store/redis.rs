@@ -32,14 +32,18 @@
 //! which sends `EVALSHA` and, on `NOSCRIPT` (Redis restarted or `SCRIPT FLUSH`),
 //! loads the script and retries once.
 //!
-//! A timeout on `reserve` is ambiguous: the script may have run. We report
-//! `Unavailable` (the buyer gets 503, never a forward), so the worst case is a
-//! unit left `held` with nobody behind it, never an oversell; the record's
-//! timestamp lets reconciliation find it.
+//! A timeout on `reserve` is ambiguous: the script may have run, or may still
+//! run later (a stalled server executes what is queued in its sockets when it
+//! thaws). We report `Unavailable` (the buyer gets 503, never a forward), and
+//! cancel the reservation in the background, retrying until Redis answers:
+//! `release.lua` in `cancel` mode returns a held unit, or leaves a tombstone
+//! that makes a late-running reserve with that id fail. Otherwise the unit
+//! would stay `held` with nobody behind it, and the buyer, told to retry,
+//! would be told `already_purchased`.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -53,12 +57,16 @@ use tokio::time::Instant;
 
 use super::{
     BoxFuture, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleKeys, SaleStatus, Settlement,
-    StateCounts, Store, StoreError, new_reservation_id, validate_reserve, validate_units,
+    StateCounts, Store, StoreError, new_reservation_id, retry_while_unavailable, validate_reserve,
+    validate_units,
 };
 
 /// After a failed connect attempt, a slot waits this long before the next one.
 /// Calls in between fail fast with `Unavailable`.
 pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Script runs that may meet NOSCRIPT (each loads the script again) before a call fails.
+const NOSCRIPT_TRIES: u32 = 3;
 
 /// How to reach Redis and how long to wait for it.
 #[derive(Debug, Clone)]
@@ -107,6 +115,9 @@ pub struct RedisStore {
     release: Script,
     settle: Script,
     add_stock: Script,
+    /// A second handle on the same connections, for work that outlives a call (cancelling a
+    /// reservation whose reply was lost). `None` in that handle itself.
+    background: Option<Arc<RedisStore>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -165,7 +176,7 @@ impl RedisStore {
         }
         while warmups.join_next().await.is_some() {}
 
-        Ok(RedisStore {
+        let mut store = RedisStore {
             slots,
             next: AtomicUsize::new(0),
             prefix: cfg.key_prefix.clone(),
@@ -174,7 +185,20 @@ impl RedisStore {
             release: Script::new(include_str!("../../lua/release.lua")),
             settle: Script::new(include_str!("../../lua/settle.lua")),
             add_stock: Script::new(include_str!("../../lua/add_stock.lua")),
-        })
+            background: None,
+        };
+        store.background = Some(Arc::new(RedisStore {
+            slots: store.slots.clone(),
+            next: AtomicUsize::new(0),
+            prefix: store.prefix.clone(),
+            response_timeout: store.response_timeout,
+            reserve: store.reserve.clone(),
+            release: store.release.clone(),
+            settle: store.settle.clone(),
+            add_stock: store.add_stock.clone(),
+            background: None,
+        }));
+        Ok(store)
     }
 
     /// `PING` through one connection: a readiness check for the admin API.
@@ -256,6 +280,19 @@ impl RedisStore {
         keys: &SaleKeys,
         args: &[&[u8]],
     ) -> Result<Value, StoreError> {
+        self.run_script_tracked(script, keys, args, &AtomicBool::new(false))
+            .await
+    }
+
+    /// [`RedisStore::run_script`], setting `sent` once the script may have reached Redis
+    /// (a connection was found and the call started): from then on a failure is ambiguous.
+    async fn run_script_tracked(
+        &self,
+        script: &Script,
+        keys: &SaleKeys,
+        args: &[&[u8]],
+        sent: &AtomicBool,
+    ) -> Result<Value, StoreError> {
         let mut invocation = script.prepare_invoke();
         for key in keys.script_keys() {
             invocation.key(key);
@@ -263,8 +300,25 @@ impl RedisStore {
         for arg in args {
             invocation.arg(*arg);
         }
-        self.with_conn(|mut c| async move { invocation.invoke_async::<Value>(&mut c).await })
-            .await
+        self.with_conn(|mut c| async move {
+            sent.store(true, Ordering::Relaxed);
+            // redis-rs answers NOSCRIPT by loading the script and retrying once. A second
+            // NOSCRIPT means the cache was flushed again in between (an operator's SCRIPT
+            // FLUSH, a failover): the store is there, so try again rather than fail the buyer.
+            let mut tries = 1;
+            loop {
+                match invocation.invoke_async::<Value>(&mut c).await {
+                    Err(e)
+                        if tries < NOSCRIPT_TRIES
+                            && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
+                    {
+                        tries += 1;
+                    }
+                    reply => return reply,
+                }
+            }
+        })
+        .await
     }
 
     async fn reserve_inner(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
@@ -273,8 +327,9 @@ impl RedisStore {
         let reservation = new_reservation_id();
         let quantity = req.quantity.to_string();
         let limit = req.per_user_limit.to_string();
+        let sent = AtomicBool::new(false);
         let reply = self
-            .run_script(
+            .run_script_tracked(
                 &self.reserve,
                 &keys,
                 &[
@@ -283,8 +338,16 @@ impl RedisStore {
                     limit.as_bytes(),
                     reservation.as_bytes(),
                 ],
+                &sent,
             )
-            .await?;
+            .await;
+        let reply = match reply {
+            Err(e @ StoreError::Unavailable(_)) if sent.load(Ordering::Relaxed) => {
+                self.cancel_later(&req.sku, &reservation);
+                return Err(e);
+            }
+            other => other?,
+        };
         let (status, rest) = split_reply(reply, "reserve")?;
         match (status.as_str(), rest.as_slice()) {
             ("won", [remaining]) => Ok(ReserveOutcome::Won {
@@ -305,10 +368,43 @@ impl RedisStore {
         }
     }
 
-    async fn release_inner(&self, sku: &str, id: &str) -> Result<ReleaseOutcome, StoreError> {
+    /// A reserve sent with reservation `id` failed without a reply: the buyer is told 503
+    /// and never forwarded, so whatever that reserve did (or will do, if it is still queued
+    /// in a stalled server) must be undone. Retries in the background until Redis answers.
+    fn cancel_later(&self, sku: &str, id: &str) {
+        let Some(store) = self.background.clone() else {
+            return;
+        };
+        let (sku, id) = (sku.to_owned(), id.to_owned());
+        tracing::warn!(%sku, reservation = %id, "reserve got no reply: cancelling it in the background");
+        tokio::spawn(async move {
+            let cancelled =
+                retry_while_unavailable(|| store.release_inner(&sku, &id, Mode::Cancel)).await;
+            match cancelled {
+                Ok(ReleaseOutcome::Released { .. }) => {
+                    tracing::info!(%sku, reservation = %id, "a reserve whose reply was lost had run: unit released");
+                }
+                Ok(ReleaseOutcome::NotHeld { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(%sku, reservation = %id, error = %e, "cancelling a reserve whose reply was lost failed");
+                }
+            }
+        });
+    }
+
+    async fn release_inner(
+        &self,
+        sku: &str,
+        id: &str,
+        mode: Mode,
+    ) -> Result<ReleaseOutcome, StoreError> {
         let keys = self.keys(sku)?;
+        let mode: &[u8] = match mode {
+            Mode::Release => b"release",
+            Mode::Cancel => b"cancel",
+        };
         let reply = self
-            .run_script(&self.release, &keys, &[id.as_bytes()])
+            .run_script(&self.release, &keys, &[id.as_bytes(), mode])
             .await?;
         let (status, rest) = split_reply(reply, "release")?;
         match (status.as_str(), rest.as_slice()) {
@@ -447,7 +543,7 @@ impl Store for RedisStore {
         sku: &'a str,
         reservation: &'a str,
     ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
-        Box::pin(self.release_inner(sku, reservation))
+        Box::pin(self.release_inner(sku, reservation, Mode::Release))
     }
 
     fn settle<'a>(
@@ -474,6 +570,16 @@ impl Store for RedisStore {
     fn status<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
         Box::pin(self.status_inner(sku))
     }
+}
+
+/// How `release.lua` treats its reservation id.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// The backend did not take the order: return a held unit.
+    Release,
+    /// A reserve's reply was lost: return the unit if it ran, else leave a tombstone so it
+    /// cannot run later.
+    Cancel,
 }
 
 // ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod redis;
+pub mod storm;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,8 +1,10 @@
 //! A real `redis-server` for integration tests: one process per test, on a
-//! unix socket in its own temp dir, no persistence. Killed on drop.
+//! unix socket in its own temp dir, no persistence (or, from
+//! [`RedisServer::start_persistent`], an AOF fsynced on every write). Killed on drop.
 //!
 //! Tests use it to play the operator's story: start Redis, kill it, restart
-//! it (empty data, empty script cache), freeze it (SIGSTOP), flush scripts.
+//! it (empty data, or the data kept in its AOF; the script cache is always
+//! empty), freeze it (SIGSTOP), flush scripts.
 //!
 //! Set `REDIS_SERVER_BIN` to use a binary other than `redis-server` on PATH.
 #![allow(dead_code)]
@@ -20,11 +22,26 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     socket: PathBuf,
     child: Option<Child>,
+    /// `appendonly yes` + `appendfsync always`: every acknowledged write survives a SIGKILL.
+    persistent: bool,
 }
 
 impl RedisServer {
     /// Spawn a server and wait until it answers PING.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(false)
+    }
+
+    /// Like [`RedisServer::start`], but with an append-only file fsynced before every reply
+    /// (`appendonly yes`, `appendfsync always`) in the server's own dir, which outlives
+    /// [`RedisServer::restart`]: after a SIGKILL and a restart every acknowledged write is
+    /// back, and only the script cache is empty (as after a crash of a production Redis run
+    /// the way the README recommends).
+    pub fn start_persistent() -> RedisServer {
+        RedisServer::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("flashgate-redis-")
             .tempdir()
@@ -34,6 +51,7 @@ impl RedisServer {
             dir,
             socket,
             child: None,
+            persistent,
         };
         server.spawn();
         server
@@ -61,9 +79,10 @@ impl RedisServer {
         }
     }
 
-    /// Kill the server if running and start a fresh, empty one on the same
-    /// socket path: all keys and the script cache are gone, as after a crash
-    /// of a Redis without persistence.
+    /// Kill the server if running and start it again on the same socket path.
+    /// The script cache is always gone; the keys are gone too, as after a crash
+    /// of a Redis without persistence, unless the server was started with
+    /// [`RedisServer::start_persistent`] (then its AOF brings them back).
     pub fn restart(&mut self) {
         self.kill();
         // redis-server refuses to bind if a stale socket file is left over.
@@ -141,7 +160,12 @@ impl RedisServer {
             .arg(&self.socket)
             .arg("--unixsocketperm")
             .arg("700")
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--save", "", "--daemonize", "no"])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
