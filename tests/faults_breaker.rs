@@ -139,8 +139,10 @@ async fn stalled_redis_costs_at_most_the_timeout_then_the_breaker_fails_fast_and
             assert_unavailable(&a, &user);
             assert!(took < STALL_BOUND, "{user} waited {took:?}");
             if i == 0 {
+                // A serving thread that had no connection yet waits out the connect timeout
+                // (500ms) instead of the response timeout: either way, it did wait.
                 assert!(
-                    took >= STORE_TIMEOUT - Duration::from_millis(50),
+                    took >= Duration::from_millis(450),
                     "the first call waited only {took:?}: was Redis stalled?"
                 );
             }

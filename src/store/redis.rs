@@ -43,7 +43,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -52,6 +52,7 @@ use redis::{
     AsyncConnectionConfig, Client, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind,
     Value,
 };
+use thread_local::ThreadLocal;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -107,7 +108,7 @@ impl RedisConfig {
 
 /// [`Store`] backed by Redis; see the module docs.
 pub struct RedisStore {
-    slots: Vec<Arc<Slot>>,
+    pool: Arc<Pool>,
     next: AtomicUsize,
     prefix: String,
     response_timeout: Duration,
@@ -123,7 +124,7 @@ pub struct RedisStore {
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("connections", &self.slots.len())
+            .field("connections", &self.pool.size)
             .field("prefix", &self.prefix)
             .field("response_timeout", &self.response_timeout)
             .finish_non_exhaustive()
@@ -154,30 +155,26 @@ impl RedisStore {
             .set_connection_timeout(Some(cfg.connect_timeout))
             .set_response_timeout(Some(cfg.response_timeout));
 
-        let slots: Vec<Arc<Slot>> = (0..cfg.connections)
-            .map(|index| {
-                Arc::new(Slot {
-                    index,
-                    client: client.clone(),
-                    conn_config: conn_config.clone(),
-                    connect_timeout: cfg.connect_timeout,
-                    state: Mutex::new(SlotState::default()),
-                    changed: Notify::new(),
-                })
-            })
-            .collect();
+        let pool = Arc::new(Pool {
+            client,
+            conn_config,
+            connect_timeout: cfg.connect_timeout,
+            size: cfg.connections,
+            per_thread: ThreadLocal::new(),
+            epoch: Arc::new(AtomicU64::new(0)),
+        });
 
-        // Warm up: connect every slot now, in parallel, so the first buyers do
-        // not pay for it. Failures are fine (Redis may come later); each
-        // attempt is bounded by `connect_timeout`.
+        // Warm up: connect this thread's slots now, in parallel, so the first buyers do not
+        // pay for it. Failures are fine (Redis may come later); each attempt is bounded by
+        // `connect_timeout`. Serving threads connect their own slots on first use.
         let mut warmups = tokio::task::JoinSet::new();
-        for slot in &slots {
+        for slot in pool.slots() {
             warmups.spawn(Arc::clone(slot).connection());
         }
         while warmups.join_next().await.is_some() {}
 
         let mut store = RedisStore {
-            slots,
+            pool,
             next: AtomicUsize::new(0),
             prefix: cfg.key_prefix.clone(),
             response_timeout: cfg.response_timeout,
@@ -188,7 +185,7 @@ impl RedisStore {
             background: None,
         };
         store.background = Some(Arc::new(RedisStore {
-            slots: store.slots.clone(),
+            pool: store.pool.clone(),
             next: AtomicUsize::new(0),
             prefix: store.prefix.clone(),
             response_timeout: store.response_timeout,
@@ -226,8 +223,9 @@ impl RedisStore {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let mut slot = &self.slots[n];
+        let slots = self.pool.slots();
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % slots.len();
+        let mut slot = &slots[n];
         let mut used: Option<u64> = None;
         let outcome = tokio::time::timeout(self.response_timeout, async {
             let conn = match Arc::clone(slot).connection().await {
@@ -267,9 +265,10 @@ impl RedisStore {
 
     /// Any other slot's current connection, without waiting.
     fn live_sibling(&self, skip: usize) -> Option<(&Arc<Slot>, Conn)> {
-        let n = self.slots.len();
+        let slots = self.pool.slots();
+        let n = slots.len();
         (1..n)
-            .map(|k| &self.slots[(skip + k) % n])
+            .map(|k| &slots[(skip + k) % n])
             .find_map(|slot| slot.current().map(|conn| (slot, conn)))
     }
 
@@ -585,6 +584,41 @@ enum Mode {
 // ---------------------------------------------------------------------------
 // Connection slots
 
+/// The connections, one set per thread. A multiplexed connection's driver task lives on the
+/// runtime that opened it; shared across the per-core runtimes, every reservation would hop to
+/// another thread and back. Each serving thread opens its own `size` connections on first use.
+struct Pool {
+    client: Client,
+    conn_config: AsyncConnectionConfig,
+    connect_timeout: Duration,
+    size: usize,
+    per_thread: ThreadLocal<Vec<Arc<Slot>>>,
+    /// Bumped whenever any connection is found dead. Every thread's connections older than
+    /// the current epoch are then dropped before use: after a Redis restart, a thread that
+    /// has been quiet must not spend a buyer's request discovering its connection is gone.
+    epoch: Arc<AtomicU64>,
+}
+
+impl Pool {
+    fn slots(&self) -> &[Arc<Slot>] {
+        self.per_thread.get_or(|| {
+            (0..self.size)
+                .map(|index| {
+                    Arc::new(Slot {
+                        index,
+                        client: self.client.clone(),
+                        conn_config: self.conn_config.clone(),
+                        connect_timeout: self.connect_timeout,
+                        state: Mutex::new(SlotState::default()),
+                        changed: Notify::new(),
+                        epoch: self.epoch.clone(),
+                    })
+                })
+                .collect()
+        })
+    }
+}
+
 /// One lazily (re)connected multiplexed connection.
 struct Slot {
     index: usize,
@@ -595,6 +629,8 @@ struct Slot {
     state: Mutex<SlotState>,
     /// Wakes callers waiting for a connect attempt to finish.
     changed: Notify,
+    /// The pool's epoch (see [`Pool::epoch`]).
+    epoch: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -612,6 +648,8 @@ struct SlotState {
 #[derive(Clone)]
 struct Conn {
     id: u64,
+    /// The pool epoch the connection was opened in.
+    epoch: u64,
     inner: MultiplexedConnection,
 }
 
@@ -621,9 +659,18 @@ impl Slot {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The current connection, if any.
+    /// The current connection, if any (and not from an older epoch).
     fn current(&self) -> Option<Conn> {
-        self.state().conn.clone()
+        let mut st = self.state();
+        self.drop_stale(&mut st);
+        st.conn.clone()
+    }
+
+    fn drop_stale(&self, st: &mut SlotState) {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if st.conn.as_ref().is_some_and(|c| c.epoch < epoch) {
+            st.conn = None;
+        }
     }
 
     /// The current connection, or wait for a connect attempt (starting one if
@@ -633,6 +680,7 @@ impl Slot {
             let notified = self.changed.notified();
             {
                 let mut st = self.state();
+                self.drop_stale(&mut st);
                 if let Some(conn) = &st.conn {
                     return Ok(conn.clone());
                 }
@@ -682,7 +730,8 @@ impl Slot {
             Ok(Ok(inner)) => {
                 let id = st.next_id;
                 st.next_id += 1;
-                st.conn = Some(Conn { id, inner });
+                let epoch = self.epoch.load(Ordering::Acquire);
+                st.conn = Some(Conn { id, epoch, inner });
                 st.retry_at = None;
                 if st.last_error.take().is_some() {
                     tracing::info!(slot = self.index, "redis connection restored");
@@ -712,6 +761,9 @@ impl Slot {
         let mut st = self.state();
         if st.conn.as_ref().is_some_and(|c| c.id == id) {
             st.conn = None;
+            // Whatever killed this connection (a restart, a stall) killed its siblings on
+            // the other threads too.
+            self.epoch.fetch_add(1, Ordering::AcqRel);
         }
     }
 }
