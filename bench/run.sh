@@ -173,7 +173,7 @@ idle_opened=$(awk '/opened/ {print $2}' "$work/idle.txt")
 
 # --- report ---------------------------------------------------------------------------------------
 mkdir -p bench/results
-median() { sort -n | awk '{a[NR]=$1} END { if (NR==0) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+median() { sort -n | awk '{a[NR]=$1} END { if (NR==0 || a[1] !~ /^[0-9.]+$/) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 col() { awk -F'\t' -v t="$1" -v c="$2" '$2==t {print $c}' "$results" | median; }
 declare -A label
 label[direct]="(a) backend direct"; label[nginx]="(b) nginx pass-through"; label[flashgate]="(c) flashgate pass-through"
