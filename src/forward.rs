@@ -124,11 +124,14 @@ impl Upstream {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
 
-        let path = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
-        let pq = if self.base.path_prefix.is_empty() {
-            path.to_owned()
-        } else {
-            format!("{}{}", self.base.path_prefix, path)
+        let pq = match req.uri().path_and_query() {
+            // The common case: no prefix, reuse the parsed path (a cheap, shared clone).
+            Some(pq) if self.base.path_prefix.is_empty() => pq.clone(),
+            pq => {
+                let path = pq.map_or("/", PathAndQuery::as_str);
+                PathAndQuery::try_from(format!("{}{}", self.base.path_prefix, path))
+                    .map_err(|e| ForwardError::Failed(format!("cannot build upstream URI: {e}")))?
+            }
         };
         let uri = Uri::builder()
             .scheme(self.base.scheme.clone())

@@ -89,7 +89,7 @@ async fn admit_and_forward(
 
     // 2. Route match on the normalized path (so `/buy/` or `/%62uy` cannot slip past a sale
     //    route); first match wins; no match → the configured default.
-    let path = route_path::normalize(req.uri().path()).into_owned();
+    let path = route_path::normalize(req.uri().path());
     let Some(matched) = snap.route_for(req.method(), &path) else {
         return match cfg.unmatched {
             Unmatched::Proxy => {
