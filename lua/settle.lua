@@ -1,37 +1,50 @@
--- flashgate: record what happened to a held reservation once the backend
+-- flashgate: record what happened to held reservations once the backend
 -- answered: `sold` (the backend took the order) or `uncertain` (we cannot
 -- know: timeout after sending, reset mid-response). Both keep the unit and
 -- the user's slot; `uncertain` is left for reconciliation.
 --
+-- Takes a batch: the winners of one SKU settled within the same moment go in
+-- one call, so a busy sale costs Redis about one settle call per batch rather
+-- than one per order.
+--
 -- KEYS[1] stock, KEYS[2] buyers, KEYS[3] res, KEYS[4] stats (see reserve.lua;
 -- stock and buyers are passed so every script declares the same key set)
--- ARGV[1] reservation id
--- ARGV[2] target state: 'sold' | 'uncertain'
+-- ARGV[1] target state: 'sold' | 'uncertain'
+-- ARGV[2..] reservation ids
 --
--- Returns 1 if the reservation moved from held, 0 (no-op) otherwise.
+-- Returns one integer per id, in order: 1 if the reservation moved from held,
+-- 0 (no-op) if it was not held or is unknown, -1 if its record is malformed.
 
-local id = ARGV[1]
-local to = ARGV[2]
+local to = ARGV[1]
 if to ~= 'sold' and to ~= 'uncertain' then
   return redis.error_reply('ERR flashgate settle: target state must be sold or uncertain')
 end
 
-local rec = redis.call('HGET', KEYS[3], id)
-if not rec then
-  return 0
-end
-local state, qty_s, unix_ms, user = string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
-local qty = tonumber(qty_s)
-if not state or not qty then
-  return redis.error_reply('ERR flashgate settle: malformed reservation record')
-end
-if state ~= 'held' then
-  return 0
+local results = {}
+local moved, units = 0, 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local result = 0
+  local rec = redis.call('HGET', KEYS[3], id)
+  if rec then
+    local state, qty_s, unix_ms, user = string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
+    local qty = tonumber(qty_s)
+    if not state or not qty then
+      result = -1
+    elseif state == 'held' then
+      redis.call('HSET', KEYS[3], id, to .. '|' .. qty .. '|' .. unix_ms .. '|' .. user)
+      moved = moved + 1
+      units = units + qty
+      result = 1
+    end
+  end
+  results[#results + 1] = result
 end
 
-redis.call('HSET', KEYS[3], id, to .. '|' .. qty .. '|' .. unix_ms .. '|' .. user)
-redis.call('HINCRBY', KEYS[4], 'res:held', -1)
-redis.call('HINCRBY', KEYS[4], 'units:held', -qty)
-redis.call('HINCRBY', KEYS[4], 'res:' .. to, 1)
-redis.call('HINCRBY', KEYS[4], 'units:' .. to, qty)
-return 1
+if moved > 0 then
+  redis.call('HINCRBY', KEYS[4], 'res:held', -moved)
+  redis.call('HINCRBY', KEYS[4], 'units:held', -units)
+  redis.call('HINCRBY', KEYS[4], 'res:' .. to, moved)
+  redis.call('HINCRBY', KEYS[4], 'units:' .. to, units)
+end
+return results

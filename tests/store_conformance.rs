@@ -437,6 +437,47 @@ mod cases {
         assert_eq!(status.reservations.held, 50);
         assert_eq!(status.buyers, 50);
     }
+
+    /// 60 settles racing on one SKU (the Redis store batches them): each reservation moves
+    /// exactly once, to the state its own caller asked for, and the counters add up.
+    pub async fn concurrent_settles_move_each_reservation_once(store: Arc<dyn Store>) {
+        store.set_stock("settle-race", 120).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..60u64 {
+            let r = req("settle-race", &format!("s-{i}"), 2, 2);
+            ids.push(win(&*store, &r, 120 - 2 * (i + 1)).await);
+        }
+        let settle_all = |ids: Vec<String>| {
+            let tasks: Vec<_> = ids
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    let store = Arc::clone(&store);
+                    let to = if i % 3 == 0 {
+                        Settlement::Uncertain
+                    } else {
+                        Settlement::Sold
+                    };
+                    tokio::spawn(async move { store.settle("settle-race", &id, to).await.unwrap() })
+                })
+                .collect();
+            async move {
+                let mut moved = 0;
+                for t in tasks {
+                    moved += u32::from(t.await.unwrap());
+                }
+                moved
+            }
+        };
+        assert_eq!(settle_all(ids.clone()).await, 60);
+        assert_eq!(settle_all(ids).await, 0, "a second settle is a no-op");
+        let status = store.status("settle-race").await.unwrap();
+        assert_eq!(status.reservations.held, 0);
+        assert_eq!(status.reservations.uncertain, 20);
+        assert_eq!(status.reservations.sold, 40);
+        assert_eq!(status.units.uncertain, 40);
+        assert_eq!(status.units.sold, 80);
+    }
 }
 
 /// One `#[tokio::test]` per case, for the store `$fixture` builds.
@@ -469,6 +510,7 @@ macro_rules! all_cases {
             bad_skus_are_invalid,
             users_may_contain_separators,
             concurrent_buyers_never_oversell,
+            concurrent_settles_move_each_reservation_once,
         );
     };
 }

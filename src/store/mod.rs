@@ -68,7 +68,7 @@ pub enum ReserveOutcome {
 }
 
 /// Where a held reservation goes once the backend answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Settlement {
     /// The backend took the order.
     Sold,

@@ -116,6 +116,8 @@ pub struct RedisStore {
     release: Script,
     settle: Script,
     add_stock: Script,
+    /// Settles waiting to be sent together (see [`RedisStore::settle_inner`]).
+    settles: Arc<ThreadLocal<SettleQueue>>,
     /// A second handle on the same connections, for work that outlives a call (cancelling a
     /// reservation whose reply was lost). `None` in that handle itself.
     background: Option<Arc<RedisStore>>,
@@ -182,6 +184,7 @@ impl RedisStore {
             release: Script::new(include_str!("../../lua/release.lua")),
             settle: Script::new(include_str!("../../lua/settle.lua")),
             add_stock: Script::new(include_str!("../../lua/add_stock.lua")),
+            settles: Arc::new(ThreadLocal::new()),
             background: None,
         };
         store.background = Some(Arc::new(RedisStore {
@@ -193,6 +196,7 @@ impl RedisStore {
             release: store.release.clone(),
             settle: store.settle.clone(),
             add_stock: store.add_stock.clone(),
+            settles: store.settles.clone(),
             background: None,
         }));
         Ok(store)
@@ -418,20 +422,35 @@ impl RedisStore {
         }
     }
 
+    /// Settles are batched: the first settle of a SKU on this thread waits one scheduler turn
+    /// (every task that is ready runs first), takes whatever other settles of that SKU joined
+    /// meanwhile, and sends them all in one script call. Settles run after the buyer has been
+    /// answered, so the wait costs nobody latency, and a busy sale costs Redis about one
+    /// settle call per batch instead of one per order.
     async fn settle_inner(&self, sku: &str, id: &str, to: Settlement) -> Result<bool, StoreError> {
         let keys = self.keys(sku)?;
-        let reply = self
-            .run_script(
-                &self.settle,
-                &keys,
-                &[id.as_bytes(), to.as_str().as_bytes()],
-            )
-            .await?;
-        match reply {
-            Value::Int(1) => Ok(true),
-            Value::Int(0) => Ok(false),
-            other => Err(StoreError::Protocol(format!("settle answered {other:?}"))),
+        let queue = self.settles.get_or_default();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let key = (sku.to_owned(), to);
+        let leader = queue.push(&key, id.to_owned(), tx);
+        if leader {
+            let mut batch = Batch {
+                queue,
+                key: Some(key),
+            };
+            tokio::task::yield_now().await;
+            let waiters = batch.take();
+            let mut args: Vec<&[u8]> = Vec::with_capacity(waiters.len() + 1);
+            args.push(to.as_str().as_bytes());
+            args.extend(waiters.iter().map(|(id, _)| id.as_bytes()));
+            let reply = self.run_script(&self.settle, &keys, &args).await;
+            deliver(reply, waiters);
         }
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "settle batch abandoned before it was sent".into(),
+            ))
+        })
     }
 
     async fn set_stock_inner(&self, sku: &str, units: u64) -> Result<u64, StoreError> {
@@ -765,6 +784,101 @@ impl Slot {
             // the other threads too.
             self.epoch.fetch_add(1, Ordering::AcqRel);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Settle batches
+
+type SettleWaiter = (
+    String,
+    tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+);
+
+/// Settles of one thread waiting for their batch's leader, by SKU and target state.
+#[derive(Default)]
+struct SettleQueue {
+    // A std mutex: held for a push or a take, never across `.await`.
+    pending: Mutex<HashMap<(String, Settlement), Vec<SettleWaiter>>>,
+}
+
+impl SettleQueue {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(String, Settlement), Vec<SettleWaiter>>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a settle; true when it is the first of its batch (and so must send it).
+    fn push(
+        &self,
+        key: &(String, Settlement),
+        id: String,
+        tx: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+    ) -> bool {
+        let mut pending = self.lock();
+        let waiters = pending.entry(key.clone()).or_default();
+        waiters.push((id, tx));
+        waiters.len() == 1
+    }
+}
+
+/// A leader's claim on its batch. Dropped before the batch was taken (the leader was
+/// cancelled), it empties the batch so the others get an error and retry, instead of
+/// waiting for a leader that is gone.
+struct Batch<'q> {
+    queue: &'q SettleQueue,
+    key: Option<(String, Settlement)>,
+}
+
+impl Batch<'_> {
+    fn take(&mut self) -> Vec<SettleWaiter> {
+        match self.key.take() {
+            Some(key) => self.queue.lock().remove(&key).unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
+}
+
+/// Hands each waiter its own result from the batch reply.
+fn deliver(reply: Result<Value, StoreError>, waiters: Vec<SettleWaiter>) {
+    let results = match reply {
+        Ok(Value::Array(items)) if items.len() == waiters.len() => items,
+        Ok(other) => {
+            let e = format!("settle answered {other:?}");
+            for (_, tx) in waiters {
+                let _ = tx.send(Err(StoreError::Protocol(e.clone())));
+            }
+            return;
+        }
+        Err(e) => {
+            for (_, tx) in waiters {
+                let _ = tx.send(Err(same_error(&e)));
+            }
+            return;
+        }
+    };
+    for ((id, tx), item) in waiters.into_iter().zip(results) {
+        let result = match item {
+            Value::Int(1) => Ok(true),
+            Value::Int(0) => Ok(false),
+            other => Err(StoreError::Protocol(format!(
+                "settle of {id} answered {other:?} (malformed reservation record?)"
+            ))),
+        };
+        let _ = tx.send(result);
+    }
+}
+
+fn same_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Invalid(m) => StoreError::Invalid(m.clone()),
+        StoreError::Protocol(m) => StoreError::Protocol(m.clone()),
     }
 }
 
