@@ -68,8 +68,9 @@ async fn admit_and_forward(
     if uri_len > cfg.server.max_uri_bytes {
         return Err(Reject::UriTooLong);
     }
-    // hyper reads such a body as chunked; the backend might trust Content-Length instead.
-    // Two framings for one body is how requests get smuggled: refuse.
+    // Two framings for one body is how requests get smuggled: refuse. (hyper already drops
+    // Content-Length from such an HTTP/1 request and closes the connection after it; this
+    // stays as defence in depth.)
     let h = req.headers();
     if h.contains_key(http::header::CONTENT_LENGTH)
         && h.contains_key(http::header::TRANSFER_ENCODING)
@@ -241,15 +242,7 @@ async fn admit_sale(
                 }
                 Err(e) => {
                     warn!(sku = %order.sku, %reservation, error = %e, "release failed: retrying in the background");
-                    let (store, sku) = (app.store.clone(), order.sku.clone());
-                    let reservation = reservation.clone();
-                    app.bookkeeping.spawn(async move {
-                        if let Err(e) =
-                            record_retrying(&*store, &sku, &reservation, Record::Release).await
-                        {
-                            warn!(%sku, %reservation, error = %e, "release failed: unit stays held");
-                        }
-                    });
+                    record_later(app, order.sku, reservation, Record::Release);
                 }
             }
         }
@@ -259,15 +252,7 @@ async fn admit_sale(
                 warn!(sku = %order.sku, %reservation, %user, "backend outcome unknown: unit kept, reservation marked uncertain");
             }
             // Off the response path: the winner should not wait for bookkeeping.
-            let store = app.store.clone();
-            let sku = order.sku.clone();
-            app.bookkeeping.spawn(async move {
-                if let Err(e) =
-                    record_retrying(&*store, &sku, &reservation, Record::Settle(to)).await
-                {
-                    warn!(%sku, %reservation, error = %e, "settle failed: reservation stays held");
-                }
-            });
+            record_later(app, order.sku, reservation, Record::Settle(to));
         }
     }
     result.map_err(|e| forward_error(e, &limit))
@@ -277,6 +262,35 @@ async fn admit_sale(
 enum Outcome {
     Release,
     Settle(Settlement),
+}
+
+impl Outcome {
+    fn record(self) -> Record {
+        match self {
+            Outcome::Release => Record::Release,
+            Outcome::Settle(to) => Record::Settle(to),
+        }
+    }
+}
+
+/// Records a reservation's outcome off the response path, retrying while the store is away;
+/// tracked so a graceful shutdown waits for it.
+fn record_later(app: &App, sku: String, reservation: String, what: Record) {
+    spawn_record(app.store.clone(), &app.bookkeeping, sku, reservation, what);
+}
+
+fn spawn_record(
+    store: Arc<dyn Store>,
+    tasks: &TaskTracker,
+    sku: String,
+    reservation: String,
+    what: Record,
+) {
+    tasks.spawn(async move {
+        if let Err(e) = record_retrying(&*store, &sku, &reservation, what).await {
+            warn!(%sku, %reservation, error = %e, "recording the order's outcome failed: reservation stays held");
+        }
+    });
 }
 
 /// A won reservation whose outcome (step 9) is not recorded yet. If the request future is
@@ -304,24 +318,19 @@ impl Drop for Pending {
         let Some(outcome) = self.on_drop.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        if tokio::runtime::Handle::try_current().is_err() {
             return;
-        };
-        let store = self.store.clone();
+        }
         let sku = std::mem::take(&mut self.sku);
         let reservation = std::mem::take(&mut self.reservation);
         warn!(%sku, %reservation, "request dropped mid-order (client gone): recording the outcome anyway");
-        let record = async move {
-            let what = match outcome {
-                Outcome::Release => Record::Release,
-                Outcome::Settle(to) => Record::Settle(to),
-            };
-            let recorded = record_retrying(&*store, &sku, &reservation, what).await;
-            if let Err(e) = recorded {
-                warn!(%sku, %reservation, error = %e, "recording a dropped order failed: reservation stays held");
-            }
-        };
-        self.tasks.spawn_on(record, &runtime);
+        spawn_record(
+            self.store.clone(),
+            &self.tasks,
+            sku,
+            reservation,
+            outcome.record(),
+        );
     }
 }
 
