@@ -31,6 +31,11 @@ use crate::store::{
     Record, ReserveOutcome, ReserveRequest, Settlement, Store, StoreError, record_retrying,
 };
 
+/// Marks a request whose head declared both `Content-Length` and `Transfer-Encoding`
+/// (set by the server from the raw head bytes; see `framing.rs`).
+#[derive(Debug, Clone, Copy)]
+pub struct TwoFramings;
+
 /// Handles one request; never fails (every failure is an answer).
 pub async fn handle(
     app: Arc<App>,
@@ -68,12 +73,13 @@ async fn admit_and_forward(
     if uri_len > cfg.server.max_uri_bytes {
         return Err(Reject::UriTooLong);
     }
-    // Two framings for one body is how requests get smuggled: refuse. (hyper already drops
-    // Content-Length from such an HTTP/1 request and closes the connection after it; this
-    // stays as defence in depth.)
+    // Two framings for one body is how requests get smuggled: refuse. hyper drops
+    // Content-Length from such an HTTP/1 request before we see it, so the server tells us
+    // from the raw head; the header check covers any other way in.
     let h = req.headers();
-    if h.contains_key(http::header::CONTENT_LENGTH)
-        && h.contains_key(http::header::TRANSFER_ENCODING)
+    if req.extensions().get::<TwoFramings>().is_some()
+        || (h.contains_key(http::header::CONTENT_LENGTH)
+            && h.contains_key(http::header::TRANSFER_ENCODING))
     {
         return Err(Reject::BadRequest(
             "Content-Length and Transfer-Encoding together are not accepted".into(),

@@ -18,6 +18,7 @@ pub mod client_ip;
 pub mod config;
 pub mod demo;
 pub mod forward;
+pub mod framing;
 pub mod gate;
 pub mod identity;
 pub mod limit;

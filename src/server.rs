@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::body;
 use crate::config::Server as ServerConfig;
+use crate::framing::HeadScan;
 use crate::gate;
 use crate::state::App;
 
@@ -73,8 +74,9 @@ pub async fn run_shared(
         let builder = builder.clone();
         let stop = stop_rx.clone();
         let timeouts = (cfg.header_read_timeout, cfg.keep_alive_timeout);
+        let max_head = cfg.max_header_bytes;
         tracker.spawn(async move {
-            serve_connection(builder, stream, peer, app, stop, timeouts).await;
+            serve_connection(builder, stream, peer, app, stop, timeouts, max_head).await;
             drop(permit);
         });
     }
@@ -195,8 +197,9 @@ async fn serve_connection(
     app: Arc<App>,
     mut stop: watch::Receiver<bool>,
     (header_timeout, idle_timeout): (Duration, Duration),
+    max_head: usize,
 ) {
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(max_head));
     let io = TokioIo::new(Watched {
         inner: stream,
         activity: activity.clone(),
@@ -204,7 +207,11 @@ async fn serve_connection(
     let service = {
         let activity = activity.clone();
         service_fn(move |req| {
-            let busy = activity.begin_request();
+            let (busy, two_framings) = activity.begin_request();
+            let mut req = req;
+            if two_framings {
+                req.extensions_mut().insert(gate::TwoFramings);
+            }
             let app = app.clone();
             async move {
                 let resp = gate::handle(app, peer, req).await?;
@@ -258,6 +265,8 @@ struct Activity {
     idle_since: AtomicU64,
     /// When bytes of a new request head started arriving on an idle connection; 0 = none.
     head_started: AtomicU64,
+    head_scan: std::sync::Mutex<HeadScan>,
+    max_head: usize,
 }
 
 enum Verdict {
@@ -266,12 +275,14 @@ enum Verdict {
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(max_head: usize) -> Self {
         Activity {
             epoch: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
+            head_scan: std::sync::Mutex::new(HeadScan::default()),
+            max_head,
         }
     }
 
@@ -280,7 +291,7 @@ impl Activity {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
     }
 
-    fn on_read(&self) {
+    fn on_read(&self, bytes: &[u8]) {
         if self.in_flight.load(Ordering::Acquire) == 0 {
             let _ = self.head_started.compare_exchange(
                 0,
@@ -288,13 +299,22 @@ impl Activity {
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             );
+            self.scan().feed(bytes, self.max_head);
         }
     }
 
-    fn begin_request(self: &Arc<Self>) -> Busy {
+    fn scan(&self) -> std::sync::MutexGuard<'_, HeadScan> {
+        // Held for a copy of the bytes just read, never across an await.
+        self.head_scan.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A request head was parsed: the connection is busy until its response is sent. Also
+    /// says whether that head declared two framings (see `framing.rs`).
+    fn begin_request(self: &Arc<Self>) -> (Busy, bool) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_started.store(0, Ordering::Release);
-        Busy(self.clone())
+        let two_framings = self.scan().take();
+        (Busy(self.clone()), two_framings)
     }
 
     /// Resolves when the connection should be closed; polls at a coarse interval.
@@ -347,7 +367,7 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.on_read();
+            self.activity.on_read(&buf.filled()[before..]);
         }
         polled
     }

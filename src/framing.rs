@@ -1,0 +1,133 @@
+//! Request smuggling guard. A request head that declares both `Content-Length` and
+//! `Transfer-Encoding` has two framings; front and back ends that pick different ones disagree
+//! on where the request ends, and a second, hidden request slips through. hyper serves such a
+//! request by its chunked framing and drops `Content-Length` before flashgate sees the request,
+//! so the gate cannot tell. This scanner looks at the raw head bytes as they are read from the
+//! client and remembers whether the head declared both, so the gate can refuse it with 400.
+
+/// Most headers parsed per head; a head with more is left to hyper's own limits.
+const MAX_HEADERS: usize = 128;
+
+#[derive(Default)]
+pub struct HeadScan {
+    buf: Vec<u8>,
+    state: State,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum State {
+    #[default]
+    Scanning,
+    Done {
+        two_framings: bool,
+    },
+    /// An HTTP/2 connection: frames, not text heads.
+    Off,
+}
+
+impl HeadScan {
+    /// Feeds bytes read while no request is in flight (the next request's head). Stops at the
+    /// end of the head, or after `cap` bytes (hyper answers 431 past its own limit).
+    pub fn feed(&mut self, bytes: &[u8], cap: usize) {
+        if self.state != State::Scanning {
+            return;
+        }
+        let room = cap.saturating_sub(self.buf.len());
+        self.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        if self.buf.starts_with(b"PRI * HTTP/2.0") {
+            self.state = State::Off;
+            self.buf = Vec::new();
+            return;
+        }
+        let Some(end) = find(&self.buf, b"\r\n\r\n") else {
+            if self.buf.len() >= cap {
+                self.state = State::Done {
+                    two_framings: false,
+                };
+            }
+            return;
+        };
+        self.state = State::Done {
+            two_framings: two_framings(&self.buf[..end + 4]),
+        };
+    }
+
+    /// Whether the head just scanned declared both framings; resets for the next request.
+    pub fn take(&mut self) -> bool {
+        let found = self.state == State::Done { two_framings: true };
+        if self.state != State::Off {
+            self.state = State::Scanning;
+            self.buf = Vec::new();
+        }
+        found
+    }
+}
+
+fn two_framings(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        return false;
+    }
+    let has = |name: &str| {
+        req.headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case(name))
+    };
+    has("content-length") && has("transfer-encoding")
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(chunks: &[&[u8]]) -> bool {
+        let mut s = HeadScan::default();
+        for c in chunks {
+            s.feed(c, 16 * 1024);
+        }
+        s.take()
+    }
+
+    #[test]
+    fn both_framings_are_seen_even_split_across_reads() {
+        let head = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert!(scan(&[head]));
+        let (a, b) = head.split_at(40);
+        assert!(scan(&[a, b]));
+        assert!(scan(&[
+            b"POST /x HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"
+        ]));
+    }
+
+    #[test]
+    fn one_framing_or_h2_is_fine() {
+        assert!(!scan(&[
+            b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+        ]));
+        assert!(!scan(&[
+            b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ]));
+        assert!(!scan(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]));
+        assert!(
+            !scan(&[b"GET / HTTP/1.1\r\nHost: a\r\n"]),
+            "incomplete head"
+        );
+    }
+
+    #[test]
+    fn take_resets_for_the_next_request() {
+        let mut s = HeadScan::default();
+        s.feed(
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            8192,
+        );
+        assert!(s.take());
+        s.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 8192);
+        assert!(!s.take());
+    }
+}
