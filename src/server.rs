@@ -139,6 +139,14 @@ pub async fn run_per_core(
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    // SO_REUSEPORT would let us share the port with whatever already listens there (say, a
+    // flashgate started twice) and silently split its traffic. A plain bind first fails loudly.
+    drop(bind_exclusive(addr).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr}: {e} (is another server running?)"),
+        )
+    })?);
     let connections = Arc::new(Semaphore::new(app.snapshot().config.server.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut handles = Vec::with_capacity(threads);
@@ -174,6 +182,15 @@ pub async fn run_per_core(
         Ok(())
     });
     joined.await.map_err(io::Error::other)?
+}
+
+fn bind_exclusive(addr: std::net::SocketAddr) -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1)?;
+    Ok(socket)
 }
 
 fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {

@@ -248,3 +248,49 @@ fn serve_refuses_a_bad_config_with_the_same_message() {
         "{stderr}"
     );
 }
+
+/// `serve` refuses a port something already listens on, instead of sharing it through
+/// SO_REUSEPORT (which would silently split the traffic between two servers).
+#[test]
+fn serve_refuses_a_port_already_in_use() {
+    // Listening with SO_REUSEPORT, as another flashgate would: a reuseport bind alone would
+    // succeed and share the port.
+    let taken = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    taken.set_reuse_port(true).unwrap();
+    taken
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    taken.listen(16).unwrap();
+    let addr = taken.local_addr().unwrap().as_socket().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flashgate"))
+        .args([
+            "serve",
+            "--config",
+            "config/flashgate.yaml",
+            "--listen",
+            &addr.to_string(),
+        ])
+        .env("RUST_LOG", "error")
+        .env_remove("FLASHGATE_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("flashgate started on a port another server listens on");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("is another server running?"), "{stderr}");
+    drop(taken);
+}
