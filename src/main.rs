@@ -107,7 +107,8 @@ enum SaleAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // Held until exit: dropping it flushes the log lines still queued.
+    let _log_guard = init_tracing(cli.log_format);
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Serve { config, listen } => serve(&config, listen),
@@ -156,15 +157,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs go to stderr through a background writer: when Redis or the backend fails under
+/// load, every request may log a warning, and a blocking write to a slow stderr (a pipe, a
+/// container log driver) must not stall the request path. Lines beyond the writer's buffer
+/// are dropped rather than waited for.
+fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }
 
 fn run_async(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
