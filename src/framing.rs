@@ -33,13 +33,16 @@ impl HeadScan {
             return;
         }
         let room = cap.saturating_sub(self.buf.len());
+        // Search only what is new (plus 3 bytes of overlap): a head trickled byte by byte
+        // must not cost a rescan of the whole buffer per byte.
+        let from = self.buf.len().saturating_sub(3);
         self.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
         if self.buf.starts_with(b"PRI * HTTP/2.0") {
             self.state = State::Off;
             self.buf = Vec::new();
             return;
         }
-        let Some(end) = find(&self.buf, b"\r\n\r\n") else {
+        let Some(end) = find(&self.buf[from..], b"\r\n\r\n").map(|i| from + i) else {
             if self.buf.len() >= cap {
                 self.state = State::Done {
                     two_framings: false,
@@ -117,6 +120,13 @@ mod tests {
             !scan(&[b"GET / HTTP/1.1\r\nHost: a\r\n"]),
             "incomplete head"
         );
+    }
+
+    #[test]
+    fn a_head_trickled_byte_by_byte_is_still_seen() {
+        let head = b"POST /x HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let bytes: Vec<&[u8]> = head.chunks(1).collect();
+        assert!(scan(&bytes));
     }
 
     #[test]
