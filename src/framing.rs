@@ -47,12 +47,16 @@ impl HeadScan {
                 self.state = State::Done {
                     two_framings: false,
                 };
+                self.buf = Vec::new();
             }
             return;
         };
         self.state = State::Done {
             two_framings: two_framings(&self.buf[..end + 4]),
         };
+        // Only the verdict is kept: an upgraded (WebSocket) connection, which never starts
+        // another request, must not hold on to the head.
+        self.buf = Vec::new();
     }
 
     /// Whether the head just scanned declared both framings; resets for the next request.
