@@ -15,7 +15,7 @@ use thread_local::ThreadLocal;
 use tracing::debug;
 
 use crate::body::{self, Body};
-use crate::config::{self, UpstreamUrl};
+use crate::config;
 
 /// Why a forward failed. The distinction matters to a sale: `Connect` means the backend
 /// certainly never saw the request (the unit can be released); the others are uncertain.
@@ -38,8 +38,6 @@ pub enum ForwardError {
 pub struct Upstream {
     cfg: config::Upstream,
     clients: ThreadLocal<Client<HttpConnector, Body>>,
-    base: UpstreamUrl,
-    request_timeout: Duration,
 }
 
 /// What the forwarder needs to know about the client connection.
@@ -67,8 +65,6 @@ impl Upstream {
         Upstream {
             cfg: cfg.clone(),
             clients: ThreadLocal::new(),
-            base: cfg.url.clone(),
-            request_timeout: cfg.request_timeout,
         }
     }
 
@@ -96,9 +92,9 @@ impl Upstream {
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         self.rewrite(&mut req, peer)?;
 
-        let sent = tokio::time::timeout(self.request_timeout, self.client().request(req)).await;
+        let sent = tokio::time::timeout(self.cfg.request_timeout, self.client().request(req)).await;
         let mut resp = match sent {
-            Err(_) => return Err(ForwardError::Timeout(self.request_timeout)),
+            Err(_) => return Err(ForwardError::Timeout(self.cfg.request_timeout)),
             Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(error_chain(&e))),
             Ok(Err(e)) => return Err(ForwardError::Failed(error_chain(&e))),
             Ok(Ok(resp)) => resp,
@@ -126,16 +122,16 @@ impl Upstream {
 
         let pq = match req.uri().path_and_query() {
             // The common case: no prefix, reuse the parsed path (a cheap, shared clone).
-            Some(pq) if self.base.path_prefix.is_empty() => pq.clone(),
+            Some(pq) if self.cfg.url.path_prefix.is_empty() => pq.clone(),
             pq => {
                 let path = pq.map_or("/", PathAndQuery::as_str);
-                PathAndQuery::try_from(format!("{}{}", self.base.path_prefix, path))
+                PathAndQuery::try_from(format!("{}{}", self.cfg.url.path_prefix, path))
                     .map_err(|e| ForwardError::Failed(format!("cannot build upstream URI: {e}")))?
             }
         };
         let uri = Uri::builder()
-            .scheme(self.base.scheme.clone())
-            .authority(self.base.authority.clone())
+            .scheme(self.cfg.url.scheme.clone())
+            .authority(self.cfg.url.authority.clone())
             .path_and_query(pq)
             .build()
             .map_err(|e| ForwardError::Failed(format!("cannot build upstream URI: {e}")))?;
