@@ -32,10 +32,19 @@
 //! which sends `EVALSHA` and, on `NOSCRIPT` (Redis restarted or `SCRIPT FLUSH`),
 //! loads the script and retries once.
 //!
+//! # Reserve batches
+//!
+//! Reserves of one SKU arriving on one thread within the same scheduler turn go to Redis as
+//! one `reserve.lua` call that decides each buyer in turn (see [`Shared::reserve_inner`]):
+//! every decision is still atomic and sees the ones before it, and a busy sale costs one
+//! round trip per batch rather than one per buyer. The call runs in its own task, so a buyer
+//! who disconnects mid-call cannot strand a unit: a unit won for a buyer who is gone is
+//! cancelled at once.
+//!
 //! A timeout on `reserve` is ambiguous: the script may have run, or may still
 //! run later (a stalled server executes what is queued in its sockets when it
 //! thaws). We report `Unavailable` (the buyer gets 503, never a forward), and
-//! cancel the reservation in the background, retrying until Redis answers:
+//! cancel the batch's reservations in the background, retrying until Redis answers:
 //! `release.lua` in `cancel` mode returns a held unit, or leaves a tombstone
 //! that makes a late-running reserve with that id fail. Otherwise the unit
 //! would stay `held` with nobody behind it, and the buyer, told to retry,
@@ -72,6 +81,11 @@ pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
 /// repeated mid-sale (a buyer got 503 in CI); a flush storm that outlasts 20 loads is a
 /// store that is not really there.
 const NOSCRIPT_TRIES: u32 = 20;
+
+/// Most buyers decided in one `reserve.lua` call. Bounds how long one script holds Redis
+/// (each decision is a handful of hash operations, ~10 µs for the lot at this size); a
+/// bigger queue is split over several calls.
+const RESERVE_BATCH_MAX: usize = 64;
 
 /// How to reach Redis and how long to wait for it.
 #[derive(Debug, Clone)]
@@ -112,7 +126,12 @@ impl RedisConfig {
 
 /// [`Store`] backed by Redis; see the module docs.
 pub struct RedisStore {
-    pool: Arc<Pool>,
+    shared: Arc<Shared>,
+}
+
+/// The store itself, shared with the tasks that outlive a call (reserve batches, cancels).
+struct Shared {
+    pool: Pool,
     next: AtomicUsize,
     prefix: String,
     response_timeout: Duration,
@@ -120,19 +139,18 @@ pub struct RedisStore {
     release: Script,
     settle: Script,
     add_stock: Script,
+    /// Reserves waiting to be sent together (see [`RedisStore::reserve_inner`]).
+    reserves: ThreadLocal<Arc<ReserveQueue>>,
     /// Settles waiting to be sent together (see [`RedisStore::settle_inner`]).
-    settles: Arc<ThreadLocal<SettleQueue>>,
-    /// A second handle on the same connections, for work that outlives a call (cancelling a
-    /// reservation whose reply was lost). `None` in that handle itself.
-    background: Option<Arc<RedisStore>>,
+    settles: ThreadLocal<SettleQueue>,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("connections", &self.pool.size)
-            .field("prefix", &self.prefix)
-            .field("response_timeout", &self.response_timeout)
+            .field("connections", &self.shared.pool.size)
+            .field("prefix", &self.shared.prefix)
+            .field("response_timeout", &self.shared.response_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -161,14 +179,14 @@ impl RedisStore {
             .set_connection_timeout(Some(cfg.connect_timeout))
             .set_response_timeout(Some(cfg.response_timeout));
 
-        let pool = Arc::new(Pool {
+        let pool = Pool {
             client,
             conn_config,
             connect_timeout: cfg.connect_timeout,
             size: cfg.connections,
             per_thread: ThreadLocal::new(),
             epoch: Arc::new(AtomicU64::new(0)),
-        });
+        };
 
         // Warm up: connect this thread's slots now, in parallel, so the first buyers do not
         // pay for it. Failures are fine (Redis may come later); each attempt is bounded by
@@ -179,35 +197,30 @@ impl RedisStore {
         }
         while warmups.join_next().await.is_some() {}
 
-        let mut store = RedisStore {
-            pool,
-            next: AtomicUsize::new(0),
-            prefix: cfg.key_prefix.clone(),
-            response_timeout: cfg.response_timeout,
-            reserve: Script::new(include_str!("../../lua/reserve.lua")),
-            release: Script::new(include_str!("../../lua/release.lua")),
-            settle: Script::new(include_str!("../../lua/settle.lua")),
-            add_stock: Script::new(include_str!("../../lua/add_stock.lua")),
-            settles: Arc::new(ThreadLocal::new()),
-            background: None,
-        };
-        store.background = Some(Arc::new(RedisStore {
-            pool: store.pool.clone(),
-            next: AtomicUsize::new(0),
-            prefix: store.prefix.clone(),
-            response_timeout: store.response_timeout,
-            reserve: store.reserve.clone(),
-            release: store.release.clone(),
-            settle: store.settle.clone(),
-            add_stock: store.add_stock.clone(),
-            settles: store.settles.clone(),
-            background: None,
-        }));
-        Ok(store)
+        Ok(RedisStore {
+            shared: Arc::new(Shared {
+                pool,
+                next: AtomicUsize::new(0),
+                prefix: cfg.key_prefix.clone(),
+                response_timeout: cfg.response_timeout,
+                reserve: Script::new(include_str!("../../lua/reserve.lua")),
+                release: Script::new(include_str!("../../lua/release.lua")),
+                settle: Script::new(include_str!("../../lua/settle.lua")),
+                add_stock: Script::new(include_str!("../../lua/add_stock.lua")),
+                reserves: ThreadLocal::new(),
+                settles: ThreadLocal::new(),
+            }),
+        })
     }
 
     /// `PING` through one connection: a readiness check for the admin API.
     pub async fn ping(&self) -> Result<(), StoreError> {
+        self.shared.ping().await
+    }
+}
+
+impl Shared {
+    async fn ping(&self) -> Result<(), StoreError> {
         let reply = self
             .with_conn(|mut c| async move { redis::cmd("PING").query_async::<Value>(&mut c).await })
             .await?;
@@ -328,72 +341,129 @@ impl RedisStore {
         .await
     }
 
-    async fn reserve_inner(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+    /// Reserves are batched per SKU and thread: the first buyer of a batch spawns a task
+    /// that waits one scheduler turn (every request that is ready runs first and joins),
+    /// then sends the whole batch as one `reserve.lua` call, which decides each buyer in
+    /// turn. At one call per batch instead of per buyer, Redis and this process spend their
+    /// time on decisions rather than on round trips.
+    ///
+    /// The batch runs in its own task, so a buyer who goes away mid-call (hyper drops the
+    /// request future) cannot lose a reply: a unit won for nobody is released at once.
+    async fn reserve_inner(
+        self: &Arc<Self>,
+        req: &ReserveRequest,
+    ) -> Result<ReserveOutcome, StoreError> {
         validate_reserve(req)?;
-        let keys = self.keys(&req.sku)?;
-        let reservation = new_reservation_id();
-        let quantity = req.quantity.to_string();
-        let limit = req.per_user_limit.to_string();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let waiter = ReserveWaiter {
+            user: req.user.clone(),
+            quantity: req.quantity,
+            per_user_limit: req.per_user_limit,
+            reservation: new_reservation_id(),
+            tx,
+        };
+        let queue = Arc::clone(self.reserves.get_or_default());
+        if queue.push(&req.sku, waiter) {
+            spawn_reserve_batch(Arc::clone(self), queue, req.sku.clone());
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "reserve batch abandoned before it was answered".into(),
+            ))
+        })
+    }
+
+    /// One `reserve.lua` call for up to [`RESERVE_BATCH_MAX`] buyers.
+    async fn reserve_call(self: &Arc<Self>, sku: &str, mut waiters: Vec<ReserveWaiter>) {
+        // A buyer who left before the batch went out is not reserved for at all.
+        waiters.retain(|w| !w.tx.is_closed());
+        if waiters.is_empty() {
+            return;
+        }
+        let keys = match self.keys(sku) {
+            Ok(keys) => keys,
+            Err(e) => return self.fail_batch(sku, waiters, &e, false),
+        };
+        let numbers: Vec<(String, String)> = waiters
+            .iter()
+            .map(|w| (w.quantity.to_string(), w.per_user_limit.to_string()))
+            .collect();
+        let mut args: Vec<&[u8]> = Vec::with_capacity(waiters.len() * 4);
+        for (w, (quantity, limit)) in waiters.iter().zip(&numbers) {
+            args.extend([
+                w.user.as_bytes(),
+                quantity.as_bytes(),
+                limit.as_bytes(),
+                w.reservation.as_bytes(),
+            ]);
+        }
         let sent = AtomicBool::new(false);
         let reply = self
-            .run_script_tracked(
-                &self.reserve,
-                &keys,
-                &[
-                    req.user.as_bytes(),
-                    quantity.as_bytes(),
-                    limit.as_bytes(),
-                    reservation.as_bytes(),
-                ],
-                &sent,
-            )
+            .run_script_tracked(&self.reserve, &keys, &args, &sent)
             .await;
-        let reply = match reply {
-            Err(e @ StoreError::Unavailable(_)) if sent.load(Ordering::Relaxed) => {
-                self.cancel_later(&req.sku, &reservation);
-                return Err(e);
+        let replies = match reply {
+            Ok(Value::Array(items)) if items.len() == waiters.len() => items,
+            Ok(other) => {
+                // Nothing we understand: the buyers get 503; if any unit was taken, the
+                // cancel below returns it.
+                let e = StoreError::Protocol(format!("reserve answered {other:?}"));
+                self.fail_batch(sku, waiters, &e, true);
+                return;
             }
-            other => other?,
+            Err(e) => {
+                // Without a reply the script may have run (or may still run, queued in a
+                // stalled server): cancel every reservation of the batch.
+                let ambiguous =
+                    matches!(e, StoreError::Unavailable(_)) && sent.load(Ordering::Relaxed);
+                self.fail_batch(sku, waiters, &e, ambiguous);
+                return;
+            }
         };
-        let (status, rest) = split_reply(reply, "reserve")?;
-        match (status.as_str(), rest.as_slice()) {
-            ("won", [remaining]) => Ok(ReserveOutcome::Won {
-                reservation,
-                remaining: non_negative(remaining, "reserve remaining")?,
-            }),
-            ("sold_out", [remaining]) => Ok(ReserveOutcome::SoldOut {
-                remaining: non_negative(remaining, "reserve remaining")?,
-            }),
-            ("already_purchased", [held]) => {
-                let held = non_negative(held, "reserve held")?;
-                Ok(ReserveOutcome::AlreadyPurchased {
-                    held: u32::try_from(held).unwrap_or(u32::MAX),
-                })
+        for (w, reply) in waiters.into_iter().zip(replies) {
+            let outcome = reserve_outcome(reply, w.reservation);
+            if let Err(Ok(ReserveOutcome::Won { reservation, .. })) = w.tx.send(outcome) {
+                // The buyer left while the script ran: nobody will forward this unit.
+                self.cancel_later(
+                    sku,
+                    &reservation,
+                    "buyer left before the reservation was answered",
+                );
             }
-            ("not_configured", []) => Ok(ReserveOutcome::NotConfigured),
-            _ => Err(unexpected("reserve", &status, &rest)),
+        }
+    }
+
+    fn fail_batch(
+        self: &Arc<Self>,
+        sku: &str,
+        waiters: Vec<ReserveWaiter>,
+        e: &StoreError,
+        cancel: bool,
+    ) {
+        for w in waiters {
+            if cancel {
+                self.cancel_later(sku, &w.reservation, "reserve got no usable reply");
+            }
+            let _ = w.tx.send(Err(same_error(e)));
         }
     }
 
     /// A reserve sent with reservation `id` failed without a reply: the buyer is told 503
     /// and never forwarded, so whatever that reserve did (or will do, if it is still queued
     /// in a stalled server) must be undone. Retries in the background until Redis answers.
-    fn cancel_later(&self, sku: &str, id: &str) {
-        let Some(store) = self.background.clone() else {
-            return;
-        };
+    fn cancel_later(self: &Arc<Self>, sku: &str, id: &str, why: &'static str) {
+        let store = Arc::clone(self);
         let (sku, id) = (sku.to_owned(), id.to_owned());
-        tracing::warn!(%sku, reservation = %id, "reserve got no reply: cancelling it in the background");
+        tracing::warn!(%sku, reservation = %id, why, "cancelling a reservation in the background");
         tokio::spawn(async move {
             let cancelled =
                 retry_while_unavailable(|| store.release_inner(&sku, &id, Mode::Cancel)).await;
             match cancelled {
                 Ok(ReleaseOutcome::Released { .. }) => {
-                    tracing::info!(%sku, reservation = %id, "a reserve whose reply was lost had run: unit released");
+                    tracing::info!(%sku, reservation = %id, "cancelled reservation had run: unit released");
                 }
                 Ok(ReleaseOutcome::NotHeld { .. }) => {}
                 Err(e) => {
-                    tracing::warn!(%sku, reservation = %id, error = %e, "cancelling a reserve whose reply was lost failed");
+                    tracing::warn!(%sku, reservation = %id, error = %e, "cancelling a reservation failed");
                 }
             }
         });
@@ -557,7 +627,7 @@ impl Store for RedisStore {
         &'a self,
         req: &'a ReserveRequest,
     ) -> BoxFuture<'a, Result<ReserveOutcome, StoreError>> {
-        Box::pin(self.reserve_inner(req))
+        Box::pin(self.shared.reserve_inner(req))
     }
 
     fn release<'a>(
@@ -565,7 +635,7 @@ impl Store for RedisStore {
         sku: &'a str,
         reservation: &'a str,
     ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
-        Box::pin(self.release_inner(sku, reservation, Mode::Release))
+        Box::pin(self.shared.release_inner(sku, reservation, Mode::Release))
     }
 
     fn settle<'a>(
@@ -574,23 +644,23 @@ impl Store for RedisStore {
         reservation: &'a str,
         to: Settlement,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.settle_inner(sku, reservation, to))
+        Box::pin(self.shared.settle_inner(sku, reservation, to))
     }
 
     fn set_stock<'a>(&'a self, sku: &'a str, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(self.set_stock_inner(sku, units))
+        Box::pin(self.shared.set_stock_inner(sku, units))
     }
 
     fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(self.add_stock_inner(sku, delta))
+        Box::pin(self.shared.add_stock_inner(sku, delta))
     }
 
     fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
-        Box::pin(self.get_stock_inner(sku))
+        Box::pin(self.shared.get_stock_inner(sku))
     }
 
     fn status<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
-        Box::pin(self.status_inner(sku))
+        Box::pin(self.shared.status_inner(sku))
     }
 }
 
@@ -788,6 +858,96 @@ impl Slot {
             // the other threads too.
             self.epoch.fetch_add(1, Ordering::AcqRel);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reserve batches
+
+/// One buyer waiting in a reserve batch.
+struct ReserveWaiter {
+    user: String,
+    quantity: u32,
+    per_user_limit: u32,
+    /// Chosen before the call, so a batch whose reply is lost can be cancelled by id.
+    reservation: String,
+    tx: tokio::sync::oneshot::Sender<Result<ReserveOutcome, StoreError>>,
+}
+
+/// Reserves of one thread waiting for their batch's task, by SKU.
+#[derive(Default)]
+struct ReserveQueue {
+    // A std mutex: held for a push or a take, never across `.await`.
+    pending: Mutex<HashMap<String, Vec<ReserveWaiter>>>,
+}
+
+impl ReserveQueue {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Vec<ReserveWaiter>>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a reserve; true when it starts a batch (and so must spawn its task).
+    fn push(&self, sku: &str, waiter: ReserveWaiter) -> bool {
+        let mut pending = self.lock();
+        match pending.get_mut(sku) {
+            Some(waiters) => {
+                waiters.push(waiter);
+                false
+            }
+            None => {
+                pending.insert(sku.to_owned(), vec![waiter]);
+                true
+            }
+        }
+    }
+
+    /// Takes up to `max` waiters of `sku`, oldest first; true if more are left (the queue
+    /// then stays non-empty, so new arrivals wait for the task that takes the rest).
+    fn take(&self, sku: &str, max: usize) -> (Vec<ReserveWaiter>, bool) {
+        let mut pending = self.lock();
+        let Some(waiters) = pending.get_mut(sku) else {
+            return (Vec::new(), false);
+        };
+        if waiters.len() <= max {
+            let all = pending.remove(sku).unwrap_or_default();
+            return (all, false);
+        }
+        (waiters.drain(..max).collect(), true)
+    }
+}
+
+/// The task that sends one batch: it waits one scheduler turn so the requests that are
+/// ready join, then takes the batch (leaving a successor for what does not fit) and sends it.
+fn spawn_reserve_batch(store: Arc<Shared>, queue: Arc<ReserveQueue>, sku: String) {
+    tokio::spawn(async move {
+        tokio::task::yield_now().await;
+        let (waiters, more) = queue.take(&sku, RESERVE_BATCH_MAX);
+        if more {
+            spawn_reserve_batch(Arc::clone(&store), queue, sku.clone());
+        }
+        store.reserve_call(&sku, waiters).await;
+    });
+}
+
+/// One buyer's reply from `reserve.lua`.
+fn reserve_outcome(reply: Value, reservation: String) -> Result<ReserveOutcome, StoreError> {
+    let (status, rest) = split_reply(reply, "reserve")?;
+    match (status.as_str(), rest.as_slice()) {
+        ("won", [remaining]) => Ok(ReserveOutcome::Won {
+            reservation,
+            remaining: non_negative(remaining, "reserve remaining")?,
+        }),
+        ("sold_out", [remaining]) => Ok(ReserveOutcome::SoldOut {
+            remaining: non_negative(remaining, "reserve remaining")?,
+        }),
+        ("already_purchased", [held]) => {
+            let held = non_negative(held, "reserve held")?;
+            Ok(ReserveOutcome::AlreadyPurchased {
+                held: u32::try_from(held).unwrap_or(u32::MAX),
+            })
+        }
+        ("not_configured", []) => Ok(ReserveOutcome::NotConfigured),
+        _ => Err(unexpected("reserve", &status, &rest)),
     }
 }
 
