@@ -854,12 +854,16 @@ mod redis_only {
         assert!(gave_up.is_err(), "a frozen Redis answered: {gave_up:?}");
         server.resume();
 
+        // The reserve ran once Redis thawed (a unit held for nobody), then was released.
         eventually(
             Duration::from_secs(5),
             "the stranded unit is back",
             || async {
                 let status = store.status("left-1").await.unwrap();
-                status.stock == Some(3) && status.units.held == 0
+                status.reservations.released == 1
+                    && status.stock == Some(3)
+                    && status.units.held == 0
+                    && status.buyers == 0
             },
         )
         .await;

@@ -68,7 +68,7 @@ use tokio::time::Instant;
 use super::{
     BoxFuture, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleKeys, SaleStatus, Settlement,
     StateCounts, Store, StoreError, new_reservation_id, retry_while_unavailable, validate_reserve,
-    validate_units,
+    validate_sku, validate_units,
 };
 
 /// After a failed connect attempt, a slot waits this long before the next one.
@@ -135,10 +135,10 @@ struct Shared {
     next: AtomicUsize,
     prefix: String,
     response_timeout: Duration,
-    reserve: Script,
-    release: Script,
-    settle: Script,
-    add_stock: Script,
+    reserve: LuaScript,
+    release: LuaScript,
+    settle: LuaScript,
+    add_stock: LuaScript,
     /// Reserves waiting to be sent together (see [`RedisStore::reserve_inner`]).
     reserves: ThreadLocal<Arc<ReserveQueue>>,
     /// Settles waiting to be sent together (see [`RedisStore::settle_inner`]).
@@ -203,10 +203,10 @@ impl RedisStore {
                 next: AtomicUsize::new(0),
                 prefix: cfg.key_prefix.clone(),
                 response_timeout: cfg.response_timeout,
-                reserve: Script::new(include_str!("../../lua/reserve.lua")),
-                release: Script::new(include_str!("../../lua/release.lua")),
-                settle: Script::new(include_str!("../../lua/settle.lua")),
-                add_stock: Script::new(include_str!("../../lua/add_stock.lua")),
+                reserve: LuaScript::new(include_str!("../../lua/reserve.lua")),
+                release: LuaScript::new(include_str!("../../lua/release.lua")),
+                settle: LuaScript::new(include_str!("../../lua/settle.lua")),
+                add_stock: LuaScript::new(include_str!("../../lua/add_stock.lua")),
                 reserves: ThreadLocal::new(),
                 settles: ThreadLocal::new(),
             }),
@@ -296,7 +296,7 @@ impl Shared {
     /// Run one of our scripts with the sale's four keys and `args`.
     async fn run_script(
         &self,
-        script: &Script,
+        script: &LuaScript,
         keys: &SaleKeys,
         args: &[&[u8]],
     ) -> Result<Value, StoreError> {
@@ -308,31 +308,43 @@ impl Shared {
     /// (a connection was found and the call started): from then on a failure is ambiguous.
     async fn run_script_tracked(
         &self,
-        script: &Script,
+        script: &LuaScript,
         keys: &SaleKeys,
         args: &[&[u8]],
         sent: &AtomicBool,
     ) -> Result<Value, StoreError> {
-        let mut invocation = script.prepare_invoke();
-        for key in keys.script_keys() {
-            invocation.key(key);
-        }
-        for arg in args {
-            invocation.arg(*arg);
-        }
+        // The command is built in one buffer (redis-rs' `ScriptInvocation` allocates a
+        // vector per argument, and a reserve batch has four per buyer).
+        let keys = keys.script_keys();
+        let mut cmd = redis::Cmd::with_capacity(
+            3 + keys.len() + args.len(),
+            keys.iter().map(|k| k.len()).sum::<usize>()
+                + args.iter().map(|a| a.len()).sum::<usize>()
+                + 64,
+        );
+        cmd.arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(keys.len())
+            .arg(&keys[..])
+            .arg(args);
         self.with_conn(|mut c| async move {
             sent.store(true, Ordering::Relaxed);
-            // redis-rs answers NOSCRIPT by loading the script and retrying once. Another
-            // NOSCRIPT means the cache was flushed again in between (an operator's SCRIPT
-            // FLUSH, a failover): the store is there, so try again rather than fail the buyer.
+            // NOSCRIPT (Redis restarted, `SCRIPT FLUSH`, a failover): load the script and run
+            // it again. Another NOSCRIPT means the cache was flushed again in between: the
+            // store is there, so try again rather than fail the buyer.
             let mut tries = 1;
             loop {
-                match invocation.invoke_async::<Value>(&mut c).await {
+                match cmd.query_async::<Value>(&mut c).await {
                     Err(e)
                         if tries < NOSCRIPT_TRIES
                             && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
                     {
                         tries += 1;
+                        redis::cmd("SCRIPT")
+                            .arg("LOAD")
+                            .arg(script.code)
+                            .query_async::<Value>(&mut c)
+                            .await?;
                     }
                     reply => return reply,
                 }
@@ -502,7 +514,7 @@ impl Shared {
     /// answered, so the wait costs nobody latency, and a busy sale costs Redis about one
     /// settle call per batch instead of one per order.
     async fn settle_inner(&self, sku: &str, id: &str, to: Settlement) -> Result<bool, StoreError> {
-        let keys = self.keys(sku)?;
+        validate_sku(sku)?;
         let queue = self.settles.get_or_default();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let key = (sku.to_owned(), to);
@@ -514,6 +526,7 @@ impl Shared {
             };
             tokio::task::yield_now().await;
             let waiters = batch.take();
+            let keys = self.keys(sku)?;
             let mut args: Vec<&[u8]> = Vec::with_capacity(waiters.len() + 1);
             args.push(to.as_str().as_bytes());
             args.extend(waiters.iter().map(|(id, _)| id.as_bytes()));
@@ -858,6 +871,25 @@ impl Slot {
             // the other threads too.
             self.epoch.fetch_add(1, Ordering::AcqRel);
         }
+    }
+}
+
+/// One of `lua/*.lua`: its source (for `SCRIPT LOAD`) and its SHA1 (for `EVALSHA`).
+struct LuaScript {
+    code: &'static str,
+    hash: String,
+}
+
+impl LuaScript {
+    fn new(code: &'static str) -> Self {
+        LuaScript {
+            code,
+            hash: Script::new(code).get_hash().to_owned(),
+        }
+    }
+
+    fn get_hash(&self) -> &str {
+        &self.hash
     }
 }
 
