@@ -5,6 +5,8 @@
 //! so the gate cannot tell. This scanner looks at the raw head bytes as they are read from the
 //! client and remembers whether the head declared both, so the gate can refuse it with 400.
 
+const TE: &[u8] = b"transfer-encoding";
+
 /// Most headers parsed per head; a head with more is left to hyper's own limits.
 const MAX_HEADERS: usize = 128;
 
@@ -30,6 +32,16 @@ impl HeadScan {
     /// end of the head, or after `cap` bytes (hyper answers 431 past its own limit).
     pub fn feed(&mut self, bytes: &[u8], cap: usize) {
         if self.state != State::Scanning {
+            return;
+        }
+        // The usual case: the whole head arrives in one read. Scan it in place, no copy.
+        if self.buf.is_empty()
+            && !bytes.starts_with(b"PRI * HTTP/2.0")
+            && let Some(end) = find(&bytes[..bytes.len().min(cap)], b"\r\n\r\n")
+        {
+            self.state = State::Done {
+                two_framings: two_framings(&bytes[..end + 4]),
+            };
             return;
         }
         let room = cap.saturating_sub(self.buf.len());
@@ -71,6 +83,11 @@ impl HeadScan {
 }
 
 fn two_framings(head: &[u8]) -> bool {
+    // Any header named Transfer-Encoding spells it out (in some case): without it there is
+    // nothing to parse, and that spares the common head a second parse.
+    if !head.windows(TE.len()).any(|w| w.eq_ignore_ascii_case(TE)) {
+        return false;
+    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use std::time::SystemTime;
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -43,8 +43,9 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let snapshot = app.snapshot();
+    // For the log line of a reject; cloning the URI shares its bytes rather than copying them.
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let uri = req.uri().clone();
     // Boxed as `Send` here, where every lifetime is concrete: rustc cannot prove the
     // higher-ranked `Send` bound hyper asks for through the store's boxed futures otherwise.
     let path_future: Pin<Box<dyn Future<Output = Result<Response<Body>, Reject>> + Send + '_>> =
@@ -52,7 +53,7 @@ pub async fn handle(
     Ok(match path_future.await {
         Ok(resp) => resp,
         Err(reject) => {
-            debug!(%method, %path, status = reject.status().as_u16(), reason = reject.reason(), "answered by flashgate");
+            debug!(%method, path = uri.path(), status = reject.status().as_u16(), reason = reject.reason(), "answered by flashgate");
             reject.into_response()
         }
     })
@@ -96,7 +97,10 @@ async fn admit_and_forward(
 
     // 2. Route match on the normalized path (so `/buy/` or `/%62uy` cannot slip past a sale
     //    route); first match wins; no match → the configured default.
-    let path = route_path::normalize(req.uri().path());
+    // A clone of the URI (a reference count, not a copy) lets the route's path parameters
+    // borrow from it while the request moves on.
+    let uri = req.uri().clone();
+    let path = route_path::normalize(uri.path());
     let Some(matched) = snap.route_for(req.method(), &path) else {
         return match cfg.unmatched {
             Unmatched::Proxy => {
@@ -132,19 +136,11 @@ async fn admit_and_forward(
     }
     guards.check_route()?;
 
-    let params: Vec<(String, String)> = match route.route.sale {
-        Some(_) => matched
-            .params
-            .iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-        None => Vec::new(),
-    };
     let (req, limit) = limit_body(req, max_body)?;
     let resp = if let Some(sale) = route.route.sale.as_ref() {
         // 5–9. A flash-sale route: only a request that wins stock is forwarded.
         let user = user.ok_or_else(|| Reject::Unauthenticated("no user identity".into()))?;
-        admit_sale(app, snap, sale, user, &params, (req, limit), peer).await?
+        admit_sale(app, snap, sale, user, &matched.params, (req, limit), peer).await?
     } else {
         // An ordinary route: forward untouched.
         forward(snap, req, peer, limit).await?
@@ -156,13 +152,19 @@ async fn admit_and_forward(
     })
 }
 
+// Static names: `insert("x-flashgate-…")` with a `&str` would copy the name on every winner.
+const X_RESERVATION: HeaderName = HeaderName::from_static("x-flashgate-reservation");
+const X_SKU: HeaderName = HeaderName::from_static("x-flashgate-sku");
+const X_USER: HeaderName = HeaderName::from_static("x-flashgate-user");
+const X_QUANTITY: HeaderName = HeaderName::from_static("x-flashgate-quantity");
+
 /// Steps 5–9 of the request path for a flash-sale route.
 async fn admit_sale(
     app: &App,
     snap: &Snapshot,
     sale: &Sale,
     user: String,
-    params: &[(String, String)],
+    params: &matchit::Params<'_, '_>,
     (req, limit): (Request<Body>, BodyLimit),
     peer: Peer,
 ) -> Result<Response<Body>, Reject> {
@@ -215,10 +217,10 @@ async fn admit_sale(
     let mut req = Request::from_parts(parts, body);
     let h = req.headers_mut();
     for (name, value) in [
-        ("x-flashgate-reservation", reservation.as_str()),
-        ("x-flashgate-sku", order.sku.as_str()),
-        ("x-flashgate-user", user.as_str()),
-        ("x-flashgate-quantity", &order.quantity.to_string()),
+        (X_RESERVATION, reservation.as_str()),
+        (X_SKU, order.sku.as_str()),
+        (X_USER, user.as_str()),
+        (X_QUANTITY, &order.quantity.to_string()),
     ] {
         if let Ok(v) = HeaderValue::from_str(value) {
             h.insert(name, v);

@@ -26,7 +26,7 @@ pub struct Order {
 pub async fn read_order(
     sale: &Sale,
     parts: &Parts,
-    path_params: &[(String, String)],
+    path_params: &matchit::Params<'_, '_>,
     body: Body,
 ) -> Result<(Order, Body), Reject> {
     let (json, body) = if sale.reads_body() {
@@ -84,15 +84,11 @@ fn parse_object(bytes: &Bytes) -> Result<serde_json::Map<String, serde_json::Val
 fn lookup(
     source: &Source,
     parts: &Parts,
-    path_params: &[(String, String)],
+    path_params: &matchit::Params<'_, '_>,
     json: Option<&serde_json::Map<String, serde_json::Value>>,
 ) -> Result<Option<String>, Reject> {
     Ok(match source {
-        Source::PathParam(name) => path_params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| percent_decode(v))
-            .transpose()?,
+        Source::PathParam(name) => path_params.get(name).map(percent_decode).transpose()?,
         Source::Query(name) => parts.uri.query().and_then(|q| {
             form_urlencoded::parse(q.as_bytes())
                 .find(|(k, _)| k == name)

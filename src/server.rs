@@ -197,6 +197,10 @@ fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
+        // The connection watchdog (`Activity`) enforces the header timeout. hyper's own
+        // (30 s by default) also runs while a keep-alive connection waits for its next
+        // request, so it would cut `keep_alive_timeout` short, and it arms a timer per request.
+        .header_read_timeout(None)
         .keep_alive(true)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .max_headers(cfg.max_headers);
