@@ -289,6 +289,28 @@ async fn idle_keep_alive_is_not_cut_by_the_header_read_timeout() {
 }
 
 #[tokio::test]
+async fn idle_keep_alive_outlives_hyper_default_header_timer() {
+    // hyper arms its own 30 s header-read timer whenever an HTTP/1 connection waits for a
+    // head, idle keep-alive time included; left on, it closed every idle connection at 30 s
+    // whatever `keep_alive_timeout` said. The 31 s wait is the stimulus (and this test's cost).
+    let backend = Backend::start_echo().await;
+    let fg = Flashgate::start(&server(
+        &backend,
+        "  header_read_timeout: 5s\n  keep_alive_timeout: 60s\n",
+    ))
+    .await;
+    let (mut sender, conn) = connect_h1(fg.addr).await;
+    assert_eq!(get_on(&mut sender, fg.addr, "/one").await, 200);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert!(
+        !conn.is_finished(),
+        "idle connection closed before keep_alive_timeout"
+    );
+    assert_eq!(get_on(&mut sender, fg.addr, "/two").await, 200);
+    assert_eq!(backend.count(), 2);
+}
+
+#[tokio::test]
 async fn connections_over_max_connections_wait_for_a_free_slot() {
     let backend = Backend::start_echo().await;
     let fg = Flashgate::start(&server(&backend, "  max_connections: 2\n")).await;
