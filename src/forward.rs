@@ -167,25 +167,18 @@ fn set_forwarded(headers: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-    let ip = peer.ip.to_canonical().to_string();
-    let prior: Vec<String> = if peer.trusted {
-        headers
-            .get_all(&XFF)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .collect()
-    } else {
-        // From an untrusted peer the chain is whatever the client typed: drop it.
-        Vec::new()
-    };
-    let chain = if prior.is_empty() {
-        ip
-    } else {
-        format!("{}, {ip}", prior.join(", "))
-    };
+    use std::fmt::Write as _;
+    let mut chain = String::new();
+    if peer.trusted {
+        for prior in headers.get_all(&XFF).iter().filter_map(|v| v.to_str().ok()) {
+            chain.push_str(prior);
+            chain.push_str(", ");
+        }
+    }
+    // From an untrusted peer the chain is whatever the client typed: dropped.
+    let _ = write!(chain, "{}", peer.ip.to_canonical());
     headers.remove(&XFF);
-    if let Ok(v) = HeaderValue::from_str(&chain) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)) {
         headers.insert(XFF, v);
     }
     if !peer.trusted || !headers.contains_key(&XFP) {
@@ -200,12 +193,16 @@ fn set_forwarded(headers: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>
 
 /// Removes the fields named in `Connection`, then the fixed hop-by-hop list.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages name only fixed hop-by-hop fields (`Connection: keep-alive`), which the
+    // loop below removes anyway: collect (and allocate) only for other names.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| !HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(n)))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);

@@ -220,12 +220,12 @@ async fn admit_sale(
         (X_RESERVATION, reservation.as_str()),
         (X_SKU, order.sku.as_str()),
         (X_USER, user.as_str()),
-        (X_QUANTITY, &order.quantity.to_string()),
     ] {
         if let Ok(v) = HeaderValue::from_str(value) {
             h.insert(name, v);
         }
     }
+    h.insert(X_QUANTITY, HeaderValue::from(order.quantity));
     let result = snap.upstream.forward(req, peer).await;
 
     // 9. Outcome: sold, released (the backend certainly did not take it) or uncertain.

@@ -300,33 +300,21 @@ impl Shared {
         keys: &SaleKeys,
         args: &[&[u8]],
     ) -> Result<Value, StoreError> {
-        self.run_script_tracked(script, keys, args, &AtomicBool::new(false))
+        let mut cmd = script_cmd(script, keys, args.len(), args.iter().map(|a| a.len()).sum());
+        cmd.arg(args);
+        self.run_script_tracked(script, cmd, &AtomicBool::new(false))
             .await
     }
 
-    /// [`RedisStore::run_script`], setting `sent` once the script may have reached Redis
-    /// (a connection was found and the call started): from then on a failure is ambiguous.
+    /// Run `cmd` (from [`script_cmd`], arguments added), setting `sent` once the script may
+    /// have reached Redis (a connection was found and the call started): from then on a
+    /// failure is ambiguous.
     async fn run_script_tracked(
         &self,
         script: &LuaScript,
-        keys: &SaleKeys,
-        args: &[&[u8]],
+        cmd: redis::Cmd,
         sent: &AtomicBool,
     ) -> Result<Value, StoreError> {
-        // The command is built in one buffer (redis-rs' `ScriptInvocation` allocates a
-        // vector per argument, and a reserve batch has four per buyer).
-        let keys = keys.script_keys();
-        let mut cmd = redis::Cmd::with_capacity(
-            3 + keys.len() + args.len(),
-            keys.iter().map(|k| k.len()).sum::<usize>()
-                + args.iter().map(|a| a.len()).sum::<usize>()
-                + 64,
-        );
-        cmd.arg("EVALSHA")
-            .arg(script.get_hash())
-            .arg(keys.len())
-            .arg(&keys[..])
-            .arg(args);
         self.with_conn(|mut c| async move {
             sent.store(true, Ordering::Relaxed);
             // NOSCRIPT (Redis restarted, `SCRIPT FLUSH`, a failover): load the script and run
@@ -396,23 +384,17 @@ impl Shared {
             Ok(keys) => keys,
             Err(e) => return self.fail_batch(sku, waiters, &e, false),
         };
-        let numbers: Vec<(String, String)> = waiters
-            .iter()
-            .map(|w| (w.quantity.to_string(), w.per_user_limit.to_string()))
-            .collect();
-        let mut args: Vec<&[u8]> = Vec::with_capacity(waiters.len() * 4);
-        for (w, (quantity, limit)) in waiters.iter().zip(&numbers) {
-            args.extend([
-                w.user.as_bytes(),
-                quantity.as_bytes(),
-                limit.as_bytes(),
-                w.reservation.as_bytes(),
-            ]);
+        // One buffer for the whole command; integers are written in place.
+        let bytes = waiters.iter().map(|w| w.user.len() + 48).sum();
+        let mut cmd = script_cmd(&self.reserve, &keys, waiters.len() * 4, bytes);
+        for w in &waiters {
+            cmd.arg(w.user.as_bytes())
+                .arg(w.quantity)
+                .arg(w.per_user_limit)
+                .arg(w.reservation.as_bytes());
         }
         let sent = AtomicBool::new(false);
-        let reply = self
-            .run_script_tracked(&self.reserve, &keys, &args, &sent)
-            .await;
+        let reply = self.run_script_tracked(&self.reserve, cmd, &sent).await;
         let replies = match reply {
             Ok(Value::Array(items)) if items.len() == waiters.len() => items,
             Ok(other) => {
@@ -874,6 +856,22 @@ impl Slot {
     }
 }
 
+/// `EVALSHA <script> 4 <the sale's keys>`, with room for `args` more arguments of `bytes`
+/// bytes in all. The command is built in one buffer (redis-rs' `ScriptInvocation` allocates
+/// a vector per argument, and a reserve batch has four per buyer).
+fn script_cmd(script: &LuaScript, keys: &SaleKeys, args: usize, bytes: usize) -> redis::Cmd {
+    let keys = keys.script_keys();
+    let mut cmd = redis::Cmd::with_capacity(
+        3 + keys.len() + args,
+        64 + keys.iter().map(|k| k.len()).sum::<usize>() + bytes,
+    );
+    cmd.arg("EVALSHA")
+        .arg(script.get_hash())
+        .arg(keys.len())
+        .arg(&keys[..]);
+    cmd
+}
+
 /// One of `lua/*.lua`: its source (for `SCRIPT LOAD`) and its SHA1 (for `EVALSHA`).
 struct LuaScript {
     code: &'static str,
@@ -961,25 +959,33 @@ fn spawn_reserve_batch(store: Arc<Shared>, queue: Arc<ReserveQueue>, sku: String
     });
 }
 
-/// One buyer's reply from `reserve.lua`.
+/// One buyer's reply from `reserve.lua`. Matched in place: this runs once per buyer.
 fn reserve_outcome(reply: Value, reservation: String) -> Result<ReserveOutcome, StoreError> {
-    let (status, rest) = split_reply(reply, "reserve")?;
-    match (status.as_str(), rest.as_slice()) {
-        ("won", [remaining]) => Ok(ReserveOutcome::Won {
+    let unexpected = |reply: &Value| StoreError::Protocol(format!("reserve answered {reply:?}"));
+    let Value::Array(items) = &reply else {
+        return Err(unexpected(&reply));
+    };
+    let status: &[u8] = match items.first() {
+        Some(Value::BulkString(b)) => b,
+        Some(Value::SimpleString(s)) => s.as_bytes(),
+        _ => return Err(unexpected(&reply)),
+    };
+    match (status, &items[1..]) {
+        (b"won", [remaining]) => Ok(ReserveOutcome::Won {
             reservation,
             remaining: non_negative(remaining, "reserve remaining")?,
         }),
-        ("sold_out", [remaining]) => Ok(ReserveOutcome::SoldOut {
+        (b"sold_out", [remaining]) => Ok(ReserveOutcome::SoldOut {
             remaining: non_negative(remaining, "reserve remaining")?,
         }),
-        ("already_purchased", [held]) => {
+        (b"already_purchased", [held]) => {
             let held = non_negative(held, "reserve held")?;
             Ok(ReserveOutcome::AlreadyPurchased {
                 held: u32::try_from(held).unwrap_or(u32::MAX),
             })
         }
-        ("not_configured", []) => Ok(ReserveOutcome::NotConfigured),
-        _ => Err(unexpected("reserve", &status, &rest)),
+        (b"not_configured", []) => Ok(ReserveOutcome::NotConfigured),
+        _ => Err(unexpected(&reply)),
     }
 }
 
