@@ -1,6 +1,7 @@
 //! Every answer flashgate gives by itself, in one enum, turned into a response in one place.
 //! Bodies are JSON: `{"error": "<reason>", "message": "...", ...}`.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
@@ -86,24 +87,28 @@ impl Reject {
         }
     }
 
-    fn message(&self) -> String {
+    fn message(&self) -> Cow<'_, str> {
         match self {
             Reject::RateLimited { scope, .. } => {
-                format!("too many requests ({} limit)", scope.policy_name())
+                Cow::Owned(format!("too many requests ({} limit)", scope.policy_name()))
             }
-            Reject::Overloaded => "too many requests in flight, retry shortly".into(),
-            Reject::Unauthenticated(m) | Reject::BadRequest(m) => m.clone(),
-            Reject::NotStarted => "the sale has not started yet".into(),
-            Reject::Ended => "the sale has ended".into(),
-            Reject::AlreadyPurchased { .. } => "you already hold the most units allowed".into(),
-            Reject::SoldOut { .. } => "sold out".into(),
-            Reject::NotConfigured { sku } => format!("no stock is configured for `{sku}`"),
-            Reject::Unavailable => "stock service unavailable, retry shortly".into(),
-            Reject::NoRoute => "no route matches this request".into(),
-            Reject::UriTooLong => "request URI too long".into(),
-            Reject::PayloadTooLarge => "request body too large".into(),
-            Reject::BadGateway => "the shop backend could not be reached".into(),
-            Reject::GatewayTimeout => "the shop backend did not answer in time".into(),
+            Reject::Overloaded => Cow::Borrowed("too many requests in flight, retry shortly"),
+            Reject::Unauthenticated(m) | Reject::BadRequest(m) => Cow::Borrowed(m),
+            Reject::NotStarted => Cow::Borrowed("the sale has not started yet"),
+            Reject::Ended => Cow::Borrowed("the sale has ended"),
+            Reject::AlreadyPurchased { .. } => {
+                Cow::Borrowed("you already hold the most units allowed")
+            }
+            Reject::SoldOut { .. } => Cow::Borrowed("sold out"),
+            Reject::NotConfigured { sku } => {
+                Cow::Owned(format!("no stock is configured for `{sku}`"))
+            }
+            Reject::Unavailable => Cow::Borrowed("stock service unavailable, retry shortly"),
+            Reject::NoRoute => Cow::Borrowed("no route matches this request"),
+            Reject::UriTooLong => Cow::Borrowed("request URI too long"),
+            Reject::PayloadTooLarge => Cow::Borrowed("request body too large"),
+            Reject::BadGateway => Cow::Borrowed("the shop backend could not be reached"),
+            Reject::GatewayTimeout => Cow::Borrowed("the shop backend did not answer in time"),
         }
     }
 
@@ -140,7 +145,8 @@ impl Reject {
         }
         bytes.extend_from_slice(b"}\n");
 
-        let mut resp = Response::new(body::full(bytes));
+        // An exact-size buffer becomes `Bytes` without a second allocation.
+        let mut resp = Response::new(body::full(bytes.into_boxed_slice()));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
