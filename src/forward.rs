@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use http::header::{CONNECTION, HOST, UPGRADE};
+use http::header::{self, CONNECTION, HOST, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -49,15 +49,17 @@ pub struct Peer {
 }
 
 /// RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+// Header names, not strings: a `&str` key is parsed and hashed on every lookup, and these
+// are removed from every request and response.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 impl Upstream {
@@ -141,7 +143,7 @@ impl Upstream {
         let upgrade_proto = req.headers().get(UPGRADE).cloned();
         let te_trailers = req
             .headers()
-            .get_all("te")
+            .get_all(header::TE)
             .iter()
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         let headers = req.headers_mut();
@@ -152,7 +154,7 @@ impl Upstream {
         }
         if te_trailers {
             // The one TE value that is end-to-end in meaning: the client accepts trailers.
-            headers.insert("te", HeaderValue::from_static("trailers"));
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
         if let Some(host) = &host {
             headers.insert(HOST, host.clone());
@@ -201,7 +203,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|n| !HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(n)))
+        .filter(|n| !HOP_BY_HOP.iter().any(|h| h.as_str().eq_ignore_ascii_case(n)))
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for name in named {

@@ -314,12 +314,15 @@ impl Activity {
 
     fn on_read(&self, bytes: &[u8]) {
         if self.in_flight.load(Ordering::Acquire) == 0 {
-            let _ = self.head_started.compare_exchange(
-                0,
-                self.now_ms(),
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+            // Read the clock only for the first bytes of a head.
+            if self.head_started.load(Ordering::Acquire) == 0 {
+                let _ = self.head_started.compare_exchange(
+                    0,
+                    self.now_ms(),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+            }
             self.scan().feed(bytes, self.max_head);
         }
     }
