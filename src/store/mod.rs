@@ -3,9 +3,11 @@
 //! The proxy talks to one [`Store`] trait object. Two implementations share
 //! one behaviour (and one conformance suite, `tests/store_conformance.rs`):
 //!
-//! - [`RedisStore`]: the real thing. Each decision is ONE Lua script run
-//!   atomically on the server (`lua/reserve.lua`, `lua/release.lua`,
-//!   `lua/settle.lua`), so any number of flashgate instances can share it.
+//! - [`RedisStore`]: the real thing. Each decision is made inside ONE Lua script
+//!   run atomically on the server (`lua/reserve.lua`, `lua/release.lua`,
+//!   `lua/settle.lua`), so any number of flashgate instances can share it. The
+//!   buyers of one SKU who arrive together on one thread share a script call,
+//!   which decides them one after the other.
 //! - [`MemoryStore`]: the embedded default when no Redis is configured; same
 //!   semantics in-process, for a single instance.
 //!
