@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -44,7 +44,7 @@ pub async fn run_shared(
     connections: Arc<Semaphore>,
 ) -> io::Result<()> {
     let cfg = app.snapshot().config.server.clone();
-    let builder = http_builder(&cfg);
+    let protocols = Arc::new(protocols(&cfg));
     let tracker = TaskTracker::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
@@ -71,12 +71,12 @@ pub async fn run_shared(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let builder = builder.clone();
+        let protocols = protocols.clone();
         let stop = stop_rx.clone();
         let timeouts = (cfg.header_read_timeout, cfg.keep_alive_timeout);
         let max_head = cfg.max_header_bytes;
         tracker.spawn(async move {
-            serve_connection(builder, stream, peer, app, stop, timeouts, max_head).await;
+            serve_connection(protocols, stream, peer, app, stop, timeouts, max_head).await;
             drop(permit);
         });
     }
@@ -193,30 +193,64 @@ fn bind_exclusive(addr: std::net::SocketAddr) -> io::Result<socket2::Socket> {
     Ok(socket)
 }
 
-fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+/// The HTTP/1.1 and HTTP/2 settings, shared by every connection of a listener (one copy per
+/// listener instead of one inside every connection task).
+struct Protocols {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+fn protocols(cfg: &ServerConfig) -> Protocols {
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .keep_alive(true)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .max_headers(cfg.max_headers);
-    b.http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_concurrent_streams(cfg.h2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
-    b
+    Protocols { h1, h2 }
 }
 
+/// The HTTP/2 connection preface (RFC 9113 §3.4), which an h2c prior-knowledge client sends
+/// first.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long to wait before peeking again at a connection whose first bytes are an incomplete
+/// start of the HTTP/2 preface (a peek does not consume, so the socket stays readable).
+const PREFACE_REPEEK: Duration = Duration::from_millis(5);
+
 async fn serve_connection(
-    builder: auto::Builder<TokioExecutor>,
+    protocols: Arc<Protocols>,
     stream: TcpStream,
     peer: std::net::SocketAddr,
     app: Arc<App>,
     mut stop: watch::Receiver<bool>,
-    (header_timeout, idle_timeout): (Duration, Duration),
+    timeouts: (Duration, Duration),
     max_head: usize,
 ) {
+    let (header_timeout, idle_timeout) = timeouts;
     let activity = Arc::new(Activity::new(max_head));
+    let waited = tokio::select! {
+        w = wait_for_bytes(&stream, &activity) => w,
+        _ = stop.changed() => return,
+        verdict = activity.watch(header_timeout, idle_timeout) => {
+            match verdict {
+                Verdict::HeaderTimeout => debug!(%peer, "request head not received in time: closing"),
+                Verdict::Idle => debug!(%peer, "idle: closing"),
+            }
+            return;
+        }
+    };
+    let is_h2 = match waited {
+        Ok(Some(is_h2)) => is_h2,
+        Ok(None) => return,
+        Err(e) => {
+            debug!(%peer, error = %e, "connection failed before a request");
+            return;
+        }
+    };
     let io = TokioIo::new(Watched {
         inner: stream,
         activity: activity.clone(),
@@ -236,9 +270,68 @@ async fn serve_connection(
             }
         })
     };
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
+    if is_h2 {
+        let conn = protocols.h2.serve_connection(io, service);
+        drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            &activity,
+            &mut stop,
+            peer,
+            timeouts,
+        )
+        .await;
+    } else {
+        let conn = protocols.h1.serve_connection(io, service).with_upgrades();
+        drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            &activity,
+            &mut stop,
+            peer,
+            timeouts,
+        )
+        .await;
+    }
+}
 
+/// Waits for the first bytes of a new connection (`None` if the client closed it instead) and
+/// tells from them whether it speaks HTTP/2 with prior knowledge: `Some(true)` for the h2
+/// preface, `Some(false)` for anything else. The bytes are peeked, not consumed, so hyper
+/// reads the whole request head itself: a replayed prefix (hyper-util's auto builder reads
+/// up to 24 bytes first) made hyper's first read come back short and regrow its 8 KiB read
+/// buffer to 16 KiB, a copy per connection kept for the connection's life.
+async fn wait_for_bytes(stream: &TcpStream, activity: &Activity) -> io::Result<Option<bool>> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        activity.head_begins();
+        if first[..n] != H2_PREFACE[..n] {
+            return Ok(Some(false));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some(true));
+        }
+        tokio::time::sleep(PREFACE_REPEEK).await;
+    }
+}
+
+/// Serves one connection with hyper until it closes, applying the header and idle timeouts
+/// and the graceful shutdown.
+async fn drive<C>(
+    conn: C,
+    graceful_shutdown: fn(Pin<&mut C>),
+    activity: &Activity,
+    stop: &mut watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+    (header_timeout, idle_timeout): (Duration, Duration),
+) where
+    C: Future<Output = hyper::Result<()>>,
+{
+    tokio::pin!(conn);
     let mut graceful = false;
     loop {
         tokio::select! {
@@ -255,7 +348,7 @@ async fn serve_connection(
                 }
                 if !graceful {
                     graceful = true;
-                    conn.as_mut().graceful_shutdown();
+                    graceful_shutdown(conn.as_mut());
                 }
             }
             verdict = activity.watch(header_timeout, idle_timeout), if !graceful => match verdict {
@@ -265,7 +358,7 @@ async fn serve_connection(
                 }
                 Verdict::Idle => {
                     graceful = true;
-                    conn.as_mut().graceful_shutdown();
+                    graceful_shutdown(conn.as_mut());
                 }
             },
         }
@@ -308,14 +401,19 @@ impl Activity {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
     }
 
+    /// Bytes of a request head have arrived (starts the header timeout).
+    fn head_begins(&self) {
+        let _ = self.head_started.compare_exchange(
+            0,
+            self.now_ms(),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
     fn on_read(&self, bytes: &[u8]) {
         if self.in_flight.load(Ordering::Acquire) == 0 {
-            let _ = self.head_started.compare_exchange(
-                0,
-                self.now_ms(),
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+            self.head_begins();
             self.scan().feed(bytes, self.max_head);
         }
     }
