@@ -203,6 +203,10 @@ struct Protocols {
 fn protocols(cfg: &ServerConfig) -> Protocols {
     let mut h1 = http1::Builder::new();
     h1.timer(TokioTimer::new())
+        // `Activity` enforces `header_read_timeout`. hyper's own header timer (30 s unless
+        // set) also ran on idle keep-alive connections, closing them at 30 s whatever
+        // `keep_alive_timeout` said, and cost a timer allocation per request.
+        .header_read_timeout(None)
         .keep_alive(true)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .max_headers(cfg.max_headers);
