@@ -649,6 +649,10 @@ struct Watched {
     inner: Option<TcpStream>,
     activity: Arc<Activity>,
     may_park: bool,
+    /// hyper flushed after its last write. It flushes only once its write buffer is all
+    /// written, so until then the end of a response may still be in that buffer (a client
+    /// that stops reading), and a park would lose it.
+    flushed: bool,
 }
 
 impl Watched {
@@ -657,6 +661,7 @@ impl Watched {
             inner: Some(inner),
             activity,
             may_park,
+            flushed: false,
         }
     }
 }
@@ -692,7 +697,7 @@ impl AsyncRead for Watched {
         let polled = Pin::new(inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             this.activity.on_read(&buf.filled()[before..]);
-        } else if polled.is_pending() && this.may_park && this.activity.try_park() {
+        } else if polled.is_pending() && this.may_park && this.flushed && this.activity.try_park() {
             // An end of stream for hyper; the socket itself stays open.
             return Poll::Ready(Ok(()));
         }
@@ -706,17 +711,22 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().inner.as_mut() {
+        let this = self.get_mut();
+        this.flushed = false;
+        match this.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll_write(cx, buf),
             None => Poll::Ready(Err(gone())),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().inner.as_mut() {
+        let this = self.get_mut();
+        let polled = match this.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll_flush(cx),
             None => Poll::Ready(Ok(())),
-        }
+        };
+        this.flushed = matches!(polled, Poll::Ready(Ok(())));
+        polled
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -736,7 +746,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().inner.as_mut() {
+        let this = self.get_mut();
+        this.flushed = false;
+        match this.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll_write_vectored(cx, bufs),
             None => Poll::Ready(Err(gone())),
         }

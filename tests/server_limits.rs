@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -352,6 +352,41 @@ async fn keep_alive_connection_is_served_across_pauses() {
 
     let paths: Vec<String> = backend.seen().iter().map(|r| r.uri.to_string()).collect();
     assert_eq!(paths, ["/1", "/2", "/3", "/4", "/5", "/6", "/7", "/8"]);
+}
+
+/// A client that stops reading a large response, for longer than the park delay: the
+/// response's end may still be in flashgate's write buffer after the whole body was handed to
+/// hyper, and parking then would drop it. Whatever the timing, the client gets every byte and
+/// the connection serves the next request. (A small client receive buffer and the larger
+/// sizes make flashgate's writes block.)
+#[tokio::test]
+async fn slow_reader_gets_the_whole_response_and_the_next_one() {
+    let backend = Backend::start(|req| async move {
+        let len: usize = req.uri().path()[1..].parse().unwrap_or(0);
+        let mut r = Response::new(flashgate::body::full(vec![b'x'; len]));
+        *r.status_mut() = StatusCode::OK;
+        r
+    })
+    .await;
+    let fg = Flashgate::start(&config(&backend, "")).await;
+    for len in [64 << 10, 1 << 20, 4 << 20, 16 << 20] {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(fg.addr).await.unwrap();
+        s.write_all(format!("GET /{len} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        // Not reading, for longer than the park delay: the stimulus under test, not a wait.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = read_response(&mut s).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), len);
+        s.write_all(b"GET /0 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let r = read_response(&mut s).await;
+        assert_eq!((r.status, r.body.len()), (200, 0), "after {len} bytes");
+    }
 }
 
 /// A connection left idle past `keep_alive_timeout`, long after hyper let go of it, is closed
