@@ -22,17 +22,37 @@ enum State {
     Scanning,
     Done {
         two_framings: bool,
+        /// Bytes fed after the end of the head; `None` if the end was never found.
+        past_head: Option<u64>,
     },
     /// An HTTP/2 connection: frames, not text heads.
     Off,
+}
+
+/// What [`HeadScan::take`] learned about the head just parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scanned {
+    /// The head declared both `Content-Length` and `Transfer-Encoding`.
+    pub two_framings: bool,
+    /// How many bytes were read past the end of the head (the start of a body, or of a
+    /// pipelined request), when the end was found; `None` when it is not known.
+    pub past_head: Option<u64>,
 }
 
 impl HeadScan {
     /// Feeds bytes read while no request is in flight (the next request's head). Stops at the
     /// end of the head, or after `cap` bytes (hyper answers 431 past its own limit).
     pub fn feed(&mut self, bytes: &[u8], cap: usize) {
-        if self.state != State::Scanning {
-            return;
+        match &mut self.state {
+            State::Scanning => {}
+            State::Done {
+                past_head: Some(past),
+                ..
+            } => {
+                *past = past.saturating_add(bytes.len() as u64);
+                return;
+            }
+            State::Done { .. } | State::Off => return,
         }
         // The usual case: the whole head arrives in one read. Scan it in place, no copy.
         if self.buf.is_empty()
@@ -41,6 +61,7 @@ impl HeadScan {
         {
             self.state = State::Done {
                 two_framings: two_framings(&bytes[..end + 4]),
+                past_head: Some((bytes.len() - (end + 4)) as u64),
             };
             return;
         }
@@ -48,7 +69,8 @@ impl HeadScan {
         // Search only what is new (plus 3 bytes of overlap): a head trickled byte by byte
         // must not cost a rescan of the whole buffer per byte.
         let from = self.buf.len().saturating_sub(3);
-        self.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        let kept = bytes.len().min(room);
+        self.buf.extend_from_slice(&bytes[..kept]);
         if self.buf.starts_with(b"PRI * HTTP/2.0") {
             self.state = State::Off;
             self.buf = Vec::new();
@@ -58,27 +80,42 @@ impl HeadScan {
             if self.buf.len() >= cap {
                 self.state = State::Done {
                     two_framings: false,
+                    past_head: None,
                 };
                 self.buf = Vec::new();
             }
             return;
         };
+        let past_head = (self.buf.len() - (end + 4)) + (bytes.len() - kept);
         self.state = State::Done {
             two_framings: two_framings(&self.buf[..end + 4]),
+            past_head: Some(past_head as u64),
         };
         // Only the verdict is kept: an upgraded (WebSocket) connection, which never starts
         // another request, must not hold on to the head.
         self.buf = Vec::new();
     }
 
-    /// Whether the head just scanned declared both framings; resets for the next request.
-    pub fn take(&mut self) -> bool {
-        let found = self.state == State::Done { two_framings: true };
+    /// What the head just parsed declared; resets for the next request.
+    pub fn take(&mut self) -> Scanned {
+        let scanned = match self.state {
+            State::Done {
+                two_framings,
+                past_head,
+            } => Scanned {
+                two_framings,
+                past_head,
+            },
+            State::Scanning | State::Off => Scanned {
+                two_framings: false,
+                past_head: None,
+            },
+        };
         if self.state != State::Off {
             self.state = State::Scanning;
             self.buf = Vec::new();
         }
-        found
+        scanned
     }
 }
 
@@ -114,7 +151,7 @@ mod tests {
         for c in chunks {
             s.feed(c, 16 * 1024);
         }
-        s.take()
+        s.take().two_framings
     }
 
     #[test]
@@ -157,8 +194,33 @@ mod tests {
             b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
             8192,
         );
-        assert!(s.take());
+        assert!(s.take().two_framings);
         s.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 8192);
-        assert!(!s.take());
+        assert!(!s.take().two_framings);
+    }
+
+    #[test]
+    fn counts_the_bytes_read_past_the_head() {
+        let past = |chunks: &[&[u8]], cap: usize| {
+            let mut s = HeadScan::default();
+            for c in chunks {
+                s.feed(c, cap);
+            }
+            s.take().past_head
+        };
+        assert_eq!(past(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"], 8192), Some(0));
+        assert_eq!(
+            past(
+                &[b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhel", b"lo"],
+                8192
+            ),
+            Some(5)
+        );
+        // Past the cap the bytes are not kept, but still counted.
+        assert_eq!(past(&[b"GET / HTTP/1.1\r\n\r\nGET /next"], 20), Some(9));
+        assert_eq!(past(&[b"GET / HTTP/1.1\r\nHost: a\r\n"], 8192), None);
+        // A head ended by bare line feeds is not recognised: unknown, never a guess.
+        assert_eq!(past(&[b"GET / HTTP/1.1\nHost: a\n\n"], 8192), None);
+        assert_eq!(past(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], 8192), None);
     }
 }

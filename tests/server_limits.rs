@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -288,6 +288,127 @@ async fn idle_keep_alive_is_not_cut_by_the_header_read_timeout() {
     assert_eq!(backend.count(), 2);
 }
 
+/// An idle HTTP/1.1 connection gives hyper's state back after a short pause (`PARK_AFTER` in
+/// server.rs: 100 ms) and is served again as if nothing happened, whatever the client had
+/// sent so far: a body after its head, a chunked body, a pipelined head cut short, a trickle.
+#[tokio::test]
+async fn keep_alive_connection_is_served_across_pauses() {
+    let backend = Backend::start_echo().await;
+    let fg = Flashgate::start(&config(&backend, "")).await;
+    let mut s = TcpStream::connect(fg.addr).await.unwrap();
+    // Longer than the park delay: the stimulus under test, not a wait.
+    let pause = || tokio::time::sleep(Duration::from_millis(300));
+    let answer = async |s: &mut TcpStream| {
+        let r = read_response(s).await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()
+    };
+
+    s.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(answer(&mut s).await["request"], "GET /1");
+    pause().await;
+
+    s.write_all(b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+        .await
+        .unwrap();
+    pause().await;
+    s.write_all(b"hello").await.unwrap();
+    assert_eq!(answer(&mut s).await["body_bytes"], 5);
+    pause().await;
+
+    s.write_all(
+        b"POST /3 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer(&mut s).await["body_bytes"], 5);
+    pause().await;
+
+    s.write_all(b"GET /4 HTTP/1.1\r\nHost: a\r\n\r\nGET /5 HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    assert_eq!(answer(&mut s).await["request"], "GET /4");
+    pause().await;
+    s.write_all(b"st: a\r\n\r\n").await.unwrap();
+    assert_eq!(answer(&mut s).await["request"], "GET /5");
+    pause().await;
+
+    s.write_all(b"GET /6 HTTP/1.1\r\n").await.unwrap();
+    pause().await;
+    s.write_all(b"Host: a\r\n\r\n").await.unwrap();
+    assert_eq!(answer(&mut s).await["request"], "GET /6");
+    pause().await;
+
+    // A body longer than announced: the extra bytes are the start of the next request.
+    s.write_all(b"POST /7 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nokGET /8 HTT")
+        .await
+        .unwrap();
+    assert_eq!(answer(&mut s).await["body_bytes"], 2);
+    pause().await;
+    s.write_all(b"P/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    assert_eq!(answer(&mut s).await["request"], "GET /8");
+
+    let paths: Vec<String> = backend.seen().iter().map(|r| r.uri.to_string()).collect();
+    assert_eq!(paths, ["/1", "/2", "/3", "/4", "/5", "/6", "/7", "/8"]);
+}
+
+/// A client that stops reading a large response, for longer than the park delay: the
+/// response's end may still be in flashgate's write buffer after the whole body was handed to
+/// hyper, and parking then would drop it. Whatever the timing, the client gets every byte and
+/// the connection serves the next request. (A small client receive buffer and the larger
+/// sizes make flashgate's writes block.)
+#[tokio::test]
+async fn slow_reader_gets_the_whole_response_and_the_next_one() {
+    let backend = Backend::start(|req| async move {
+        let len: usize = req.uri().path()[1..].parse().unwrap_or(0);
+        let mut r = Response::new(flashgate::body::full(vec![b'x'; len]));
+        *r.status_mut() = StatusCode::OK;
+        r
+    })
+    .await;
+    let fg = Flashgate::start(&config(&backend, "")).await;
+    for len in [64 << 10, 1 << 20, 4 << 20, 16 << 20] {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(fg.addr).await.unwrap();
+        s.write_all(format!("GET /{len} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        // Not reading, for longer than the park delay: the stimulus under test, not a wait.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = read_response(&mut s).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), len);
+        s.write_all(b"GET /0 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let r = read_response(&mut s).await;
+        assert_eq!((r.status, r.body.len()), (200, 0), "after {len} bytes");
+    }
+}
+
+/// A connection left idle past `keep_alive_timeout`, long after hyper let go of it, is closed
+/// cleanly.
+#[tokio::test]
+async fn paused_connection_closes_cleanly() {
+    let backend = Backend::start_echo().await;
+    let fg = Flashgate::start(&server(&backend, "  keep_alive_timeout: 500ms\n")).await;
+    let mut s = TcpStream::connect(fg.addr).await.unwrap();
+    s.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s).await.status, 200);
+    let idle_from = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(3), closed(&mut s))
+        .await
+        .expect("idle connection still open after 3s");
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    let idle = idle_from.elapsed();
+    assert!(idle >= Duration::from_millis(450), "closed after {idle:?}");
+}
+
 #[tokio::test]
 async fn idle_keep_alive_outlives_hyper_default_header_timer() {
     // hyper arms its own 30 s header-read timer whenever an HTTP/1 connection waits for a
@@ -422,4 +543,28 @@ async fn graceful_shutdown_gives_up_after_drain_timeout() {
         .await
         .expect("stuck connection still open after stop()");
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+}
+
+#[tokio::test]
+async fn graceful_shutdown_closes_idle_connections_at_once() {
+    let backend = Backend::start_echo().await;
+    let fg = Flashgate::start(&config(&backend, "")).await;
+    let mut idle = TcpStream::connect(fg.addr).await.unwrap();
+    idle.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut idle).await.status, 200);
+    // Past the park delay (server.rs), then a fresh idle connection that never sent a byte.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut silent = TcpStream::connect(fg.addr).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), fg.stop())
+        .await
+        .expect("stop() waited on idle connections")
+        .unwrap();
+    for s in [&mut idle, &mut silent] {
+        let got = tokio::time::timeout(Duration::from_secs(2), closed(s))
+            .await
+            .expect("idle connection still open after stop()");
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    }
 }

@@ -554,6 +554,9 @@ async fn websocket_upgrade_is_passed_through() {
                 .expect("websocket handshake through flashgate");
         assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
         assert_eq!(paths.recv().await.unwrap(), "/chat?room=1");
+        // Quiet for longer than an idle HTTP/1.1 connection takes to be parked (server.rs):
+        // an upgraded connection must not be.
+        tokio::time::sleep(Duration::from_millis(300)).await;
 
         ws.send(Message::text("hello")).await.unwrap();
         assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
