@@ -51,7 +51,8 @@ pub struct Peer {
 /// RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
 // Header names, not strings: a `&str` key is parsed and hashed on every lookup, and these
 // are removed from every request and response.
-const HOP_BY_HOP: [HeaderName; 8] = [
+// `connection` first: `strip_hop_by_hop` reads its slot.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -195,26 +196,38 @@ fn set_forwarded(headers: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>
 
 /// Removes the fields named in `Connection`, then the fixed hop-by-hop list.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages name only fixed hop-by-hop fields (`Connection: keep-alive`), which the
-    // loop below removes anyway: collect (and allocate) only for other names.
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|n| {
-            !HOP_BY_HOP
-                .iter()
-                .any(|h| h.as_str().eq_ignore_ascii_case(n))
-        })
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // One pass over the names present (a handful) finds what to remove: eight lookups by
+    // name, on every request and response, each hashed the name and probed the map.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    if present[0] {
+        // Most messages name only fixed hop-by-hop fields (`Connection: keep-alive`), which
+        // are removed below anyway: collect (and allocate) only for other names.
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|n| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(n))
+            })
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
 
