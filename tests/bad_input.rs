@@ -325,6 +325,33 @@ async fn content_length_with_transfer_encoding_is_refused_with_400() {
     assert_eq!(fg.app.store.get_stock("bad-4").await.unwrap(), Some(10));
 }
 
+/// Known gap (ignored until fixed): a two-framings request pipelined behind an ordinary one in
+/// the same packet is forwarded instead of refused, because the scanner only reads the first
+/// head after a connection goes idle. Not a smuggling path (hyper drops `Content-Length` and
+/// flashgate re-frames the body as chunked), but the 400 promised above does not hold for it.
+/// The fix: scan the bytes past a request's exact body as the next head.
+#[tokio::test]
+#[ignore = "known gap: the two-framings scan misses a pipelined head"]
+async fn pipelined_request_with_two_framings_is_refused_too() {
+    let backend = Backend::start_echo().await;
+    let fg = Flashgate::start(&config(&backend)).await;
+    let mut s = TcpStream::connect(fg.addr).await.unwrap();
+    let request = format!(
+        "GET /catalog HTTP/1.1\r\nhost: shop\r\n\r\n\
+         POST /catalog HTTP/1.1\r\nhost: shop\r\n{CL_FIRST}\r\n0\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let (first, _, _) = read_response(&mut s).await;
+    assert_eq!(first, 200);
+    let (second, body, _) = read_response(&mut s).await;
+    assert_eq!(second, 400, "{body}");
+    assert_eq!(
+        backend.count(),
+        1,
+        "only the ordinary request reached the backend"
+    );
+}
+
 /// The same connection keeps working for a well-framed request after a well-framed one: the
 /// scanner resets per request and only flags the head that declared both.
 #[tokio::test]
