@@ -140,9 +140,9 @@ struct Shared {
     settle: LuaScript,
     add_stock: LuaScript,
     /// Reserves waiting to be sent together (see [`RedisStore::reserve_inner`]).
-    reserves: ThreadLocal<Arc<ReserveQueue>>,
+    reserves: ThreadLocal<Arc<Batches<ReserveWaiter>>>,
     /// Settles waiting to be sent together (see [`RedisStore::settle_inner`]).
-    settles: ThreadLocal<SettleQueue>,
+    settles: ThreadLocal<SettleQueues>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -497,14 +497,12 @@ impl Shared {
     /// settle call per batch instead of one per order.
     async fn settle_inner(&self, sku: &str, id: &str, to: Settlement) -> Result<bool, StoreError> {
         validate_sku(sku)?;
-        let queue = self.settles.get_or_default();
+        let queue = self.settles.get_or_default().to(to);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let key = (sku.to_owned(), to);
-        let leader = queue.push(&key, id.to_owned(), tx);
-        if leader {
+        if queue.push(sku, (id.to_owned(), tx)) {
             let mut batch = Batch {
                 queue,
-                key: Some(key),
+                sku: Some(sku),
             };
             tokio::task::yield_now().await;
             let waiters = batch.take();
@@ -866,7 +864,7 @@ fn script_cmd(script: &LuaScript, keys: &SaleKeys, args: usize, bytes: usize) ->
         64 + keys.iter().map(|k| k.len()).sum::<usize>() + bytes,
     );
     cmd.arg("EVALSHA")
-        .arg(script.get_hash())
+        .arg(&script.hash)
         .arg(keys.len())
         .arg(&keys[..]);
     cmd
@@ -885,10 +883,6 @@ impl LuaScript {
             hash: Script::new(code).get_hash().to_owned(),
         }
     }
-
-    fn get_hash(&self) -> &str {
-        &self.hash
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -904,20 +898,27 @@ struct ReserveWaiter {
     tx: tokio::sync::oneshot::Sender<Result<ReserveOutcome, StoreError>>,
 }
 
-/// Reserves of one thread waiting for their batch's task, by SKU.
-#[derive(Default)]
-struct ReserveQueue {
+/// Calls of one thread waiting to be sent together, by SKU (reserves and settles alike).
+struct Batches<W> {
     // A std mutex: held for a push or a take, never across `.await`.
-    pending: Mutex<HashMap<String, Vec<ReserveWaiter>>>,
+    pending: Mutex<HashMap<String, Vec<W>>>,
 }
 
-impl ReserveQueue {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Vec<ReserveWaiter>>> {
+impl<W> Default for Batches<W> {
+    fn default() -> Self {
+        Batches {
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<W> Batches<W> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Vec<W>>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues a reserve; true when it starts a batch (and so must spawn its task).
-    fn push(&self, sku: &str, waiter: ReserveWaiter) -> bool {
+    /// Queues a call; true when it starts a batch (its caller must see the batch sent).
+    fn push(&self, sku: &str, waiter: W) -> bool {
         let mut pending = self.lock();
         match pending.get_mut(sku) {
             Some(waiters) => {
@@ -932,8 +933,8 @@ impl ReserveQueue {
     }
 
     /// Takes up to `max` waiters of `sku`, oldest first; true if more are left (the queue
-    /// then stays non-empty, so new arrivals wait for the task that takes the rest).
-    fn take(&self, sku: &str, max: usize) -> (Vec<ReserveWaiter>, bool) {
+    /// then stays non-empty, so new arrivals wait for whoever takes the rest).
+    fn take(&self, sku: &str, max: usize) -> (Vec<W>, bool) {
         let mut pending = self.lock();
         let Some(waiters) = pending.get_mut(sku) else {
             return (Vec::new(), false);
@@ -948,7 +949,7 @@ impl ReserveQueue {
 
 /// The task that sends one batch: it waits one scheduler turn so the requests that are
 /// ready join, then takes the batch (leaving a successor for what does not fit) and sends it.
-fn spawn_reserve_batch(store: Arc<Shared>, queue: Arc<ReserveQueue>, sku: String) {
+fn spawn_reserve_batch(store: Arc<Shared>, queue: Arc<Batches<ReserveWaiter>>, sku: String) {
     tokio::spawn(async move {
         tokio::task::yield_now().await;
         let (waiters, more) = queue.take(&sku, RESERVE_BATCH_MAX);
@@ -997,29 +998,19 @@ type SettleWaiter = (
     tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
 );
 
-/// Settles of one thread waiting for their batch's leader, by SKU and target state.
+/// Settles of one thread waiting for their batch's leader: one queue per target state.
 #[derive(Default)]
-struct SettleQueue {
-    // A std mutex: held for a push or a take, never across `.await`.
-    pending: Mutex<HashMap<(String, Settlement), Vec<SettleWaiter>>>,
+struct SettleQueues {
+    sold: Batches<SettleWaiter>,
+    uncertain: Batches<SettleWaiter>,
 }
 
-impl SettleQueue {
-    fn lock(&self) -> MutexGuard<'_, HashMap<(String, Settlement), Vec<SettleWaiter>>> {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Queues a settle; true when it is the first of its batch (and so must send it).
-    fn push(
-        &self,
-        key: &(String, Settlement),
-        id: String,
-        tx: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
-    ) -> bool {
-        let mut pending = self.lock();
-        let waiters = pending.entry(key.clone()).or_default();
-        waiters.push((id, tx));
-        waiters.len() == 1
+impl SettleQueues {
+    fn to(&self, to: Settlement) -> &Batches<SettleWaiter> {
+        match to {
+            Settlement::Sold => &self.sold,
+            Settlement::Uncertain => &self.uncertain,
+        }
     }
 }
 
@@ -1027,14 +1018,14 @@ impl SettleQueue {
 /// cancelled), it empties the batch so the others get an error and retry, instead of
 /// waiting for a leader that is gone.
 struct Batch<'q> {
-    queue: &'q SettleQueue,
-    key: Option<(String, Settlement)>,
+    queue: &'q Batches<SettleWaiter>,
+    sku: Option<&'q str>,
 }
 
 impl Batch<'_> {
     fn take(&mut self) -> Vec<SettleWaiter> {
-        match self.key.take() {
-            Some(key) => self.queue.lock().remove(&key).unwrap_or_default(),
+        match self.sku.take() {
+            Some(sku) => self.queue.take(sku, usize::MAX).0,
             None => Vec::new(),
         }
     }
