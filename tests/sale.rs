@@ -1113,7 +1113,7 @@ mod cases {
         assert_rejected(&buy(&client, &fg, "fast-1", "bob").await, 410, "sold_out");
         // Alice's settle script runs off the response path: let it land before counting.
         status_until(&fg, "fast-1", |s| s["reservations"] == counts(0, 1, 0, 0)).await;
-        let scripts_before = store.redis.as_ref().map(script_calls);
+        let scripts_before = store.redis.as_ref().map(RedisServer::script_calls);
 
         for i in 0..50 {
             let a = buy(&client, &fg, "fast-1", &format!("late-{i}")).await;
@@ -1121,7 +1121,7 @@ mod cases {
         }
         if let (Some(server), Some(before)) = (&store.redis, scripts_before) {
             assert_eq!(
-                script_calls(server),
+                server.script_calls(),
                 before,
                 "no script ran for the 50 late buyers"
             );
@@ -1152,25 +1152,7 @@ mod cases {
 
 /// `SCRIPT LOAD` calls the server has run so far (how redis-rs recovers from NOSCRIPT).
 fn script_loads(server: &RedisServer) -> u64 {
-    command_calls(server, &["cmdstat_script|load"])
-}
-
-/// Sum of `calls=` of the named `INFO commandstats` lines.
-fn command_calls(server: &RedisServer, stats: &[&str]) -> u64 {
-    let info: String = ::redis::from_redis_value(server.cli(&["INFO", "commandstats"])).unwrap();
-    info.lines()
-        .filter(|l| {
-            stats
-                .iter()
-                .any(|s| l.strip_prefix(s).is_some_and(|r| r.starts_with(':')))
-        })
-        .map(|l| {
-            let calls = l.split([':', ',']).find_map(|f| f.strip_prefix("calls="));
-            calls
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("{l}"))
-        })
-        .sum()
+    server.command_calls(&["cmdstat_script|load"])
 }
 
 /// Reads an HTTP/1.1 request or response head (up to the blank line) from a raw stream.
@@ -1209,11 +1191,6 @@ fn chunked(head: &str, chunks: &[&[u8]]) -> Vec<u8> {
     }
     r.extend_from_slice(b"0\r\n\r\n");
     r
-}
-
-/// `EVALSHA` + `EVAL` calls the server has run so far (`INFO commandstats`).
-fn script_calls(server: &RedisServer) -> u64 {
-    command_calls(server, &["cmdstat_evalsha", "cmdstat_eval"])
 }
 
 /// One `#[tokio::test]` per case, for the store `$fixture` builds.

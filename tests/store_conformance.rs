@@ -72,6 +72,25 @@ async fn win(store: &dyn Store, r: &ReserveRequest, remaining: u64) -> String {
     }
 }
 
+/// `n` distinct users (`user-0`…) each asking for one unit of `sku` at once, one task each.
+fn buyers_at_once(
+    store: &Arc<dyn Store>,
+    sku: &'static str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<ReserveOutcome>> {
+    (0..n)
+        .map(|i| {
+            let store = Arc::clone(store);
+            tokio::spawn(async move {
+                store
+                    .reserve(&req(sku, &format!("user-{i}"), 1, 1))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect()
+}
+
 fn counts(held: u64, sold: u64, released: u64, uncertain: u64) -> StateCounts {
     StateCounts {
         held,
@@ -409,17 +428,7 @@ mod cases {
     /// 500 buyers race for 50 units: exactly 50 win.
     pub async fn concurrent_buyers_never_oversell(store: Arc<dyn Store>) {
         store.set_stock("race-1", 50).await.unwrap();
-        let tasks: Vec<_> = (0..500)
-            .map(|i| {
-                let store = Arc::clone(&store);
-                tokio::spawn(async move {
-                    store
-                        .reserve(&req("race-1", &format!("user-{i}"), 1, 1))
-                        .await
-                        .unwrap()
-                })
-            })
-            .collect();
+        let tasks = buyers_at_once(&store, "race-1", 500);
         let mut ids = HashSet::new();
         let mut sold_out = 0;
         for task in tasks {
@@ -789,17 +798,6 @@ mod redis_only {
         }
     }
 
-    /// `EVALSHA` + `EVAL` calls the server has run so far (`INFO commandstats`).
-    fn script_calls(server: &RedisServer) -> u64 {
-        let info: String =
-            ::redis::from_redis_value(server.cli(&["INFO", "commandstats"])).unwrap();
-        info.lines()
-            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-            .filter_map(|l| l.split([':', ',']).find_map(|f| f.strip_prefix("calls=")))
-            .map(|n| n.parse::<u64>().unwrap())
-            .sum()
-    }
-
     /// Reserves that arrive on one thread together go to Redis together: 300 buyers on a
     /// current-thread runtime cost a handful of script calls, not 300, and still exactly
     /// the stock is won.
@@ -808,25 +806,15 @@ mod redis_only {
         let server = RedisServer::start();
         let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&config(&server)).await.unwrap());
         store.set_stock("batch-1", 100).await.unwrap();
-        let before = script_calls(&server);
-        let tasks: Vec<_> = (0..300)
-            .map(|i| {
-                let store = Arc::clone(&store);
-                tokio::spawn(async move {
-                    store
-                        .reserve(&req("batch-1", &format!("user-{i}"), 1, 1))
-                        .await
-                        .unwrap()
-                })
-            })
-            .collect();
+        let before = server.script_calls();
+        let tasks = buyers_at_once(&store, "batch-1", 300);
         let mut won = 0;
         for task in tasks {
             if let ReserveOutcome::Won { .. } = task.await.unwrap() {
                 won += 1;
             }
         }
-        let calls = script_calls(&server) - before;
+        let calls = server.script_calls() - before;
         assert_eq!(won, 100);
         assert_eq!(store.get_stock("batch-1").await.unwrap(), Some(0));
         // 300 buyers in batches of at most 64: 5 calls, plus a reload if the cache missed.

@@ -138,6 +138,30 @@ impl RedisServer {
         }
     }
 
+    /// Calls the server has run so far of the commands named by `stats` (`INFO commandstats`
+    /// entry names, e.g. `cmdstat_evalsha`).
+    pub fn command_calls(&self, stats: &[&str]) -> u64 {
+        let info: String = ::redis::from_redis_value(self.cli(&["INFO", "commandstats"])).unwrap();
+        info.lines()
+            .filter(|l| {
+                stats
+                    .iter()
+                    .any(|s| l.strip_prefix(s).is_some_and(|r| r.starts_with(':')))
+            })
+            .map(|l| {
+                let calls = l.split([':', ',']).find_map(|f| f.strip_prefix("calls="));
+                calls
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or_else(|| panic!("{l}"))
+            })
+            .sum()
+    }
+
+    /// `EVALSHA` + `EVAL` calls the server has run so far.
+    pub fn script_calls(&self) -> u64 {
+        self.command_calls(&["cmdstat_evalsha", "cmdstat_eval"])
+    }
+
     /// The server's log file (useful in assertion messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
