@@ -5,6 +5,7 @@
 //! like `nginx -t`, because an operator fixing a config minutes before a sale needs exactly that.
 
 mod raw;
+mod shadow;
 pub mod values;
 
 use std::cell::RefCell;
@@ -19,6 +20,7 @@ use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
 
 pub use raw::Unmatched;
+pub use shadow::templates_overlap;
 use raw::{RawConfig, RawIdentity, RawQuantity, RawRate, RawRoute, RawSale, RawSource, ReleaseOn};
 pub use values::{PathTemplate, UpstreamUrl};
 
@@ -294,8 +296,10 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
     }
 
     let mut routes: Vec<Route> = Vec::with_capacity(raw.routes.len());
+    let mut route_at: Vec<Location> = Vec::with_capacity(raw.routes.len());
     for (i, spanned) in raw.routes.into_iter().enumerate() {
         let at = spanned.referenced;
+        route_at.push(at);
         let route = compile_route(spanned.value, i, &err, &at)?;
         if routes.iter().any(|r| r.name == route.name) {
             return Err(err(
@@ -306,6 +310,8 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
         }
         routes.push(route);
     }
+    // First match wins: a route above a sale route must not take its buys.
+    shadow::refuse_shadowed_sales(&routes, &route_at, &err)?;
 
     Ok(Config {
         file: file.to_owned(),

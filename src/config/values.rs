@@ -150,20 +150,31 @@ impl PathTemplate {
         router
             .insert(s, ())
             .map_err(|e| format!("invalid path template `{s}`: {e}"))?;
-        // matchit's catch-all needs at least one byte, but `/static/{*rest}` should also
-        // match `/static/` itself (and `/{*rest}` the root page).
-        if let Some(i) = s.rfind("/{*")
-            && s.ends_with('}')
-        {
-            let _ = router.insert(&s[..=i], ());
-            if i > 0 {
-                let _ = router.insert(&s[..i], ());
-            }
+        for extra in PathTemplate::forms(s).into_iter().skip(1) {
+            let _ = router.insert(extra, ());
         }
         Ok(PathTemplate {
             source: s.to_owned(),
             router,
         })
+    }
+
+    /// The matchit routes one template is made of: the template itself, then, for a trailing
+    /// catch-all, its prefix with and without the `/`. matchit's catch-all needs at least one
+    /// byte, but `/static/{*rest}` should also match `/static/` and `/static` (and `/{*rest}`
+    /// the root page). The shadowing check reads the same list, so both agree on what a
+    /// template matches.
+    pub fn forms(s: &str) -> Vec<&str> {
+        let mut forms = vec![s];
+        if let Some(i) = s.rfind("/{*")
+            && s.ends_with('}')
+        {
+            forms.push(&s[..=i]);
+            if i > 0 {
+                forms.push(&s[..i]);
+            }
+        }
+        forms
     }
 }
 
