@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use flashgate::config::{self, Config, Rate};
+use flashgate::config;
 use flashgate::state::App;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
@@ -218,7 +218,7 @@ fn admin_call(
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(cfg) => {
-            print!("{}", describe(&cfg));
+            print!("{}", config::describe(&cfg));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -313,73 +313,4 @@ async fn shutdown_signal() {
         warn!("second signal: exiting now");
         std::process::exit(130);
     });
-}
-
-/// The compiled config as `flashgate check` prints it.
-fn describe(cfg: &Config) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(out, "{}: ok", cfg.file);
-    let u = &cfg.upstream;
-    let _ = writeln!(
-        out,
-        "listen {} -> upstream {}://{}{} (connect {:?}, request {:?})",
-        cfg.listen,
-        u.url.scheme,
-        u.url.authority,
-        u.url.path_prefix,
-        u.connect_timeout,
-        u.request_timeout
-    );
-    let _ = writeln!(out, "routes (first match wins):");
-    for (i, r) in cfg.routes.iter().enumerate() {
-        let methods = if r.methods.is_empty() {
-            "*".to_owned()
-        } else {
-            r.methods
-                .iter()
-                .map(|m| m.as_str())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let _ = write!(out, "  {}. {} {} {}", i + 1, r.name, methods, r.path.source);
-        if let Some(id) = &r.identity {
-            let _ = match &id.source {
-                config::IdentitySource::Header(h) => write!(out, " identity=header:{h}"),
-                config::IdentitySource::Cookie(c) => write!(out, " identity=cookie:{c}"),
-            };
-        }
-        let l = &r.limits;
-        for (name, rate) in [
-            ("route", &l.route),
-            ("per_ip", &l.per_ip),
-            ("per_user", &l.per_user),
-        ] {
-            if let Some(rate) = rate {
-                let _ = write!(out, " {name}={}", show_rate(rate));
-            }
-        }
-        if let Some(n) = l.in_flight {
-            let _ = write!(out, " in_flight={n}");
-        }
-        let _ = writeln!(out);
-    }
-    let _ = writeln!(
-        out,
-        "unmatched: {}",
-        match cfg.unmatched {
-            config::Unmatched::Proxy => "proxy",
-            config::Unmatched::NotFound => "not_found",
-        }
-    );
-    out
-}
-
-fn show_rate(r: &Rate) -> String {
-    let per_sec = 1.0 / r.period.as_secs_f64();
-    if per_sec >= 1.0 {
-        format!("{per_sec:.0}/s burst {}", r.burst)
-    } else {
-        format!("{:.0}/min burst {}", per_sec * 60.0, r.burst)
-    }
 }

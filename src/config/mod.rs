@@ -4,6 +4,7 @@
 //! Errors always name the file, line, column and key (`flashgate.yaml:12:18: routes[0].limits…`),
 //! like `nginx -t`, because an operator fixing a config minutes before a sale needs exactly that.
 
+mod describe;
 mod raw;
 mod shadow;
 pub mod values;
@@ -19,6 +20,7 @@ use http::{HeaderName, Method};
 use ipnet::IpNet;
 use serde_saphyr::{Location, Spanned};
 
+pub use describe::describe;
 pub use raw::Unmatched;
 pub use shadow::templates_overlap;
 use raw::{RawConfig, RawIdentity, RawQuantity, RawRate, RawRoute, RawSale, RawSource, ReleaseOn};

@@ -1,0 +1,279 @@
+//! The compiled config as `flashgate check` prints it: what will actually run, in words an
+//! operator can compare with the sale plan (which routes, in which order, which store, which
+//! SKU source, which window). Secrets never appear: a Redis password is masked.
+
+use std::fmt::Write;
+use std::time::{Duration, SystemTime};
+
+use super::{Config, IdentitySource, Quantity, Rate, Route, Sale, Source, Unmatched};
+
+/// The whole summary, one setting a line.
+pub fn describe(cfg: &Config) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: ok", cfg.file);
+    let u = &cfg.upstream;
+    let _ = writeln!(
+        out,
+        "listen {} -> upstream {}://{}{} (connect {:?}, request {:?})",
+        cfg.listen,
+        u.url.scheme,
+        u.url.authority,
+        u.url.path_prefix,
+        u.connect_timeout,
+        u.request_timeout
+    );
+    let _ = match &cfg.store {
+        None => writeln!(out, "store: embedded memory (one instance only)"),
+        Some(s) => writeln!(
+            out,
+            "store: redis {} (connections {}, response_timeout {}, key_prefix {})",
+            mask_password(&s.redis),
+            s.connections,
+            dur(s.response_timeout),
+            s.key_prefix
+        ),
+    };
+    let _ = match &cfg.admin {
+        None => writeln!(out, "admin: off"),
+        Some(a) => writeln!(
+            out,
+            "admin: on, listen {}, token from ${} (off while it is unset)",
+            a.listen, a.token_env
+        ),
+    };
+    let _ = if cfg.trusted_proxies.is_empty() {
+        writeln!(out, "trusted_proxies: none (X-Forwarded-For is not believed)")
+    } else {
+        let nets: Vec<String> = cfg.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        writeln!(out, "trusted_proxies: {}", nets.join(", "))
+    };
+    let _ = writeln!(out, "routes (first match wins):");
+    for (i, r) in cfg.routes.iter().enumerate() {
+        route_line(&mut out, i, r);
+        if let Some(sale) = &r.sale {
+            sale_lines(&mut out, r, sale);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "unmatched: {}",
+        match cfg.unmatched {
+            Unmatched::Proxy => "proxy",
+            Unmatched::NotFound => "not_found",
+        }
+    );
+    out
+}
+
+fn route_line(out: &mut String, i: usize, r: &Route) {
+    let methods = if r.methods.is_empty() {
+        "*".to_owned()
+    } else {
+        r.methods
+            .iter()
+            .map(|m| m.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let _ = write!(out, "  {}. {} {} {}", i + 1, r.name, methods, r.path.source);
+    if let Some(id) = &r.identity {
+        let _ = match &id.source {
+            IdentitySource::Header(h) => write!(out, " identity=header:{h}"),
+            IdentitySource::Cookie(c) => write!(out, " identity=cookie:{c}"),
+        };
+    }
+    let l = &r.limits;
+    for (name, rate) in [
+        ("route", &l.route),
+        ("per_ip", &l.per_ip),
+        ("per_user", &l.per_user),
+    ] {
+        if let Some(rate) = rate {
+            let _ = write!(out, " {name}={}", show_rate(rate));
+        }
+    }
+    if let Some(n) = l.in_flight {
+        let _ = write!(out, " in_flight={n}");
+    }
+    if let Some(n) = r.max_body {
+        let _ = write!(out, " max_body={n}");
+    }
+    let _ = writeln!(out);
+}
+
+/// A sale route's admission rules, indented under its route line.
+fn sale_lines(out: &mut String, r: &Route, sale: &Sale) {
+    const IN: &str = "       ";
+    let _ = writeln!(out, "{IN}sale: sku from {}", source(&sale.sku));
+    let _ = match &sale.quantity {
+        Quantity::Fixed(n) => writeln!(out, "{IN}quantity: {n}"),
+        Quantity::From(s) => writeln!(out, "{IN}quantity: from {}", source(s)),
+    };
+    let _ = writeln!(out, "{IN}per_user_limit: {}", sale.per_user_limit);
+    let _ = writeln!(
+        out,
+        "{IN}window: start {}, end {}",
+        time(sale.start, "(none)"),
+        time(sale.end, "(none)")
+    );
+    let mut release: Vec<String> = Vec::new();
+    if sale.release_on_connect_error {
+        release.push("connect_error".into());
+    }
+    release.extend(sale.release_on_status.iter().map(u16::to_string));
+    let _ = writeln!(
+        out,
+        "{IN}release_on: {}",
+        if release.is_empty() {
+            "(nothing: every forwarded unit counts as sold)".to_owned()
+        } else {
+            release.join(", ")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{IN}sold_out_recheck: {}",
+        dur(sale.sold_out_recheck)
+    );
+    let _ = writeln!(
+        out,
+        "{IN}max_body: {} bytes ({})",
+        sale.max_body,
+        if sale.reads_body() {
+            "read for the JSON field"
+        } else {
+            "body not read"
+        }
+    );
+    let l = &r.limits;
+    if l.route.is_none() && l.per_ip.is_none() && l.per_user.is_none() && l.in_flight.is_none() {
+        let _ = writeln!(out, "{IN}limits: none");
+    }
+}
+
+fn source(s: &Source) -> String {
+    match s {
+        Source::PathParam(p) => format!("path_param `{p}`"),
+        Source::Query(q) => format!("query `{q}`"),
+        Source::Header(h) => format!("header `{h}`"),
+        Source::Json(j) => format!("json field `{j}`"),
+    }
+}
+
+fn time(t: Option<SystemTime>, none: &str) -> String {
+    t.map_or_else(
+        || none.to_owned(),
+        |t| humantime::format_rfc3339_seconds(t).to_string(),
+    )
+}
+
+fn dur(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn show_rate(r: &Rate) -> String {
+    let per_sec = 1.0 / r.period.as_secs_f64();
+    if per_sec >= 1.0 {
+        format!("{per_sec:.0}/s burst {}", r.burst)
+    } else {
+        format!("{:.0}/min burst {}", per_sec * 60.0, r.burst)
+    }
+}
+
+/// Hides a password in a Redis URL: the one in `user:password@` (a lone `secret@` too, which
+/// some clients read as a password), and a `pass=` / `password=` query parameter
+/// (`redis+unix:///path?pass=…`).
+pub fn mask_password(url: &str) -> String {
+    const MASK: &str = "****";
+    let (head, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(auth_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let (userinfo, host) = authority.split_at(at);
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:{MASK}{host}"),
+                None => format!("{MASK}{host}"),
+            }
+        }
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}={MASK}"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{head}{authority}{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_masked() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://:s3cret@host:6379/0", "redis://:****@host:6379/0"),
+            ("rediss://app:s3cret@host:6380", "rediss://app:****@host:6380"),
+            ("redis://s3cret@host", "redis://****@host"),
+            ("redis://u:p@ss@host/1", "redis://u:****@host/1"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=s3cret",
+                "redis+unix:///run/redis.sock?db=1&pass=****",
+            ),
+            (
+                "unix:///run/redis.sock?password=s3cret",
+                "unix:///run/redis.sock?password=****",
+            ),
+        ] {
+            assert_eq!(mask_password(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn sale_settings_are_listed() {
+        let yaml = "upstream: { url: \"http://127.0.0.1:3000\" }\n\
+                    store: { redis: \"redis://:pw@127.0.0.1:6379\" }\n\
+                    routes:\n\
+                    \x20 - name: buy\n\
+                    \x20   match: { method: POST, path: /api/order }\n\
+                    \x20   identity: { cookie: uid }\n\
+                    \x20   sale:\n\
+                    \x20     sku: { json: sku }\n\
+                    \x20     quantity: { json: qty }\n\
+                    \x20     per_user_limit: 3\n\
+                    \x20     start: 2026-11-27T09:00:00Z\n\
+                    \x20     end: 2026-11-27T10:00:00Z\n\
+                    \x20     sold_out_recheck: 250ms\n";
+        let text = describe(&super::super::parse(yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}")));
+        for line in [
+            "store: redis redis://:****@127.0.0.1:6379 (connections 4, response_timeout 250ms, key_prefix fg)",
+            "admin: off",
+            "trusted_proxies: none (X-Forwarded-For is not believed)",
+            "  1. buy POST /api/order identity=cookie:uid",
+            "       sale: sku from json field `sku`",
+            "       quantity: from json field `qty`",
+            "       per_user_limit: 3",
+            "       window: start 2026-11-27T09:00:00Z, end 2026-11-27T10:00:00Z",
+            "       release_on: (nothing: every forwarded unit counts as sold)",
+            "       sold_out_recheck: 250ms",
+            "       max_body: 16384 bytes (read for the JSON field)",
+            "       limits: none",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+        }
+        assert!(!text.contains("pw"), "{text}");
+    }
+}
