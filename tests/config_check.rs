@@ -154,6 +154,35 @@ const BAD: &[(&str, u64, &[&str])] = &[
         5,
         &["routes[0].limits.in_flight: ", "nonzero"],
     ),
+    // A route above a sale route that takes some of its buys (first match wins): reported at
+    // the earlier route, naming both routes, both lines and an example request.
+    (
+        "shadowed_sale_route",
+        4,
+        &[
+            "routes[0]: route \"everything-else\" (line 4) is listed before sale route \"flash-buy\" (line 6)",
+            "(e.g. POST /api/flash/x/buy)",
+            "every such buy would reach the backend unguarded; move the sale route up",
+        ],
+    ),
+    // No `method` means every method; the GET-only route before it is fine.
+    (
+        "shadowed_by_method",
+        7,
+        &[
+            "routes[1]: route \"vip-legacy\" (line 7) is listed before sale route \"flash-buy\" (line 9)",
+            "(e.g. POST /api/flash/vip-x/buy)",
+        ],
+    ),
+    (
+        "shadowed_by_sale_route",
+        3,
+        &[
+            "routes[0]: sale route \"any-action\" (line 3) is listed before sale route \"flash-buy\" (line 7)",
+            "(e.g. POST /api/flash/x/buy)",
+            "admitted by the rules of \"any-action\"",
+        ],
+    ),
 ];
 
 #[test]
@@ -216,14 +245,102 @@ fn example_config_checks_ok_and_lists_routes() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], "config/flashgate.yaml: ok");
     assert!(lines[1].starts_with("listen 127.0.0.1:8080 -> upstream http://127.0.0.1:3000"));
-    assert_eq!(lines[2], "routes (first match wins):");
     assert_eq!(
-        lines[3],
-        "  1. flash-buy POST /api/flash/{sku}/buy identity=header:x-user-id \
-         route=5000/s burst 1000 per_ip=50/s burst 100 per_user=2/s burst 2 in_flight=2000"
+        lines[2..],
+        [
+            "store: embedded memory (one instance only)",
+            "admin: on, listen 127.0.0.1:9090, token from $FLASHGATE_ADMIN_TOKEN (off while it is unset)",
+            "trusted_proxies: 127.0.0.1/32",
+            "routes (first match wins):",
+            "  1. flash-buy POST /api/flash/{sku}/buy identity=header:x-user-id \
+             route=5000/s burst 1000 per_ip=50/s burst 100 per_user=2/s burst 2 in_flight=2000",
+            "       sale: sku from path_param `sku`",
+            "       quantity: 1",
+            "       per_user_limit: 1",
+            "       window: start (none), end (none)",
+            "       release_on: connect_error, 503",
+            "       sold_out_recheck: 1s",
+            "       max_body: 16384 bytes (body not read)",
+            "  2. everything-else * /{*rest}",
+            "unmatched: proxy",
+        ]
     );
-    assert_eq!(lines[4], "  2. everything-else * /{*rest}");
-    assert_eq!(lines[5], "unmatched: proxy");
+}
+
+/// A config whose sale route comes after a route with other methods on its path and before the
+/// catch-all is fine: nothing above it can take a buy.
+#[test]
+fn routes_that_cannot_take_a_buy_may_precede_the_sale_route() {
+    let out = check("tests/fixtures/ok_sale_route_order.yaml");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("  3. flash-buy POST /api/flash/{sku}/buy"),
+        "{stdout}"
+    );
+}
+
+/// `check` shows what will run with secrets hidden: a Redis store with its password masked,
+/// admin off, and a sale route's every setting (SKU and quantity sources, window, release).
+#[test]
+fn check_prints_store_admin_and_sale_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sale.yaml");
+    std::fs::write(
+        &path,
+        "upstream: { url: \"http://127.0.0.1:3000\" }\n\
+         store: { redis: \"redis://:hunter2@10.0.0.5:6379/0\", key_prefix: shop }\n\
+         trusted_proxies: [10.0.0.0/8, 192.168.1.1]\n\
+         unmatched: not_found\n\
+         routes:\n\
+         \x20 - name: order\n\
+         \x20   match: { method: POST, path: /api/order }\n\
+         \x20   identity: { cookie: uid }\n\
+         \x20   limits: { per_user: { per_minute: 6, burst: 2 }, in_flight: 50 }\n\
+         \x20   sale:\n\
+         \x20     sku: { json: sku }\n\
+         \x20     quantity: { header: x-qty }\n\
+         \x20     per_user_limit: 2\n\
+         \x20     start: 2026-11-27T09:00:00Z\n\
+         \x20     end: 2026-11-27T10:00:00Z\n\
+         \x20     release_on: [502, 503]\n\
+         \x20     sold_out_recheck: 500ms\n\
+         \x20     max_body: 4KiB\n",
+    )
+    .unwrap();
+    let out = check(path.to_str().unwrap());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("hunter2"), "the password leaked: {stdout}");
+    let lines: Vec<&str> = stdout.lines().skip(2).collect();
+    assert_eq!(
+        lines,
+        [
+            "store: redis redis://:****@10.0.0.5:6379/0 (connections 4, response_timeout 250ms, key_prefix shop)",
+            "admin: off",
+            "trusted_proxies: 10.0.0.0/8, 192.168.1.1/32",
+            "routes (first match wins):",
+            "  1. order POST /api/order identity=cookie:uid per_user=6/min burst 2 in_flight=50",
+            "       sale: sku from json field `sku`",
+            "       quantity: from header `x-qty`",
+            "       per_user_limit: 2",
+            "       window: start 2026-11-27T09:00:00Z, end 2026-11-27T10:00:00Z",
+            "       release_on: 502, 503",
+            "       sold_out_recheck: 500ms",
+            "       max_body: 4096 bytes (read for the JSON field)",
+            "unmatched: not_found",
+        ]
+    );
 }
 
 #[test]
@@ -245,6 +362,17 @@ fn serve_refuses_a_bad_config_with_the_same_message() {
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr.starts_with("tests/fixtures/bad_rate_both.yaml:6:"),
+        "{stderr}"
+    );
+    let out = flashgate(&[
+        "serve",
+        "--config",
+        "tests/fixtures/bad_shadowed_sale_route.yaml",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.starts_with("tests/fixtures/bad_shadowed_sale_route.yaml:4:5: routes[0]: "),
         "{stderr}"
     );
 }

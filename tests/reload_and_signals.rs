@@ -181,6 +181,59 @@ mod in_process {
         .await;
     }
 
+    /// A reload that would list a catch-all above the sale route (so every buy would reach the
+    /// backend unguarded) is refused like any invalid file: the running routes stay, and a buy
+    /// is still answered by flashgate, not forwarded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reload_refuses_a_route_that_would_shadow_the_sale_route() {
+        bounded(async {
+            let backend = Backend::start_echo().await;
+            let sale = "  - name: flash-buy\n\
+                        \x20   match: { method: POST, path: \"/api/flash/{sku}/buy\" }\n\
+                        \x20   identity: { header: X-User-Id }\n\
+                        \x20   sale: { sku: { path_param: sku } }\n";
+            let catch_all = "  - name: everything-else\n    match: { path: \"/{*rest}\" }\n";
+            let fg = Flashgate::start(&config(&backend, &format!("routes:\n{sale}{catch_all}"))).await;
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("flashgate.yaml");
+            save_by_rename(&path, &config(&backend, &format!("routes:\n{catch_all}{sale}")));
+
+            assert!(!reload(&fg.app, &path), "a shadowed sale route is refused");
+            assert_eq!(
+                fg.app
+                    .reload_failures
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                1
+            );
+            let err = flashgate::config::load(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("route \"everything-else\" (line 3) is listed before sale route \"flash-buy\" (line 5)"),
+                "{err}"
+            );
+            let routes: Vec<String> = fg
+                .app
+                .snapshot()
+                .routes
+                .iter()
+                .map(|r| r.route.name.clone())
+                .collect();
+            assert_eq!(routes, ["flash-buy", "everything-else"]);
+            // No stock was set: flashgate answers `not_configured` itself.
+            let a = send(
+                &client(),
+                "POST",
+                &fg.url("/api/flash/sku-1/buy"),
+                &[("x-user-id", "alice")],
+                "",
+            )
+            .await;
+            assert_eq!(a.status, 404, "{}", a.text());
+            assert_eq!(a.json()["error"], "not_configured");
+            assert_eq!(backend.count(), 0, "the buy reached the backend");
+        })
+        .await;
+    }
+
     /// Requests in flight when the config is swapped finish on the snapshot they started with:
     /// an ordinary request and a won flash reservation, both waiting on a slow backend while
     /// the reload replaces every route and the upstream client, answer 200, and the unit is

@@ -42,7 +42,10 @@ pub fn describe(cfg: &Config) -> String {
         ),
     };
     let _ = if cfg.trusted_proxies.is_empty() {
-        writeln!(out, "trusted_proxies: none (X-Forwarded-For is not believed)")
+        writeln!(
+            out,
+            "trusted_proxies: none (X-Forwarded-For is not believed)"
+        )
     } else {
         let nets: Vec<String> = cfg.trusted_proxies.iter().map(|n| n.to_string()).collect();
         writeln!(out, "trusted_proxies: {}", nets.join(", "))
@@ -130,11 +133,7 @@ fn sale_lines(out: &mut String, r: &Route, sale: &Sale) {
             release.join(", ")
         }
     );
-    let _ = writeln!(
-        out,
-        "{IN}sold_out_recheck: {}",
-        dur(sale.sold_out_recheck)
-    );
+    let _ = writeln!(out, "{IN}sold_out_recheck: {}", dur(sale.sold_out_recheck));
     let _ = writeln!(
         out,
         "{IN}max_body: {} bytes ({})",
@@ -226,7 +225,10 @@ mod tests {
         for (url, shown) in [
             ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
             ("redis://:s3cret@host:6379/0", "redis://:****@host:6379/0"),
-            ("rediss://app:s3cret@host:6380", "rediss://app:****@host:6380"),
+            (
+                "rediss://app:s3cret@host:6380",
+                "rediss://app:****@host:6380",
+            ),
             ("redis://s3cret@host", "redis://****@host"),
             ("redis://u:p@ss@host/1", "redis://u:****@host/1"),
             (
@@ -272,7 +274,10 @@ mod tests {
             "       max_body: 16384 bytes (read for the JSON field)",
             "       limits: none",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
         }
         assert!(!text.contains("pw"), "{text}");
     }

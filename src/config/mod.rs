@@ -22,8 +22,8 @@ use serde_saphyr::{Location, Spanned};
 
 pub use describe::describe;
 pub use raw::Unmatched;
-pub use shadow::templates_overlap;
 use raw::{RawConfig, RawIdentity, RawQuantity, RawRate, RawRoute, RawSale, RawSource, ReleaseOn};
+pub use shadow::templates_overlap;
 pub use values::{PathTemplate, UpstreamUrl};
 
 /// hyper refuses header buffers below this size.

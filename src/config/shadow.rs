@@ -164,7 +164,10 @@ fn step(toks: &[Tok], p: Pos, c: char) -> Vec<Pos> {
                 k: q.k + 1,
                 inside: false,
             }),
-            (false, t) if t.repeats_on(c) => Some(Pos { k: q.k, inside: true }),
+            (false, t) if t.repeats_on(c) => Some(Pos {
+                k: q.k,
+                inside: true,
+            }),
             _ => None,
         };
         out.extend(next);
@@ -260,7 +263,11 @@ mod tests {
     const PAIRS: &[(&str, &str, Option<&str>)] = &[
         // Catch-alls.
         ("/{*rest}", "/api/flash/{sku}/buy", Some("/api/flash/x/buy")),
-        ("/api/{*rest}", "/api/flash/{sku}/buy", Some("/api/flash/x/buy")),
+        (
+            "/api/{*rest}",
+            "/api/flash/{sku}/buy",
+            Some("/api/flash/x/buy"),
+        ),
         ("/shop/{*rest}", "/api/flash/{sku}/buy", None),
         ("/api/{*rest}", "/api", Some("/api")),
         ("/api/{*rest}", "/apix", None),
@@ -268,7 +275,11 @@ mod tests {
         ("/{*rest}", "/", Some("/")),
         ("/{*a}", "/{*b}", Some("/")),
         ("/shop/{*rest}", "/api/{*rest}", None),
-        ("/api/v1/{*rest}", "/api/{ver}/orders", Some("/api/v1/orders")),
+        (
+            "/api/v1/{*rest}",
+            "/api/{ver}/orders",
+            Some("/api/v1/orders"),
+        ),
         ("/{a}/{*rest}", "/b", Some("/b")),
         ("/a/{*rest}", "/a{x}", None),
         // Catch-all with a prefix inside its segment (matchit accepts it; no extra forms).
@@ -276,9 +287,21 @@ mod tests {
         ("/files/x{*rest}", "/files/x", None),
         ("/files/x{*rest}", "/files/{name}", Some("/files/xy")),
         // Parameters.
-        ("/api/flash/{sku}/buy", "/api/flash/{id}/buy", Some("/api/flash/x/buy")),
-        ("/api/flash/{sku}/{action}", "/api/flash/{sku}/buy", Some("/api/flash/x/buy")),
-        ("/api/flash/special/buy", "/api/flash/{sku}/buy", Some("/api/flash/special/buy")),
+        (
+            "/api/flash/{sku}/buy",
+            "/api/flash/{id}/buy",
+            Some("/api/flash/x/buy"),
+        ),
+        (
+            "/api/flash/{sku}/{action}",
+            "/api/flash/{sku}/buy",
+            Some("/api/flash/x/buy"),
+        ),
+        (
+            "/api/flash/special/buy",
+            "/api/flash/{sku}/buy",
+            Some("/api/flash/special/buy"),
+        ),
         ("/api/flash/{sku}", "/api/flash/{sku}/buy", None),
         ("/api/{x}", "/api", None),
         ("/{x}", "/", None),
@@ -287,14 +310,26 @@ mod tests {
         // Literals: equal or not; case matters; root.
         ("/", "/", Some("/")),
         ("/api/flash/a/buy", "/api/flash/b/buy", None),
-        ("/api/flash/a/buy", "/api/flash/a/buy", Some("/api/flash/a/buy")),
+        (
+            "/api/flash/a/buy",
+            "/api/flash/a/buy",
+            Some("/api/flash/a/buy"),
+        ),
         ("/API/{x}", "/api/{x}", None),
         ("/api/buy", "/api/buy/now", None),
         // A parameter as part of a segment.
-        ("/images/{id}.png", "/images/logo.png", Some("/images/logo.png")),
+        (
+            "/images/{id}.png",
+            "/images/logo.png",
+            Some("/images/logo.png"),
+        ),
         ("/images/{id}.png", "/images/{name}", Some("/images/x.png")),
         ("/images/{id}.png", "/images/{name}.jpg", None),
-        ("/images/img-{id}", "/images/{id}.png", Some("/images/img-.png")),
+        (
+            "/images/img-{id}",
+            "/images/{id}.png",
+            Some("/images/img-.png"),
+        ),
         ("/images/img-{id}", "/images/pic-{id}", None),
         ("/images/img-{id}", "/images/img-", None),
         ("/v{n}/buy", "/v1/buy", Some("/v1/buy")),
@@ -379,10 +414,15 @@ mod tests {
 
     #[test]
     fn catch_all_before_a_sale_route_is_refused_with_both_lines() {
-        let yaml =
-            format!("{HEAD}  - name: everything-else\n    match: {{ path: \"/{{*rest}}\" }}\n{SALE}");
+        let yaml = format!(
+            "{HEAD}  - name: everything-else\n    match: {{ path: \"/{{*rest}}\" }}\n{SALE}"
+        );
         let e = compile(&yaml).unwrap_err();
-        assert_eq!((e.line, e.column, e.key.as_str()), (3, 5, "routes[0]"), "{e}");
+        assert_eq!(
+            (e.line, e.column, e.key.as_str()),
+            (3, 5, "routes[0]"),
+            "{e}"
+        );
         assert_eq!(
             e.message,
             "route \"everything-else\" (line 3) is listed before sale route \"flash-buy\" \
@@ -393,9 +433,14 @@ mod tests {
 
     #[test]
     fn a_sale_route_shadowing_a_sale_route_is_refused() {
-        let first = SALE.replace("flash-buy", "first").replace("/buy", "/{action}");
+        let first = SALE
+            .replace("flash-buy", "first")
+            .replace("/buy", "/{action}");
         let e = compile(&format!("{HEAD}{first}{SALE}")).unwrap_err();
-        assert!(e.message.starts_with("sale route \"first\" (line 3)"), "{e}");
+        assert!(
+            e.message.starts_with("sale route \"first\" (line 3)"),
+            "{e}"
+        );
         assert!(e.message.contains("POST /api/flash/x/buy"), "{e}");
     }
 
