@@ -17,6 +17,7 @@
 //!
 //! Ordinary routes shadowing ordinary routes are left alone: that is ordinary routing.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
 use http::Method;
@@ -236,8 +237,8 @@ pub fn templates_overlap(a: &str, b: &str) -> Option<String> {
             for na in step(ta, pa, c) {
                 for nb in step(tb, pb, c) {
                     let next = (ia, na, ib, nb);
-                    if !came_from.contains_key(&next) {
-                        came_from.insert(next, Some((node, c)));
+                    if let Entry::Vacant(e) = came_from.entry(next) {
+                        e.insert(Some((node, c)));
                         queue.push_back(next);
                     }
                 }
@@ -395,10 +396,11 @@ mod tests {
     #[test]
     fn methods() {
         let (get, post, put) = (Method::GET, Method::POST, Method::PUT);
+        let one = |m: &Method| vec![m.clone()];
         assert_eq!(methods_overlap(&[], &[]), Some(post.clone()));
-        assert_eq!(methods_overlap(&[], &[put.clone()]), Some(put.clone()));
-        assert_eq!(methods_overlap(&[get.clone()], &[]), Some(get.clone()));
-        assert_eq!(methods_overlap(&[get.clone()], &[post.clone()]), None);
+        assert_eq!(methods_overlap(&[], &one(&put)), Some(put.clone()));
+        assert_eq!(methods_overlap(&one(&get), &[]), Some(get.clone()));
+        assert_eq!(methods_overlap(&one(&get), &one(&post)), None);
         assert_eq!(
             methods_overlap(&[get, put.clone()], &[post, put.clone()]),
             Some(put)
