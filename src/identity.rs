@@ -10,8 +10,17 @@ use crate::reject::Reject;
 /// Extracts and validates the user id. Missing or empty → 401; malformed → 400.
 pub fn user_id<'h>(identity: &Identity, headers: &'h HeaderMap) -> Result<&'h str, Reject> {
     let raw = match &identity.source {
-        IdentitySource::Header(name) => headers.get(name).map(|v| v.as_bytes()),
-        IdentitySource::Cookie(name) => cookie(headers, name),
+        IdentitySource::Header(name) => {
+            let mut values = headers.get_all(name).iter();
+            let first = values.next();
+            if values.next().is_some() {
+                return Err(Reject::BadRequest(format!(
+                    "header {name} occurs more than once"
+                )));
+            }
+            first.map(|v| v.as_bytes())
+        }
+        IdentitySource::Cookie(name) => cookie(headers, name)?,
     };
     let raw =
         raw.ok_or_else(|| Reject::Unauthenticated("no user identity on the request".into()))?;
@@ -35,16 +44,37 @@ pub fn user_id<'h>(identity: &Identity, headers: &'h HeaderMap) -> Result<&'h st
     Ok(user)
 }
 
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
-    headers
+/// The value of cookie `name`. Cookie parsers disagree on a quoted value (Go and Python strip
+/// the quotes), a percent-encoded one (Node and Python decode it) and a repeated name (first
+/// or last wins): each of those would let one buyer count as several, so each is refused.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h [u8]>, Reject> {
+    let mut found = None;
+    let pairs = headers
         .get_all(COOKIE)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
-        .find_map(|pair| {
-            let pair = pair.trim_ascii();
-            let eq = pair.iter().position(|&b| b == b'=')?;
-            (pair[..eq].trim_ascii() == name.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
-        })
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'));
+    for pair in pairs {
+        let pair = pair.trim_ascii();
+        let Some(eq) = pair.iter().position(|&b| b == b'=') else {
+            continue;
+        };
+        if pair[..eq].trim_ascii() != name.as_bytes() {
+            continue;
+        }
+        if found.is_some() {
+            return Err(Reject::BadRequest(format!(
+                "cookie `{name}` occurs more than once"
+            )));
+        }
+        let value = pair[eq + 1..].trim_ascii();
+        if value.first() == Some(&b'"') || value.contains(&b'%') {
+            return Err(Reject::BadRequest(format!(
+                "cookie `{name}` must be a plain value (not quoted or percent-encoded)"
+            )));
+        }
+        found = Some(value);
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -72,6 +102,9 @@ mod tests {
         assert_eq!(user_id(&id, &h).unwrap_err().reason(), "bad_request");
         h.insert("x-user-id", HeaderValue::from_bytes(b"a\tb").unwrap());
         assert_eq!(user_id(&id, &h).unwrap_err().reason(), "bad_request");
+        h.insert("x-user-id", HeaderValue::from_static("alice"));
+        h.append("x-user-id", HeaderValue::from_static("bob"));
+        assert_eq!(user_id(&id, &h).unwrap_err().reason(), "bad_request");
     }
 
     #[test]
@@ -88,5 +121,22 @@ mod tests {
         assert_eq!(user_id(&id, &h).unwrap(), "bob");
         h.insert(COOKIE, HeaderValue::from_static("uidx=bob"));
         assert!(user_id(&id, &h).is_err());
+        for ambiguous in [
+            "uid=\"carol\"",
+            "uid=car%6Fl",
+            "uid=zed; uid=carol",
+            "uid=zed;uid=zed",
+        ] {
+            h.insert(COOKIE, HeaderValue::from_static(ambiguous));
+            assert_eq!(
+                user_id(&id, &h).unwrap_err().reason(),
+                "bad_request",
+                "{ambiguous}"
+            );
+        }
+        // Split across two Cookie headers (as HTTP/2 sends them) still counts twice.
+        h.insert(COOKIE, HeaderValue::from_static("uid=zed"));
+        h.append(COOKIE, HeaderValue::from_static("uid=carol"));
+        assert_eq!(user_id(&id, &h).unwrap_err().reason(), "bad_request");
     }
 }

@@ -21,38 +21,108 @@ pub struct Order {
     pub quantity: u32,
 }
 
-/// Reads the SKU and quantity. When one of them is a JSON body field, the body is read (at
-/// most `max_body` bytes) and handed back intact for forwarding.
+/// Reads the SKU and quantity, each from exactly one place: a source that occurs twice (a
+/// repeated query key or header, a JSON key repeated or present in another case) is refused,
+/// because the backend's parser may pick the other one. When a value is a JSON body field,
+/// or the body is a form (which may carry `_method`), the body is read (at most `max_body`
+/// bytes) and handed back intact for forwarding.
 pub async fn read_order(
     sale: &Sale,
     parts: &Parts,
     path_params: &matchit::Params<'_, '_>,
     body: Body,
 ) -> Result<(Order, Body), Reject> {
-    let (json, body) = if sale.reads_body() {
+    let form = form_kind(parts);
+    let (json, body) = if sale.reads_body() || form.is_some() {
         let bytes = read_limited(body, sale.max_body).await?;
-        let json = parse_object(&bytes)?;
-        (Some(json), body::full(bytes))
+        if let Some(kind) = form {
+            refuse_method_field(kind, &bytes)?;
+        }
+        let json = if sale.reads_body() {
+            Some(JsonFields::parse(&bytes)?)
+        } else {
+            None
+        };
+        (json, body::full(bytes))
     } else {
         (None, body)
     };
     let get = |source: &Source| lookup(source, parts, path_params, json.as_ref());
 
-    let sku = get(&sale.sku)?.ok_or_else(|| Reject::BadRequest("no SKU on the request".into()))?;
+    let sku = match get(&sale.sku)? {
+        None => return Err(Reject::BadRequest("no SKU on the request".into())),
+        Some(Value::Text(s)) => s,
+        Some(Value::Integer(_)) => {
+            return Err(Reject::BadRequest("the SKU must be a JSON string".into()));
+        }
+    };
     validate_sku(&sku)?;
     let quantity = match &sale.quantity {
         Quantity::Fixed(n) => *n,
-        Quantity::From(source) => {
-            let raw = get(source)?
-                .ok_or_else(|| Reject::BadRequest("no quantity on the request".into()))?;
-            parse_quantity(&raw, sale.per_user_limit)?
-        }
+        Quantity::From(source) => match get(source)? {
+            None => return Err(Reject::BadRequest("no quantity on the request".into())),
+            Some(Value::Text(raw)) if matches!(source, Source::Json(_)) => {
+                return Err(Reject::BadRequest(format!(
+                    "quantity `{raw}` must be a JSON integer, not a string"
+                )));
+            }
+            Some(Value::Text(raw)) => parse_quantity(&raw, sale.per_user_limit)?,
+            Some(Value::Integer(n)) => check_quantity(n, sale.per_user_limit)?,
+        },
     };
     Ok((Order { sku, quantity }, body))
 }
 
+/// A value read from the request.
+enum Value {
+    Text(String),
+    /// A JSON integer.
+    Integer(i64),
+}
+
+#[derive(Clone, Copy)]
+enum FormKind {
+    UrlEncoded,
+    Multipart,
+}
+
+fn form_kind(parts: &Parts) -> Option<FormKind> {
+    let ct = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)?
+        .to_str()
+        .ok()?;
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Some(FormKind::UrlEncoded)
+    } else if essence.eq_ignore_ascii_case("multipart/form-data") {
+        Some(FormKind::Multipart)
+    } else {
+        None
+    }
+}
+
+/// Rack, Laravel, Express `method-override` and Spring's hidden-method filter read a form
+/// field `_method` as the request's method: on a sale route that is refused.
+fn refuse_method_field(kind: FormKind, body: &[u8]) -> Result<(), Reject> {
+    let present = match kind {
+        FormKind::UrlEncoded => {
+            form_urlencoded::parse(body).any(|(k, _)| k.eq_ignore_ascii_case("_method"))
+        }
+        FormKind::Multipart => body
+            .windows(b"name=\"_method\"".len())
+            .any(|w| w.eq_ignore_ascii_case(b"name=\"_method\"")),
+    };
+    if present {
+        return Err(Reject::BadRequest(
+            "a method override (`_method`) is not accepted on a sale route".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a whole body of at most `max` bytes (413 past that). Trailers are not kept: a buy
-/// request whose body flashgate must read is a small JSON document.
+/// request whose body flashgate must read is a small JSON document or form.
 async fn read_limited(mut body: Body, max: usize) -> Result<Bytes, Reject> {
     if body.size_hint().lower() > max as u64 {
         return Err(Reject::PayloadTooLarge);
@@ -71,49 +141,170 @@ async fn read_limited(mut body: Body, max: usize) -> Result<Bytes, Reject> {
     Ok(buf.freeze())
 }
 
-fn parse_object(bytes: &Bytes) -> Result<serde_json::Map<String, serde_json::Value>, Reject> {
-    match serde_json::from_slice::<serde_json::Value>(bytes) {
-        Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Reject::BadRequest(
-            "the request body must be a JSON object".into(),
-        )),
-        Err(e) => Err(Reject::BadRequest(format!("invalid JSON body: {e}"))),
+/// The top-level fields of a JSON object body, duplicates kept: serde_json's map would keep
+/// only the last of `{"sku":"a","sku":"b"}`, hiding the ambiguity.
+struct JsonFields(Vec<(String, serde_json::Value)>);
+
+impl JsonFields {
+    fn parse(bytes: &[u8]) -> Result<JsonFields, Reject> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let fields = match serde::de::Deserializer::deserialize_any(&mut de, FieldsVisitor) {
+            Ok(Some(fields)) => fields,
+            Ok(None) => {
+                return Err(Reject::BadRequest(
+                    "the request body must be a JSON object".into(),
+                ));
+            }
+            Err(e) => return Err(Reject::BadRequest(format!("invalid JSON body: {e}"))),
+        };
+        de.end()
+            .map_err(|e| Reject::BadRequest(format!("invalid JSON body: {e}")))?;
+        Ok(JsonFields(fields))
     }
+
+    /// The one field named `name`. A key equal to it under Unicode case folding (`SKU`,
+    /// `ſku` — Go's decoder matches those) counts as a second occurrence.
+    fn get(&self, name: &str) -> Result<Option<&serde_json::Value>, Reject> {
+        let want = case_fold(name);
+        let mut hits = self.0.iter().filter(|(k, _)| case_fold(k) == want);
+        let first = hits.next();
+        if first.is_some() && hits.next().is_some() {
+            return Err(Reject::BadRequest(format!(
+                "JSON key `{name}` occurs more than once (counting other letter cases)"
+            )));
+        }
+        Ok(first.filter(|(k, _)| k == name).map(|(_, v)| v))
+    }
+}
+
+struct FieldsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
+    /// `None`: valid JSON, but not an object.
+    type Value = Option<Vec<(String, serde_json::Value)>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = Vec::new();
+        while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
+            fields.push(entry);
+        }
+        Ok(Some(fields))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// Simple Unicode case folding as Go's `EqualFold` applies it: `ſ` → `s`, `K` (Kelvin) → `k`.
+fn case_fold(s: &str) -> String {
+    s.chars()
+        .flat_map(char::to_uppercase)
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
 fn lookup(
     source: &Source,
     parts: &Parts,
     path_params: &matchit::Params<'_, '_>,
-    json: Option<&serde_json::Map<String, serde_json::Value>>,
-) -> Result<Option<String>, Reject> {
+    json: Option<&JsonFields>,
+) -> Result<Option<Value>, Reject> {
     Ok(match source {
-        Source::PathParam(name) => path_params.get(name).map(percent_decode).transpose()?,
-        Source::Query(name) => parts.uri.query().and_then(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.into_owned())
-        }),
-        Source::Header(name) => match parts.headers.get(name) {
-            None => None,
-            Some(v) => Some(
-                v.to_str()
-                    .map_err(|_| Reject::BadRequest(format!("header {name} is not text")))?
-                    .trim()
-                    .to_owned(),
-            ),
-        },
-        Source::Json(field) => match json.and_then(|j| j.get(field)) {
+        Source::PathParam(name) => path_params
+            .get(name)
+            .map(percent_decode)
+            .transpose()?
+            .map(Value::Text),
+        Source::Query(name) => query_value(parts.uri.query(), name)?.map(Value::Text),
+        Source::Header(name) => {
+            let mut values = parts.headers.get_all(name).iter();
+            match (values.next(), values.next()) {
+                (None, _) => None,
+                (Some(_), Some(_)) => {
+                    return Err(Reject::BadRequest(format!(
+                        "header {name} occurs more than once"
+                    )));
+                }
+                (Some(v), None) => Some(Value::Text(
+                    v.to_str()
+                        .map_err(|_| Reject::BadRequest(format!("header {name} is not text")))?
+                        .trim()
+                        .to_owned(),
+                )),
+            }
+        }
+        Source::Json(field) => match json.map(|j| j.get(field)).transpose()?.flatten() {
             None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            Some(serde_json::Value::String(s)) => Some(Value::Text(s.clone())),
+            Some(serde_json::Value::Number(n)) => match n.as_i64() {
+                Some(i) => Some(Value::Integer(i)),
+                None => {
+                    return Err(Reject::BadRequest(format!(
+                        "JSON field `{field}` must be an integer"
+                    )));
+                }
+            },
             Some(_) => {
                 return Err(Reject::BadRequest(format!(
-                    "JSON field `{field}` must be a string or a number"
+                    "JSON field `{field}` must be a string or an integer"
                 )));
             }
         },
     })
+}
+
+/// The value of query key `name`, which must occur once. Counted as occurrences: any
+/// percent-encoded or case spelling of the key, `name[...]` (qs and PHP read it as an array),
+/// and keys after a `;` (older parsers split on it too).
+fn query_value(query: Option<&str>, name: &str) -> Result<Option<String>, Reject> {
+    let Some(q) = query else { return Ok(None) };
+    let mut value = None;
+    let mut seen = 0;
+    for piece in q.split(';') {
+        for (k, v) in form_urlencoded::parse(piece.as_bytes()) {
+            let same = k.eq_ignore_ascii_case(name)
+                || k.get(..name.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(name))
+                    && k[name.len()..].starts_with('[');
+            if same {
+                seen += 1;
+                if k == name {
+                    value = Some(v.into_owned());
+                }
+            }
+        }
+    }
+    if seen > 1 {
+        return Err(Reject::BadRequest(format!(
+            "query parameter `{name}` occurs more than once"
+        )));
+    }
+    Ok(value)
 }
 
 fn percent_decode(s: &str) -> Result<String, Reject> {
@@ -139,18 +330,29 @@ pub fn validate_sku(sku: &str) -> Result<(), Reject> {
     }
 }
 
-/// A quantity is a whole number from 1 to the per-user limit.
+/// The most units one request may ask for: Lua numbers are doubles, exact up to 2^53 − 1.
+pub const MAX_QUANTITY: i64 = (1 << 53) - 1;
+
+/// A quantity written as text (query or header): plain decimal digits only — no sign, no
+/// spaces, no decimal point — so every backend parser reads the same number.
 pub fn parse_quantity(raw: &str, per_user_limit: u32) -> Result<u32, Reject> {
+    let digits = !raw.is_empty() && raw.len() <= 16 && raw.bytes().all(|b| b.is_ascii_digit());
     let n: i64 = raw
-        .trim()
         .parse()
-        .map_err(|_| Reject::BadRequest(format!("quantity `{raw}` is not a whole number")))?;
-    if n < 1 || n > i64::from(per_user_limit) {
+        .ok()
+        .filter(|_| digits)
+        .ok_or_else(|| Reject::BadRequest(format!("quantity `{raw}` is not a whole number")))?;
+    check_quantity(n, per_user_limit)
+}
+
+/// A quantity is a whole number from 1 to the per-user limit.
+fn check_quantity(n: i64, per_user_limit: u32) -> Result<u32, Reject> {
+    if n < 1 || n > i64::from(per_user_limit) || n > MAX_QUANTITY {
         return Err(Reject::BadRequest(format!(
             "quantity must be between 1 and {per_user_limit}, got {n}"
         )));
     }
-    Ok(n as u32)
+    u32::try_from(n).map_err(|_| Reject::BadRequest(format!("quantity {n} is too large")))
 }
 
 /// Before `start` → 403 not_started; at or after `end` → 403 ended.
@@ -202,13 +404,82 @@ mod tests {
     #[test]
     fn quantities() {
         assert_eq!(parse_quantity("2", 3).unwrap(), 2);
-        for bad in ["0", "-1", "4", "two", "", "1.5", "99999999999999999999"] {
+        for bad in [
+            "0",
+            "-1",
+            "4",
+            "two",
+            "",
+            "1.5",
+            "99999999999999999999",
+            "+1",
+            " 1",
+            "1 ",
+            "1e0",
+        ] {
             assert_eq!(
                 parse_quantity(bad, 3).unwrap_err().reason(),
                 "bad_request",
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn query_keys_must_occur_once_in_every_spelling() {
+        assert_eq!(
+            query_value(Some("sku=a&x=1"), "sku").unwrap().as_deref(),
+            Some("a")
+        );
+        assert_eq!(query_value(Some("x=1"), "sku").unwrap(), None);
+        assert_eq!(query_value(None, "sku").unwrap(), None);
+        for q in [
+            "sku=a&sku=b",
+            "sku=a&%73ku=b",
+            "sku=a&SKU=b",
+            "sku=a&sku[]=b",
+            "sku=a&sku%5B0%5D=b",
+            "x=1;sku=b&sku=a",
+        ] {
+            assert!(query_value(Some(q), "sku").is_err(), "{q}");
+        }
+        // Only another case: the backend may read it, flashgate does not.
+        assert_eq!(query_value(Some("SKU=a"), "sku").unwrap(), None);
+        assert_eq!(
+            query_value(Some("skus=a&sku=b"), "sku").unwrap().as_deref(),
+            Some("b")
+        );
+    }
+
+    #[test]
+    fn json_keys_must_occur_once_under_case_folding() {
+        let one = JsonFields::parse(br#"{"sku":"a","quantity":2}"#).unwrap();
+        assert_eq!(one.get("sku").unwrap(), Some(&serde_json::json!("a")));
+        assert_eq!(one.get("missing").unwrap(), None);
+        for body in [
+            r#"{"sku":"a","sku":"b"}"#,
+            r#"{"sku":"a","SKU":"b"}"#,
+            r#"{"SKU":"b","sku":"a"}"#,
+            "{\"sku\":\"a\",\"\\u017fku\":\"b\"}",
+            "{\"sku\":\"a\",\"s\\u212au\":\"b\"}",
+            "{\"sku\":\"a\",\"ſku\":\"b\"}",
+        ] {
+            let fields = JsonFields::parse(body.as_bytes()).unwrap();
+            assert!(fields.get("sku").is_err(), "{body}");
+        }
+        for bad in ["[1]", "1", "\"x\"", "{", "{}x", r#"{"a":1} {"b":2}"#] {
+            assert!(JsonFields::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn form_method_fields_are_refused() {
+        assert!(refuse_method_field(FormKind::UrlEncoded, b"a=1&b=2").is_ok());
+        assert!(refuse_method_field(FormKind::UrlEncoded, b"a=1&_method=PUT").is_err());
+        assert!(refuse_method_field(FormKind::UrlEncoded, b"%5Fmethod=PUT").is_err());
+        let multipart =
+            b"--x\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nPUT\r\n--x--";
+        assert!(refuse_method_field(FormKind::Multipart, multipart).is_err());
     }
 
     #[test]
