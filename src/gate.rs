@@ -4,6 +4,7 @@
 //! All in-process checks run before any I/O, so a flood of rejected requests costs no round
 //! trip to the store or the backend.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,12 +25,12 @@ use crate::config::{Sale, Unmatched};
 use crate::forward::{ForwardError, Peer};
 use crate::identity;
 use crate::reject::Reject;
-use crate::route_path;
 use crate::sale;
 use crate::state::{App, Snapshot};
 use crate::store::{
     Record, ReserveOutcome, ReserveRequest, Settlement, Store, StoreError, record_retrying,
 };
+use crate::{canonical, fence, hygiene};
 
 /// Marks a request whose head declared both `Content-Length` and `Transfer-Encoding`
 /// (set by the server from the raw head bytes; see `framing.rs`).
@@ -67,7 +68,7 @@ async fn admit_and_forward(
 ) -> Result<Response<Body>, Reject> {
     let cfg = &snap.config;
     // Only flashgate may speak as flashgate: the backend trusts these headers.
-    strip_flashgate_headers(req.headers_mut());
+    let found = hygiene::clean(req.headers_mut(), &snap.hygiene);
 
     // 1. Accept-level limits hyper does not enforce itself (it handles 400/431 on parse).
     let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
@@ -95,13 +96,34 @@ async fn admit_and_forward(
         trusted: client_ip::is_trusted(peer.ip(), &cfg.trusted_proxies),
     };
 
-    // 2. Route match on the normalized path (so `/buy/` or `/%62uy` cannot slip past a sale
-    //    route); first match wins; no match → the configured default.
-    // A clone of the URI (a reference count, not a copy) lets the route's path parameters
-    // borrow from it while the request moves on.
+    // 2. One canonical path, matched AND forwarded, so the backend routes exactly what was
+    //    checked; ambiguous spellings are refused. A clone of the URI (a reference count, not
+    //    a copy) lets the route's path parameters borrow from it while the request moves on.
     let uri = req.uri().clone();
-    let path = route_path::normalize(uri.path());
-    let Some(matched) = snap.route_for(req.method(), &path) else {
+    let path = canonical::canonicalize(uri.path(), &cfg.paths)
+        .map_err(|a| Reject::BadRequest(a.message().into()))?;
+    if let Cow::Owned(p) = &path {
+        set_path(&mut req, p)?;
+    }
+    // First match wins; then the fence: no other spelling of a sale path gets through.
+    let matched = snap.route_for(req.method(), canonical::match_form(&path));
+    let on_sale = matched
+        .as_ref()
+        .is_some_and(|m| m.route.route.sale.is_some());
+    if on_sale {
+        if found.method_override || fence::overrides_method(req.headers(), uri.query()) {
+            return Err(Reject::BadRequest(
+                "a method override is not accepted on a sale route".into(),
+            ));
+        }
+    } else {
+        snap.fence.check(
+            req.method(),
+            &path,
+            matched.as_ref().map(|m| &m.route.route),
+        )?;
+    }
+    let Some(matched) = matched else {
         return match cfg.unmatched {
             Unmatched::Proxy => {
                 let (req, limit) = limit_body(req, cfg.server.max_body)?;
@@ -187,7 +209,11 @@ async fn admit_sale(
     let reservation = match app.store.reserve(&request).await {
         Ok(ReserveOutcome::Won { reservation, .. }) => reservation,
         Ok(ReserveOutcome::SoldOut { remaining }) => {
-            app.sold_out.mark(&order.sku, sale.sold_out_recheck);
+            // Only an empty SKU is sold out for everybody; an order larger than what is
+            // left is refused for itself (or one buyer could close the sale for all).
+            if remaining == 0 {
+                app.sold_out.mark(&order.sku, sale.sold_out_recheck);
+            }
             return Err(Reject::SoldOut { remaining });
         }
         Ok(ReserveOutcome::AlreadyPurchased { held }) => {
@@ -342,53 +368,20 @@ impl Drop for Pending {
     }
 }
 
-fn strip_flashgate_headers(headers: &mut http::HeaderMap) {
-    let spoofed: Vec<http::HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-flashgate-"))
-        .cloned()
-        .collect();
-    for name in spoofed {
-        headers.remove(name);
-    }
-    // Nor may a client remove them: the forwarder strips every header named in `Connection`,
-    // which would drop the ones flashgate sets on a winner (`Connection: x-flashgate-user`).
-    let ours = |token: &str| {
-        token
-            .trim()
-            .get(..12)
-            .is_some_and(|p| p.eq_ignore_ascii_case("x-flashgate-"))
+/// Replaces the request's path with its canonical form, keeping the query.
+fn set_path<B>(req: &mut Request<B>, path: &str) -> Result<(), Reject> {
+    let pq = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
     };
-    let nominates_ours = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(ours)));
-    if nominates_ours {
-        let values: Vec<HeaderValue> = headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .cloned()
-            .collect();
-        headers.remove(http::header::CONNECTION);
-        for value in values {
-            let kept = match value.to_str() {
-                Ok(v) => v
-                    .split(',')
-                    .filter(|t| !ours(t))
-                    .collect::<Vec<_>>()
-                    .join(","),
-                Err(_) => {
-                    headers.append(http::header::CONNECTION, value);
-                    continue;
-                }
-            };
-            if !kept.trim().is_empty()
-                && let Ok(v) = HeaderValue::from_str(kept.trim())
-            {
-                headers.append(http::header::CONNECTION, v);
-            }
-        }
-    }
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|_| Reject::BadRequest("the request path cannot be rebuilt".into()))?,
+    );
+    *req.uri_mut() = http::Uri::from_parts(parts)
+        .map_err(|_| Reject::BadRequest("the request path cannot be rebuilt".into()))?;
+    Ok(())
 }
 
 async fn forward(

@@ -6,7 +6,10 @@
 //! The request path, in the order a request meets it:
 //! 1. [`server`] accepts HTTP/1.1 and h2c, enforces connection, header and idle limits.
 //! 2. [`gate`] runs the steps below in order and turns any [`reject::Reject`] into an answer.
-//! 3. [`state::Snapshot::route_for`] matches the route (first match wins).
+//! 3. [`hygiene`] strips headers only flashgate may set; [`canonical`] gives the one path
+//!    that is both matched and forwarded (ambiguous spellings refused);
+//!    [`state::Snapshot::route_for`] matches the route (first match wins); [`fence`] refuses
+//!    any other spelling of a sale path.
 //! 4. [`limit`] guards: in-flight slot, per-IP bucket, [`identity`], per-user bucket, route bucket.
 //! 5. [`forward`] sends the request to the backend over a pooled client, streaming both ways.
 //!
@@ -14,17 +17,19 @@
 
 pub mod admin;
 pub mod body;
+pub mod canonical;
 pub mod client_ip;
 pub mod config;
 pub mod demo;
+pub mod fence;
 pub mod forward;
 pub mod framing;
 pub mod gate;
+pub mod hygiene;
 pub mod identity;
 pub mod limit;
 pub mod reject;
 pub mod reload;
-pub mod route_path;
 pub mod sale;
 pub mod server;
 pub mod state;

@@ -22,6 +22,10 @@ pub enum Reject {
     Overloaded,
     Unauthenticated(String),
     BadRequest(String),
+    /// A sale path asked with another method; `allow` is the `Allow` header's value.
+    MethodNotAllowed {
+        allow: String,
+    },
     NotStarted,
     Ended,
     AlreadyPurchased {
@@ -55,6 +59,7 @@ impl Reject {
             Reject::Overloaded | Reject::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reject::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Reject::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Reject::NotStarted | Reject::Ended => StatusCode::FORBIDDEN,
             Reject::AlreadyPurchased { .. } => StatusCode::CONFLICT,
             Reject::SoldOut { .. } => StatusCode::GONE,
@@ -73,6 +78,7 @@ impl Reject {
             Reject::Overloaded => "overloaded",
             Reject::Unauthenticated(_) => "unauthenticated",
             Reject::BadRequest(_) => "bad_request",
+            Reject::MethodNotAllowed { .. } => "method_not_allowed",
             Reject::NotStarted => "not_started",
             Reject::Ended => "ended",
             Reject::AlreadyPurchased { .. } => "already_purchased",
@@ -94,6 +100,9 @@ impl Reject {
             }
             Reject::Overloaded => Cow::Borrowed("too many requests in flight, retry shortly"),
             Reject::Unauthenticated(m) | Reject::BadRequest(m) => Cow::Borrowed(m),
+            Reject::MethodNotAllowed { allow } => {
+                Cow::Owned(format!("this sale path accepts only {allow}"))
+            }
             Reject::NotStarted => Cow::Borrowed("the sale has not started yet"),
             Reject::Ended => Cow::Borrowed("the sale has ended"),
             Reject::AlreadyPurchased { .. } => {
@@ -152,6 +161,11 @@ impl Reject {
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secs) = retry {
             h.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Reject::MethodNotAllowed { allow } = &self
+            && let Ok(v) = HeaderValue::from_str(allow)
+        {
+            h.insert(http::header::ALLOW, v);
         }
         if let Reject::RateLimited { scope, rate, .. } = &self {
             // IETF draft-ietf-httpapi-ratelimit-headers: quota `q` per window `w` seconds;

@@ -11,8 +11,10 @@ use http::Method;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, Route};
+use crate::config::{Config, Identity, IdentitySource, Quantity, Route, Source};
+use crate::fence::Fence;
 use crate::forward::Upstream;
+use crate::hygiene;
 use crate::limit::RouteGuards;
 use crate::sale::SoldOut;
 use crate::store::breaker::Breaker;
@@ -38,6 +40,10 @@ pub struct App {
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub routes: Vec<RouteState>,
+    /// Sale paths in every spelling a backend might fold onto them (see `fence.rs`).
+    pub fence: Fence,
+    /// Which headers clients may not send through (see `hygiene.rs`).
+    pub hygiene: hygiene::Rules,
     pub upstream: Arc<Upstream>,
 }
 
@@ -79,6 +85,8 @@ impl Snapshot {
             _ => Arc::new(Upstream::new(&config.upstream)),
         };
         Snapshot {
+            fence: Fence::new(&config.routes),
+            hygiene: hygiene_rules(&config),
             config: Arc::new(config),
             routes,
             upstream,
@@ -97,6 +105,34 @@ impl Snapshot {
                 params: m.params,
             })
         })
+    }
+}
+
+/// The headers a config reads values from, and the method-override headers it lets pass.
+fn hygiene_rules(config: &Config) -> hygiene::Rules {
+    let mut value_headers = Vec::new();
+    for route in &config.routes {
+        if let Some(Identity {
+            source: IdentitySource::Header(h),
+            ..
+        }) = &route.identity
+        {
+            value_headers.push(h.clone());
+        }
+        if let Some(sale) = &route.sale {
+            if let Source::Header(h) = &sale.sku {
+                value_headers.push(h.clone());
+            }
+            if let Quantity::From(Source::Header(h)) = &sale.quantity {
+                value_headers.push(h.clone());
+            }
+        }
+    }
+    value_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    value_headers.dedup();
+    hygiene::Rules {
+        value_headers,
+        pass_method_override: config.pass_method_override.clone(),
     }
 }
 

@@ -22,6 +22,8 @@ use serde_saphyr::{Location, Spanned};
 
 pub use describe::describe;
 pub use raw::Unmatched;
+
+use crate::canonical::PathPolicy;
 use raw::{RawConfig, RawIdentity, RawQuantity, RawRate, RawRoute, RawSale, RawSource, ReleaseOn};
 pub use shadow::templates_overlap;
 pub use values::{PathTemplate, UpstreamUrl};
@@ -39,6 +41,10 @@ pub struct Config {
     pub server: Server,
     pub trusted_proxies: Vec<IpNet>,
     pub unmatched: Unmatched,
+    /// Which ambiguous path spellings are let through (see `canonical.rs`).
+    pub paths: PathPolicy,
+    /// Method-override headers kept on non-sale requests (stripped otherwise).
+    pub pass_method_override: Vec<HeaderName>,
     pub health_path: Option<String>,
     pub admin: Option<Admin>,
     /// `None`: the embedded in-memory store.
@@ -340,6 +346,12 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
         },
         trusted_proxies: raw.trusted_proxies.into_iter().map(|t| t.0).collect(),
         unmatched: raw.unmatched,
+        paths: PathPolicy {
+            allow_encoded_slash: raw.paths.allow_encoded_slash,
+            allow_backslash: raw.paths.allow_backslash,
+            allow_semicolon: raw.paths.allow_semicolon,
+        },
+        pass_method_override: raw.pass_method_override.into_iter().map(|h| h.0).collect(),
         health_path: raw.health_path.map(|p| p.value),
         admin: raw.admin.map(|a| Admin {
             listen: a.listen,

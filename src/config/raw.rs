@@ -29,6 +29,12 @@ pub struct RawConfig {
     pub trusted_proxies: Vec<TrustedNet>,
     #[serde(default)]
     pub unmatched: Unmatched,
+    /// Ambiguous path spellings that are refused unless allowed here.
+    #[serde(default)]
+    pub paths: RawPaths,
+    /// Method-override headers (`X-HTTP-Method-Override`…) forwarded on non-sale requests.
+    #[serde(default)]
+    pub pass_method_override: Vec<HeaderNameValue>,
     #[serde(default = "default_health_path")]
     pub health_path: Option<Spanned<String>>,
     pub admin: Option<RawAdmin>,
@@ -100,6 +106,18 @@ fn default_health_path() -> Option<Spanned<String>> {
         Location::UNKNOWN,
         Location::UNKNOWN,
     ))
+}
+
+/// Spellings of a path that backends read differently; each refused with 400 unless allowed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPaths {
+    #[serde(default)]
+    pub allow_encoded_slash: bool,
+    #[serde(default)]
+    pub allow_backslash: bool,
+    #[serde(default)]
+    pub allow_semicolon: bool,
 }
 
 /// What a request that matches no route gets.
