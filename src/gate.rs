@@ -61,7 +61,7 @@ pub async fn handle(
 }
 
 async fn admit_and_forward(
-    app: &App,
+    app: &Arc<App>,
     snap: &Snapshot,
     peer: SocketAddr,
     mut req: Request<Incoming>,
@@ -182,7 +182,7 @@ const X_QUANTITY: HeaderName = HeaderName::from_static("x-flashgate-quantity");
 
 /// Steps 5–9 of the request path for a flash-sale route.
 async fn admit_sale(
-    app: &App,
+    app: &Arc<App>,
     snap: &Snapshot,
     sale: &Sale,
     user: String,
@@ -229,67 +229,119 @@ async fn admit_sale(
         }
     };
 
-    // From here on the reservation must end sold, released or uncertain, even if this future
-    // is dropped (hyper cancels it when the client disconnects mid-order).
-    let mut pending = Pending {
-        store: app.store.clone(),
-        tasks: app.bookkeeping.clone(),
-        sku: order.sku.clone(),
-        reservation: reservation.clone(),
-        on_drop: Some(Outcome::Settle(Settlement::Uncertain)),
+    // 8–9 run in a task of their own: once a unit is won, the exchange with the backend is
+    // finished (bounded by the upstream request timeout) and its real outcome recorded even
+    // when the buyer goes away meanwhile (hyper then drops this future, not the task).
+    let order = Won {
+        app: Arc::clone(app),
+        upstream: Arc::clone(&snap.upstream),
+        release_on_status: sale.release_on_status.clone(),
+        sku: order.sku,
+        user,
+        quantity: order.quantity,
+        reservation,
     };
-
-    // 8. Forward the winner with headers the backend can trust.
-    let mut req = Request::from_parts(parts, body);
-    let h = req.headers_mut();
-    for (name, value) in [
-        (X_RESERVATION, reservation.as_str()),
-        (X_SKU, order.sku.as_str()),
-        (X_USER, user.as_str()),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            h.insert(name, v);
+    let exchange = app
+        .bookkeeping
+        .spawn(order.forward(Request::from_parts(parts, body), peer));
+    match exchange.await {
+        Ok(result) => result.map_err(|e| forward_error(e, &limit)),
+        // The task panicked: its `Pending` guard has recorded the unit as uncertain.
+        Err(e) => {
+            warn!(error = %e, "winner's exchange with the backend failed");
+            Err(Reject::BadGateway)
         }
     }
-    h.insert(X_QUANTITY, HeaderValue::from(order.quantity));
-    let result = snap.upstream.forward(req, peer).await;
+}
 
-    // 9. Outcome: sold, released (the backend certainly did not take it) or uncertain.
-    let outcome = match &result {
-        Ok(resp) if sale.release_on_status.contains(&resp.status().as_u16()) => Outcome::Release,
-        Ok(_) => Outcome::Settle(Settlement::Sold),
-        Err(ForwardError::Connect(_)) => Outcome::Release,
-        Err(ForwardError::Timeout(_) | ForwardError::Failed(_)) => {
-            Outcome::Settle(Settlement::Uncertain)
-        }
-    };
-    match outcome {
-        Outcome::Release => {
-            // Awaited: the buyer's retry must be able to win the unit back.
-            pending.on_drop = Some(Outcome::Release);
-            let released = app.store.release(&order.sku, &reservation).await;
-            pending.done();
-            match released {
-                Ok(_) => {
-                    app.sold_out.clear(&order.sku);
-                    info!(sku = %order.sku, %reservation, "backend did not take the order: unit released");
-                }
-                Err(e) => {
-                    warn!(sku = %order.sku, %reservation, error = %e, "release failed: retrying in the background");
-                    record_later(app, order.sku, reservation, Record::Release);
-                }
+/// A buyer who won a reservation, on the way to the backend.
+struct Won {
+    app: Arc<App>,
+    upstream: Arc<crate::forward::Upstream>,
+    release_on_status: Vec<u16>,
+    sku: String,
+    user: String,
+    quantity: u32,
+    reservation: String,
+}
+
+impl Won {
+    /// Steps 8 and 9: forward the winner, then record sold, released or uncertain.
+    async fn forward(
+        self,
+        mut req: Request<Body>,
+        peer: Peer,
+    ) -> Result<Response<Body>, ForwardError> {
+        let Won {
+            app,
+            upstream,
+            release_on_status,
+            sku,
+            user,
+            quantity,
+            reservation,
+        } = self;
+        // From here on the reservation must end sold, released or uncertain, even if this
+        // task is dropped (a runtime shutting down) or panics.
+        let mut pending = Pending {
+            store: app.store.clone(),
+            tasks: app.bookkeeping.clone(),
+            sku: sku.clone(),
+            reservation: reservation.clone(),
+            on_drop: Some(Outcome::Settle(Settlement::Uncertain)),
+        };
+
+        // 8. Forward the winner with headers the backend can trust.
+        let h = req.headers_mut();
+        for (name, value) in [
+            (X_RESERVATION, reservation.as_str()),
+            (X_SKU, sku.as_str()),
+            (X_USER, user.as_str()),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                h.insert(name, v);
             }
         }
-        Outcome::Settle(to) => {
-            pending.done();
-            if to == Settlement::Uncertain {
-                warn!(sku = %order.sku, %reservation, %user, "backend outcome unknown: unit kept, reservation marked uncertain");
+        h.insert(X_QUANTITY, HeaderValue::from(quantity));
+        let result = upstream.forward(req, peer).await;
+
+        // 9. Outcome: sold, released (the backend certainly did not take it) or uncertain.
+        let outcome = match &result {
+            Ok(resp) if release_on_status.contains(&resp.status().as_u16()) => Outcome::Release,
+            Ok(_) => Outcome::Settle(Settlement::Sold),
+            Err(ForwardError::Connect(_)) => Outcome::Release,
+            Err(ForwardError::Timeout(_) | ForwardError::Failed(_)) => {
+                Outcome::Settle(Settlement::Uncertain)
             }
-            // Off the response path: the winner should not wait for bookkeeping.
-            record_later(app, order.sku, reservation, Record::Settle(to));
+        };
+        match outcome {
+            Outcome::Release => {
+                // Awaited: the buyer's retry must be able to win the unit back.
+                pending.on_drop = Some(Outcome::Release);
+                let released = app.store.release(&sku, &reservation).await;
+                pending.done();
+                match released {
+                    Ok(_) => {
+                        app.sold_out.clear(&sku);
+                        info!(%sku, %reservation, "backend did not take the order: unit released");
+                    }
+                    Err(e) => {
+                        warn!(%sku, %reservation, error = %e, "release failed: retrying in the background");
+                        record_later(&app, sku, reservation, Record::Release);
+                    }
+                }
+            }
+            Outcome::Settle(to) => {
+                pending.done();
+                if to == Settlement::Uncertain {
+                    warn!(%sku, %reservation, %user, "backend outcome unknown: unit kept, reservation marked uncertain");
+                }
+                // Off the response path: the winner should not wait for bookkeeping.
+                record_later(&app, sku, reservation, Record::Settle(to));
+            }
         }
+        result
     }
-    result.map_err(|e| forward_error(e, &limit))
 }
 
 #[derive(Clone, Copy)]
@@ -327,11 +379,12 @@ fn spawn_record(
     });
 }
 
-/// A won reservation whose outcome (step 9) is not recorded yet. If the request future is
-/// dropped first (the client went away, and hyper cancels its request), the drop records
-/// `on_drop` off the response path: `uncertain` while the order may be with the backend,
-/// `release` once the backend refused it. Otherwise the unit would stay `held` for good and
-/// the buyer would be told `already_purchased` for an order nobody knows about.
+/// A won reservation whose outcome (step 9) is not recorded yet. The winner's exchange runs
+/// in its own task, so a client going away does not end it; if the task itself ends early (it
+/// panicked, or the runtime is shutting down), the drop records `on_drop` off the response
+/// path: `uncertain` while the order may be with the backend, `release` once the backend
+/// refused it. Otherwise the unit would stay `held` for good and the buyer would be told
+/// `already_purchased` for an order nobody knows about.
 struct Pending {
     store: Arc<dyn Store>,
     tasks: TaskTracker,

@@ -362,15 +362,15 @@ impl Shared {
             reservation: new_reservation_id(),
             tx,
         };
+        let (shared, sku) = (Arc::clone(self), req.sku.clone());
+        let mut reply = Reply::new(rx, move |id| {
+            shared.cancel_later(&sku, &id, "buyer left as the reservation was answered");
+        });
         let queue = Arc::clone(self.reserves.get_or_default());
         if queue.push(&req.sku, waiter) {
             spawn_reserve_batch(Arc::clone(self), queue, req.sku.clone());
         }
-        rx.await.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(
-                "reserve batch abandoned before it was answered".into(),
-            ))
-        })
+        reply.recv().await
     }
 
     /// One `reserve.lua` call for up to [`RESERVE_BATCH_MAX`] buyers.
@@ -448,7 +448,11 @@ impl Shared {
         let store = Arc::clone(self);
         let (sku, id) = (sku.to_owned(), id.to_owned());
         tracing::warn!(%sku, reservation = %id, why, "cancelling a reservation in the background");
-        tokio::spawn(async move {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(%sku, reservation = %id, "no runtime left to cancel the reservation: it stays held");
+            return;
+        };
+        runtime.spawn(async move {
             let cancelled =
                 retry_while_unavailable(|| store.release_inner(&sku, &id, Mode::Cancel)).await;
             match cancelled {
@@ -888,6 +892,57 @@ impl LuaScript {
 // ---------------------------------------------------------------------------
 // Reserve batches
 
+/// The buyer's end of a reserve batch's reply. The batch task's `send` can succeed in the
+/// very moment the buyer's future is dropped (the client went away, or a timeout fired): then
+/// the reply sits in the channel and nobody reads it. Dropped unread, this guard closes the
+/// channel — from then on the batch's `send` fails and the batch cancels the unit itself — and
+/// takes out a reply that already arrived, cancelling a unit won for nobody. Either way no
+/// `Won` is lost and no unit stays `held`.
+struct Reply {
+    rx: Option<ReplyReceiver>,
+    /// Cancels a reservation won for nobody (by id); runs at most once.
+    on_unread: Option<Box<dyn FnOnce(String) + Send>>,
+}
+
+type ReplyReceiver = tokio::sync::oneshot::Receiver<Result<ReserveOutcome, StoreError>>;
+
+impl Reply {
+    fn new(rx: ReplyReceiver, on_unread: impl FnOnce(String) + Send + 'static) -> Reply {
+        Reply {
+            rx: Some(rx),
+            on_unread: Some(Box::new(on_unread)),
+        }
+    }
+
+    async fn recv(&mut self) -> Result<ReserveOutcome, StoreError> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(StoreError::Unavailable("reserve reply already read".into()));
+        };
+        let reply = rx.await;
+        // Read: from here the caller owns the outcome.
+        self.rx = None;
+        reply.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "reserve batch abandoned before it was answered".into(),
+            ))
+        })
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        rx.close();
+        if let (Ok(Ok(ReserveOutcome::Won { reservation, .. })), Some(cancel)) =
+            (rx.try_recv(), self.on_unread.take())
+        {
+            cancel(reservation);
+        }
+    }
+}
+
 /// One buyer waiting in a reserve batch.
 struct ReserveWaiter {
     user: String,
@@ -1163,4 +1218,63 @@ fn stock_value(n: i64) -> Result<u64, StoreError> {
 
 fn unexpected(script: &str, status: &str, rest: &[Value]) -> StoreError {
     StoreError::Protocol(format!("{script} answered {status:?} {rest:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn won(id: &str) -> Result<ReserveOutcome, StoreError> {
+        Ok(ReserveOutcome::Won {
+            reservation: id.to_owned(),
+            remaining: 0,
+        })
+    }
+
+    /// A `Reply` whose cancellations are written down instead of sent to Redis.
+    type Sender = tokio::sync::oneshot::Sender<Result<ReserveOutcome, StoreError>>;
+
+    fn reply() -> (Sender, Reply, Arc<Mutex<Vec<String>>>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let cancelled = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&cancelled);
+        let reply = Reply::new(rx, move |id| log.lock().unwrap().push(id));
+        (tx, reply, cancelled)
+    }
+
+    #[tokio::test]
+    async fn a_won_reply_delivered_but_never_read_is_cancelled() {
+        let (tx, reply, cancelled) = reply();
+        assert!(tx.send(won("r1")).is_ok(), "the batch's send succeeds");
+        drop(reply);
+        assert_eq!(*cancelled.lock().unwrap(), ["r1"]);
+    }
+
+    #[tokio::test]
+    async fn after_the_buyer_left_the_batch_send_fails_and_hands_the_unit_back() {
+        let (tx, reply, cancelled) = reply();
+        drop(reply);
+        let back = tx.send(won("r2"));
+        assert!(
+            matches!(back, Err(Ok(ReserveOutcome::Won { ref reservation, .. })) if reservation == "r2"),
+            "the batch gets the unit back to cancel it itself"
+        );
+        assert!(cancelled.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_read_reply_or_a_loss_cancels_nothing() {
+        let (tx, mut reply, cancelled) = reply();
+        tx.send(won("r3")).unwrap();
+        assert!(matches!(reply.recv().await, Ok(ReserveOutcome::Won { .. })));
+        drop(reply);
+
+        let (tx, reply2, cancelled2) = super::tests::reply();
+        tx.send(Ok(ReserveOutcome::SoldOut { remaining: 0 }))
+            .unwrap();
+        drop(reply2);
+        assert!(cancelled.lock().unwrap().is_empty());
+        assert!(cancelled2.lock().unwrap().is_empty());
+    }
 }
