@@ -116,12 +116,13 @@ impl Upstream {
 
     fn rewrite(&self, req: &mut Request<Body>, peer: Peer) -> Result<(), ForwardError> {
         let upgrade = wants_upgrade(req.headers());
-        // h2 requests carry the host in the URI authority, not in a Host header.
-        let host = req.headers().get(HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        // The target's authority wins over `Host` (RFC 9112 §3.2.2 for an absolute-form
+        // target; h2 carries `:authority` there, RFC 9113 §8.3.1), else `Host`.
+        let host = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| req.headers().get(HOST).cloned());
 
         let pq = match req.uri().path_and_query() {
             // The common case: no prefix, reuse the parsed path (a cheap, shared clone).
@@ -160,6 +161,7 @@ impl Upstream {
         if let Some(host) = &host {
             headers.insert(HOST, host.clone());
         }
+        join_cookies(headers);
         set_forwarded(headers, peer, host.as_ref());
         Ok(())
     }
@@ -191,6 +193,27 @@ fn set_forwarded(headers: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>
         && let Some(host) = host
     {
         headers.insert(XFH, host.clone());
+    }
+}
+
+/// One `Cookie` line for the backend. HTTP/2 clients send each cookie as its own field (browsers
+/// all do); RFC 9113 §8.2.3 says they MUST be joined with `"; "` before the request goes on as
+/// HTTP/1.1, where a second `Cookie` line is read as part of the first cookie's value (httpbin
+/// reads `a=1, b=2` as one cookie `a`).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -271,6 +294,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_cookies_are_joined_into_one_line() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2; c=3"));
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut h);
+        assert_eq!(h[header::COOKIE], "a=1");
+    }
 
     #[test]
     fn strips_fixed_and_connection_named_headers() {

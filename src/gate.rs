@@ -87,6 +87,7 @@ async fn admit_and_forward(
             "Content-Length and Transfer-Encoding together are not accepted".into(),
         ));
     }
+    hygiene::check_host(req.version(), req.headers()).map_err(|m| Reject::BadRequest(m.into()))?;
     if cfg.health_path.as_deref() == Some(req.uri().path()) {
         return Ok(health());
     }

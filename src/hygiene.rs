@@ -7,12 +7,14 @@
 //!   `X-Flashgate-Sku`. Nor may a client have them dropped through `Connection`.
 //! - The same `_` spelling of a header flashgate reads a value from (user id, SKU, quantity)
 //!   is removed, so the backend cannot read a second value under the same name.
+//! - `Host` as RFC 9112 §3.2 has it: more than one, or none on an HTTP/1.1 request, is a
+//!   400 ([`check_host`]); an absolute-form target's authority wins over `Host` (forward.rs).
 //! - Method-override headers (`X-HTTP-Method-Override`…) are removed unless the config lets
 //!   them pass: no framework can turn a request flashgate did not gate into a buy. Their
 //!   presence is reported, so a sale route refuses the request instead.
 
-use http::header::CONNECTION;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{CONNECTION, HOST};
+use http::{HeaderMap, HeaderName, HeaderValue, Version};
 
 use crate::fence::METHOD_OVERRIDE_HEADERS;
 
@@ -116,6 +118,21 @@ fn keep_ours_out_of_connection(headers: &mut HeaderMap) {
     }
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or any request with more than one, is
+/// refused — backends disagree on which of two to believe (and a virtual-hosting backend on
+/// which shop the request is for). The message is the client's answer.
+pub fn check_host(version: Version, headers: &HeaderMap) -> Result<(), &'static str> {
+    let mut hosts = headers.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err("more than one Host header"),
+        // Even with an absolute-form target, whose authority then wins (RFC 9112 §3.2.2).
+        (None, None) if version == Version::HTTP_11 => {
+            Err("an HTTP/1.1 request needs a Host header")
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +195,31 @@ mod tests {
         let mut h = headers(&[("x-http-method-override", "PUT")]);
         assert!(clean(&mut h, &rules).method_override);
         assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn host_must_be_there_once_on_http_1_1() {
+        let origin: http::Uri = "/buy".parse().unwrap();
+        let absolute: http::Uri = "http://shop/buy".parse().unwrap();
+        let mut one = HeaderMap::new();
+        one.insert(HOST, HeaderValue::from_static("shop"));
+        let mut two = one.clone();
+        two.append(HOST, HeaderValue::from_static("evil"));
+        let none = HeaderMap::new();
+        for (version, uri, headers, ok) in [
+            (Version::HTTP_11, &origin, &one, true),
+            (Version::HTTP_11, &origin, &two, false),
+            (Version::HTTP_11, &origin, &none, false),
+            (Version::HTTP_11, &absolute, &none, false),
+            (Version::HTTP_10, &origin, &none, true),
+            (Version::HTTP_10, &origin, &two, false),
+            (Version::HTTP_2, &absolute, &none, true),
+        ] {
+            assert_eq!(
+                check_host(version, headers).is_ok(),
+                ok,
+                "{version:?} {uri} {headers:?}"
+            );
+        }
     }
 }
