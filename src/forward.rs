@@ -27,6 +27,11 @@ pub enum ForwardError {
     Timeout(Duration),
     #[error("upstream request failed: {0}")]
     Failed(String),
+    /// The backend answered something flashgate cannot pass on (a response head over
+    /// `upstream.max_response_headers` / `max_response_head_bytes`, or malformed). It may
+    /// have taken the request.
+    #[error("upstream response unreadable: {0}")]
+    BadResponse(String),
 }
 
 /// The pooled client to the one upstream.
@@ -78,6 +83,9 @@ impl Upstream {
             http.set_nodelay(true);
             http.enforce_http(true);
             Client::builder(TokioExecutor::new())
+                .http1_max_headers(self.cfg.max_response_headers)
+                // hyper's floor; the config refuses less.
+                .http1_max_buf_size(self.cfg.max_response_head_bytes.max(8192))
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(self.cfg.pool_idle_timeout)
                 .pool_max_idle_per_host(self.cfg.pool_max_idle)
@@ -99,6 +107,9 @@ impl Upstream {
         let mut resp = match sent {
             Err(_) => return Err(ForwardError::Timeout(self.cfg.request_timeout)),
             Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(error_chain(&e))),
+            Ok(Err(e)) if unreadable_response(&e) => {
+                return Err(ForwardError::BadResponse(error_chain(&e)));
+            }
             Ok(Err(e)) => return Err(ForwardError::Failed(error_chain(&e))),
             Ok(Ok(resp)) => resp,
         };
@@ -278,6 +289,18 @@ async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         debug!(error = %e, "upgraded connection ended");
     }
+}
+
+/// The request went out and what came back could not be parsed (too large or malformed).
+fn unreadable_response(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = e.source();
+    while let Some(inner) = source {
+        if let Some(h) = inner.downcast_ref::<hyper::Error>() {
+            return h.is_parse() || h.is_parse_too_large();
+        }
+        source = inner.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -311,9 +311,9 @@ impl Won {
             Ok(resp) if release_on_status.contains(&resp.status().as_u16()) => Outcome::Release,
             Ok(_) => Outcome::Settle(Settlement::Sold),
             Err(ForwardError::Connect(_)) => Outcome::Release,
-            Err(ForwardError::Timeout(_) | ForwardError::Failed(_)) => {
-                Outcome::Settle(Settlement::Uncertain)
-            }
+            Err(
+                ForwardError::Timeout(_) | ForwardError::Failed(_) | ForwardError::BadResponse(_),
+            ) => Outcome::Settle(Settlement::Uncertain),
         };
         match outcome {
             Outcome::Release => {
@@ -485,6 +485,7 @@ fn forward_error(e: ForwardError, limit: &BodyLimit) -> Reject {
     match e {
         ForwardError::Connect(_) | ForwardError::Failed(_) => Reject::BadGateway,
         ForwardError::Timeout(_) => Reject::GatewayTimeout,
+        ForwardError::BadResponse(_) => Reject::BadUpstreamResponse,
     }
 }
 

@@ -45,6 +45,8 @@ pub enum Reject {
     PayloadTooLarge,
     /// The upstream could not be reached.
     BadGateway,
+    /// The backend's answer could not be passed on (too many or too large headers, malformed).
+    BadUpstreamResponse,
     /// The upstream did not answer in time.
     GatewayTimeout,
 }
@@ -66,7 +68,7 @@ impl Reject {
             Reject::NotConfigured { .. } | Reject::NoRoute => StatusCode::NOT_FOUND,
             Reject::UriTooLong => StatusCode::URI_TOO_LONG,
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Reject::BadGateway => StatusCode::BAD_GATEWAY,
+            Reject::BadGateway | Reject::BadUpstreamResponse => StatusCode::BAD_GATEWAY,
             Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -89,6 +91,7 @@ impl Reject {
             Reject::UriTooLong => "uri_too_long",
             Reject::PayloadTooLarge => "payload_too_large",
             Reject::BadGateway => "upstream_unavailable",
+            Reject::BadUpstreamResponse => "bad_upstream_response",
             Reject::GatewayTimeout => "upstream_timeout",
         }
     }
@@ -117,6 +120,9 @@ impl Reject {
             Reject::UriTooLong => Cow::Borrowed("request URI too long"),
             Reject::PayloadTooLarge => Cow::Borrowed("request body too large"),
             Reject::BadGateway => Cow::Borrowed("the shop backend could not be reached"),
+            Reject::BadUpstreamResponse => Cow::Borrowed(
+                "the shop backend's answer could not be passed on (its head is too large or malformed)",
+            ),
             Reject::GatewayTimeout => Cow::Borrowed("the shop backend did not answer in time"),
         }
     }
@@ -266,6 +272,7 @@ mod tests {
             (Reject::UriTooLong, 414, "uri_too_long"),
             (Reject::PayloadTooLarge, 413, "payload_too_large"),
             (Reject::BadGateway, 502, "upstream_unavailable"),
+            (Reject::BadUpstreamResponse, 502, "bad_upstream_response"),
             (Reject::GatewayTimeout, 504, "upstream_timeout"),
         ];
         for (reject, status, reason) in cases {

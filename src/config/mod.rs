@@ -114,6 +114,11 @@ pub struct Upstream {
     pub request_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// Header lines a backend response may carry; over it: 502 `bad_upstream_response`.
+    pub max_response_headers: usize,
+    /// Bytes a backend response head may take; over it: 502 `bad_upstream_response` (hyper
+    /// checks it between reads, so a head arriving in large reads may pass up to ~2× this).
+    pub max_response_head_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,6 +298,14 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             format!("must be at least {MIN_HEADER_BYTES} bytes"),
         ));
     }
+    let head = &raw.upstream.max_response_head_bytes;
+    if head.value.0 < MIN_HEADER_BYTES {
+        return Err(err(
+            &head.referenced,
+            "upstream.max_response_head_bytes".into(),
+            format!("must be at least {MIN_HEADER_BYTES} bytes"),
+        ));
+    }
     if let Some(p) = &raw.health_path
         && !p.value.starts_with('/')
     {
@@ -330,6 +343,9 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             request_timeout: raw.upstream.request_timeout.0,
             pool_idle_timeout: raw.upstream.pool_idle_timeout.0,
             pool_max_idle: raw.upstream.pool_max_idle,
+            max_response_headers: raw.upstream.max_response_headers.get(),
+            max_response_head_bytes: usize::try_from(raw.upstream.max_response_head_bytes.value.0)
+                .unwrap_or(usize::MAX),
         },
         server: Server {
             max_connections: server.max_connections.get(),

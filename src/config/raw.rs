@@ -143,6 +143,17 @@ pub struct RawUpstream {
     pub pool_idle_timeout: Dur,
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle: usize,
+    #[serde(default = "default_max_response_headers")]
+    pub max_response_headers: NonZeroUsize,
+    #[serde(default = "default_max_response_head_bytes")]
+    pub max_response_head_bytes: Spanned<Bytes>,
+}
+
+fn default_max_response_headers() -> NonZeroUsize {
+    NonZeroUsize::new(1000).expect("non-zero literal")
+}
+fn default_max_response_head_bytes() -> Spanned<Bytes> {
+    Spanned::new(Bytes(256 * 1024), Location::UNKNOWN, Location::UNKNOWN)
 }
 
 fn d_1s() -> Dur {

@@ -1,0 +1,56 @@
+"""A third-party HTTP/1.1 backend for tests/conformance.rs: Python's standard library server.
+
+GET /echo            -> JSON: the request line and every header line as received (in order)
+GET /cookies         -> JSON: the cookies as a WSGI app reads them (duplicate header lines
+                        joined with ", ", then parsed by http.cookies.SimpleCookie)
+GET /many?n=N        -> 200 with N extra header lines
+GET /big?kb=K        -> 200 with one header of K KiB
+
+Prints the port it listens on (127.0.0.1, ephemeral) as its first line.
+"""
+import json
+import sys
+from http.cookies import SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, body, extra=()):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in extra:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        if url.path == "/echo":
+            self.reply({"line": self.requestline, "headers": list(self.headers.items())})
+        elif url.path == "/cookies":
+            joined = ", ".join(self.headers.get_all("Cookie") or [])
+            jar = SimpleCookie()
+            jar.load(joined)
+            self.reply({name: morsel.value for name, morsel in jar.items()})
+        elif url.path == "/many":
+            n = int(query.get("n", ["0"])[0])
+            self.reply({"n": n}, [(f"X-Line-{i}", str(i)) for i in range(n)])
+        elif url.path == "/big":
+            kb = int(query.get("kb", ["0"])[0])
+            self.reply({"kb": kb}, [("X-Big", "b" * (kb * 1024))])
+        else:
+            self.send_error(404)
+
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
