@@ -37,6 +37,11 @@ use crate::{canonical, fence, hygiene};
 #[derive(Debug, Clone, Copy)]
 pub struct TwoFramings;
 
+/// Marks a request whose target was longer than `server.max_uri_bytes` (cut short by the
+/// server as it was read; see `request_line.rs`).
+#[derive(Debug, Clone, Copy)]
+pub struct UriTooLong;
+
 /// Handles one request; never fails (every failure is an answer).
 pub async fn handle(
     app: Arc<App>,
@@ -72,7 +77,7 @@ async fn admit_and_forward(
 
     // 1. Accept-level limits hyper does not enforce itself (it handles 400/431 on parse).
     let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
-    if uri_len > cfg.server.max_uri_bytes {
+    if uri_len > cfg.server.max_uri_bytes || req.extensions().get::<UriTooLong>().is_some() {
         return Err(Reject::UriTooLong);
     }
     // Two framings for one body is how requests get smuggled: refuse. hyper drops

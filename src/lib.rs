@@ -4,7 +4,8 @@
 //! untouched; flash-sale routes are admitted only when they win a unit of stock.
 //!
 //! The request path, in the order a request meets it:
-//! 1. [`server`] accepts HTTP/1.1 and h2c, enforces connection, header and idle limits.
+//! 1. [`server`] accepts HTTP/1.1 and h2c, enforces connection, header and idle limits;
+//!    [`request_line`] repairs what clients send unencoded in a request target.
 //! 2. [`gate`] runs the steps below in order and turns any [`reject::Reject`] into an answer.
 //! 3. [`hygiene`] strips headers only flashgate may set; [`canonical`] gives the one path
 //!    that is both matched and forwarded (ambiguous spellings refused);
@@ -30,6 +31,7 @@ pub mod identity;
 pub mod limit;
 pub mod reject;
 pub mod reload;
+pub mod request_line;
 pub mod sale;
 pub mod server;
 pub mod state;

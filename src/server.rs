@@ -32,6 +32,7 @@ use crate::body;
 use crate::config::Server as ServerConfig;
 use crate::framing::HeadScan;
 use crate::gate;
+use crate::request_line::RequestLine;
 use crate::state::App;
 
 /// Serves `listener` until `shutdown` resolves, then drains. Used by `main` and by tests
@@ -83,9 +84,12 @@ pub async fn run_shared(
         let protocols = protocols.clone();
         let stop = stop_rx.clone();
         let timeouts = (cfg.header_read_timeout, cfg.keep_alive_timeout);
-        let max_head = cfg.max_header_bytes;
+        let limits = HeadLimits {
+            max_head: cfg.max_header_bytes,
+            max_uri: cfg.max_uri_bytes,
+        };
         tracker.spawn(async move {
-            serve_connection(protocols, stream, peer, app, stop, timeouts, max_head).await;
+            serve_connection(protocols, stream, peer, app, stop, timeouts, limits).await;
             drop(permit);
         });
     }
@@ -249,10 +253,10 @@ async fn serve_connection(
     app: Arc<App>,
     mut stop: watch::Receiver<bool>,
     timeouts: (Duration, Duration),
-    max_head: usize,
+    limits: HeadLimits,
 ) {
     let (header_timeout, idle_timeout) = timeouts;
-    let activity = Arc::new(Activity::new(max_head));
+    let activity = Arc::new(Activity::new(limits));
     let mut stream = stream;
     // Whether the client speaks HTTP/2: unknown until its first bytes arrive.
     let mut h2 = None;
@@ -283,20 +287,28 @@ async fn serve_connection(
             }
         };
         let io = TokioIo::new(Watched::new(stream, activity.clone(), !is_h2));
+        if is_h2 {
+            activity.line().switch_off();
+        }
         let service = {
             let (app, activity) = (app.clone(), activity.clone());
             service_fn(move |req: Request<Incoming>| {
                 // The body's exact length tells `Activity` when hyper has read all of this
                 // request; a possible upgrade (hyper marks it) may take the socket over.
                 let body_len = if req.extensions().get::<OnUpgrade>().is_some() {
+                    // The socket may be handed over: its bytes are not request lines.
+                    activity.line().switch_off();
                     None
                 } else {
                     req.body().size_hint().exact()
                 };
-                let (busy, two_framings) = activity.begin_request(body_len);
+                let (busy, marks) = activity.begin_request(body_len);
                 let mut req = req;
-                if two_framings {
+                if marks.two_framings {
                     req.extensions_mut().insert(gate::TwoFramings);
+                }
+                if marks.uri_too_long {
+                    req.extensions_mut().insert(gate::UriTooLong);
                 }
                 let app = app.clone();
                 async move {
@@ -442,7 +454,9 @@ struct Activity {
     /// When bytes of a new request head started arriving on an idle connection; 0 = none.
     head_started: AtomicU64,
     head_scan: std::sync::Mutex<HeadScan>,
-    max_head: usize,
+    /// Repairs each request line as it is read (see `request_line.rs`).
+    line: std::sync::Mutex<RequestLine>,
+    limits: HeadLimits,
     /// Bytes of the current request's body not read yet, or [`UNACCOUNTED`]: bytes were read
     /// that hyper may still hold (a pipelined request, a chunked body, an upgrade...).
     unread_body: AtomicU64,
@@ -456,6 +470,20 @@ struct Activity {
 
 const UNACCOUNTED: u64 = u64::MAX;
 
+/// Limits on a request head, checked as its bytes are read.
+#[derive(Debug, Clone, Copy)]
+struct HeadLimits {
+    max_head: usize,
+    max_uri: usize,
+}
+
+/// What was noticed in a request head as it was read.
+#[derive(Debug, Clone, Copy)]
+struct HeadMarks {
+    two_framings: bool,
+    uri_too_long: bool,
+}
+
 enum Verdict {
     HeaderTimeout,
     Idle,
@@ -464,14 +492,15 @@ enum Verdict {
 }
 
 impl Activity {
-    fn new(max_head: usize) -> Self {
+    fn new(limits: HeadLimits) -> Self {
         Activity {
             epoch: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             head_scan: std::sync::Mutex::new(HeadScan::default()),
-            max_head,
+            line: std::sync::Mutex::new(RequestLine::default()),
+            limits,
             unread_body: AtomicU64::new(UNACCOUNTED),
             park_wanted: AtomicBool::new(false),
             parking: AtomicBool::new(false),
@@ -500,7 +529,7 @@ impl Activity {
     fn on_read(&self, bytes: &[u8]) {
         if self.in_flight.load(Ordering::Acquire) == 0 {
             self.head_begins();
-            self.scan().feed(bytes, self.max_head);
+            self.scan().feed(bytes, self.limits.max_head);
         } else {
             let n = bytes.len() as u64;
             let _ = self
@@ -511,19 +540,39 @@ impl Activity {
         }
     }
 
+    /// Bytes just read, as hyper should see them: a request line in head position repaired.
+    fn repair_line(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        if self.in_flight.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        self.line().repair(bytes, self.limits.max_uri)
+    }
+
+    fn line(&self) -> std::sync::MutexGuard<'_, RequestLine> {
+        // Held for one pass over the bytes just read, never across an await.
+        self.line.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn scan(&self) -> std::sync::MutexGuard<'_, HeadScan> {
         // Held for a copy of the bytes just read, never across an await.
         self.head_scan.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A request head was parsed: the connection is busy until its response is sent. Also
-    /// says whether that head declared two framings (see `framing.rs`). `body_len` is the
-    /// exact length of the request body, when it is known.
-    fn begin_request(self: &Arc<Self>, body_len: Option<u64>) -> (Busy, bool) {
+    /// says what was noticed in that head (two framings, see `framing.rs`; a cut request
+    /// line, see `request_line.rs`). `body_len` is the exact length of the request body, when
+    /// it is known.
+    fn begin_request(self: &Arc<Self>, body_len: Option<u64>) -> (Busy, HeadMarks) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_started.store(0, Ordering::Release);
         self.park_wanted.store(false, Ordering::Release);
         let scanned = self.scan().take();
+        let uri_too_long = {
+            let mut line = self.line();
+            let cut = line.too_long();
+            line.next_request();
+            cut
+        };
         // Whatever was read past the head is the start of the body; more than the body means
         // a pipelined request is (partly) in hyper's buffer.
         let unread = match (scanned.past_head, body_len) {
@@ -531,7 +580,11 @@ impl Activity {
             _ => UNACCOUNTED,
         };
         self.unread_body.store(unread, Ordering::Release);
-        (Busy(self.clone()), scanned.two_framings)
+        let marks = HeadMarks {
+            two_framings: scanned.two_framings,
+            uri_too_long,
+        };
+        (Busy(self.clone()), marks)
     }
 
     /// Whether hyper, asking to read now, holds no unread bytes: no request in flight, no
@@ -656,6 +709,8 @@ struct Watched {
     /// written, so until then the end of a response may still be in that buffer (a client
     /// that stops reading), and a park would lose it.
     flushed: bool,
+    /// Repaired bytes that did not fit hyper's read buffer; handed out before reading more.
+    held: Vec<u8>,
 }
 
 impl Watched {
@@ -665,6 +720,7 @@ impl Watched {
             activity,
             may_park,
             flushed: false,
+            held: Vec::new(),
         }
     }
 }
@@ -697,10 +753,31 @@ impl AsyncRead for Watched {
             return Poll::Ready(Ok(()));
         };
         let before = buf.filled().len();
-        let polled = Pin::new(inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        if !this.held.is_empty() {
+            let n = this.held.len().min(buf.remaining());
+            buf.put_slice(&this.held[..n]);
+            this.held.drain(..n);
             this.activity.on_read(&buf.filled()[before..]);
-        } else if polled.is_pending() && this.may_park && this.flushed && this.activity.try_park() {
+            return Poll::Ready(Ok(()));
+        }
+        let mut polled = Pin::new(&mut *inner).poll_read(cx, buf);
+        // A repair may drop every byte just read (the rest of an over-long target): read on,
+        // as an empty read would tell hyper the client closed.
+        while buf.filled().len() > before {
+            if let Some(repaired) = this.activity.repair_line(&buf.filled()[before..]) {
+                buf.set_filled(before);
+                let n = repaired.len().min(buf.remaining());
+                buf.put_slice(&repaired[..n]);
+                this.held.extend_from_slice(&repaired[n..]);
+                if n == 0 {
+                    polled = Pin::new(&mut *inner).poll_read(cx, buf);
+                    continue;
+                }
+            }
+            this.activity.on_read(&buf.filled()[before..]);
+            return polled;
+        }
+        if polled.is_pending() && this.may_park && this.flushed && this.activity.try_park() {
             // An end of stream for hyper; the socket itself stays open.
             return Poll::Ready(Ok(()));
         }
@@ -777,7 +854,10 @@ mod tests {
 
     #[test]
     fn parks_only_when_every_byte_read_was_consumed() {
-        let a = Arc::new(Activity::new(8192));
+        let a = Arc::new(Activity::new(HeadLimits {
+            max_head: 8192,
+            max_uri: 8192,
+        }));
         assert!(!parkable(&a), "before any request");
 
         a.on_read(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
@@ -820,7 +900,10 @@ mod tests {
             // A head ended by bare line feeds, which the scan does not recognise.
             (b"GET / HTTP/1.1\nHost: a\n\n", Some(0)),
         ] {
-            let a = Arc::new(Activity::new(8192));
+            let a = Arc::new(Activity::new(HeadLimits {
+                max_head: 8192,
+                max_uri: 8192,
+            }));
             a.on_read(head);
             drop(a.begin_request(body_len).0);
             assert!(!parkable(&a), "{:?}", String::from_utf8_lossy(head));
@@ -829,7 +912,10 @@ mod tests {
 
     #[test]
     fn parks_only_when_asked() {
-        let a = Arc::new(Activity::new(8192));
+        let a = Arc::new(Activity::new(HeadLimits {
+            max_head: 8192,
+            max_uri: 8192,
+        }));
         a.on_read(b"GET / HTTP/1.1\r\n\r\n");
         drop(a.begin_request(Some(0)).0);
         assert!(!a.try_park(), "not asked");
