@@ -170,7 +170,7 @@ fn is_tchar(b: u8) -> bool {
 /// The bytes the `http` crate refuses in a request target (its path and query tables), which
 /// clients nonetheless send: everything else passes as sent.
 fn refused_by_uri_parser(b: u8, in_query: bool) -> bool {
-    if b < 0x20 || b >= 0x7F {
+    if !(0x20..0x7F).contains(&b) {
         return true;
     }
     if in_query {
