@@ -98,6 +98,8 @@ if __name__ == "__main__":
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
+    # Listening before the port is announced: connections queue until uvicorn accepts.
+    sock.listen(128)
     config = uvicorn.Config(MethodOverride(app), log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     print(f"LISTENING {sock.getsockname()[1]}", flush=True)
