@@ -75,10 +75,7 @@ pub async fn exchange(
     .map_err(|_| RawError::Timeout)?
 }
 
-async fn read_response(
-    stream: &mut TcpStream,
-    head_only: bool,
-) -> Result<RawResponse, RawError> {
+async fn read_response(stream: &mut TcpStream, head_only: bool) -> Result<RawResponse, RawError> {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
         // Skip interim 1xx answers (100 Continue) in front of the final one.
@@ -104,7 +101,9 @@ async fn read_response(
         };
         let body = if head_only || status == 204 || status == 304 {
             Vec::new()
-        } else if header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        } else if header("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+        {
             read_chunked(stream, rest).await?
         } else if let Some(len) = header("content-length") {
             let len: usize = len
