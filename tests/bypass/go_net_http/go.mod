@@ -1,0 +1,3 @@
+module flashgate.test/bypass/gonethttp
+
+go 1.22
