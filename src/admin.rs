@@ -1,36 +1,51 @@
 //! The admin API, on its own listener (keep it on loopback or a private network): set, add and
-//! read stock per SKU, and read a sale's status. Every call but `/healthz` needs
-//! `Authorization: Bearer <token>`, the token coming from an environment variable.
+//! read stock per SKU, close and reopen a sale, and read a sale's status. Every call but
+//! `/healthz` needs `Authorization: Bearer <token>`, the token coming from an environment
+//! variable. Every answer carries `X-Flashgate-Admin: 1`, so the CLI can tell flashgate's
+//! admin API from whatever else answers on that address.
+//!
+//! The `{sku}` segment is percent-decoded once, then checked like a buyer's SKU.
+//! Stock, `expect` and `delta` are JSON integers within 2^53 − 1 ([`MAX_UNITS`]); anything
+//! else, and any unknown field, is 400 `bad_request` with `"field"` naming it.
 //!
 //! | call | body | answer |
 //! |---|---|---|
-//! | `GET /v1/stock/{sku}` | | `{"sku","stock"}`, 404 `not_configured` |
-//! | `PUT /v1/stock/{sku}` | `{"stock": N}` | `{"sku","stock"}` |
-//! | `POST /v1/stock/{sku}/add` | `{"delta": N}` (may be negative) | `{"sku","stock"}` |
-//! | `GET /v1/sales/{sku}` | | stock, buyers, reservations and units by state |
+//! | `GET /v1/stock/{sku}` | | `{"sku","stock"}`; 404 `not_configured` |
+//! | `PUT /v1/stock/{sku}` | `{"stock": N}`, optionally `"expect": M` (or `If-Match: M`) | `{"sku","stock"}`; 409 `stock_changed` with the current `"stock"` when it is not `M` (nothing changed) |
+//! | `POST /v1/stock/{sku}/add` | `{"delta": N}` (may be negative) | `{"sku","stock"}`; 400 when the stock would leave 0..=2^53 − 1 |
+//! | `GET /v1/sales/{sku}` | | stock, `added`, `closed`, buyers, reservations and units by state |
+//! | `POST /v1/sales/{sku}/close` | none | `{"sku","closed":true}`: buyers get 410 `closed`, stock untouched |
+//! | `POST /v1/sales/{sku}/open` | none | `{"sku","closed":false}` |
+//!
+//! The listener is served like the proxy's: HTTP/1.1 with the same `server.header_read_timeout`,
+//! `server.max_header_bytes` and `server.max_headers`, so a half-sent head cannot hold an admin
+//! connection open.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use serde_json::{Value, json};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::body::{self, Body};
 use crate::sale::validate_sku;
 use crate::state::App;
-use crate::store::StoreError;
+use crate::store::{MAX_UNITS, StockSet, StoreError};
 
 /// Admin request bodies are tiny.
 const MAX_ADMIN_BODY: usize = 4096;
+
+/// Set on every admin answer; the CLI refuses an answer without it.
+pub const ADMIN_HEADER: HeaderName = HeaderName::from_static("x-flashgate-admin");
 
 /// Serves the admin API until `shutdown` resolves.
 pub async fn run(
@@ -43,6 +58,13 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin API listening");
     }
+    // `server.*` needs a restart, so the limits read at start hold for the listener's life.
+    let limits = app.snapshot().config.server.clone();
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -56,17 +78,30 @@ pub async fn run(
             },
             () = &mut shutdown => return,
         };
-        let (app, token) = (app.clone(), token.clone());
+        let (app, token, h1) = (app.clone(), token.clone(), h1.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let (app, token) = (app.clone(), token.clone());
-                async move { Ok::<_, Infallible>(handle(&app, &token, req).await) }
+                async move {
+                    let mut resp = handle(&app, &token, req).await;
+                    resp.headers_mut()
+                        .insert(ADMIN_HEADER, HeaderValue::from_static("1"));
+                    Ok::<_, Infallible>(resp)
+                }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = h1.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
+}
+
+/// Which call a path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Stock,
+    Add,
+    Sale,
+    Close,
+    Open,
 }
 
 async fn handle(app: &App, token: &str, req: Request<Incoming>) -> Response<Body> {
@@ -83,23 +118,39 @@ async fn handle(app: &App, token: &str, req: Request<Incoming>) -> Response<Body
     }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
-    let (sku, action) = match segments.as_slice() {
-        ["v1", "stock", sku] => (*sku, "stock"),
-        ["v1", "stock", sku, "add"] => (*sku, "add"),
-        ["v1", "sales", sku] => (*sku, "sale"),
+    let (sku, call) = match segments.as_slice() {
+        ["v1", "stock", sku] => (*sku, Call::Stock),
+        ["v1", "stock", sku, "add"] => (*sku, Call::Add),
+        ["v1", "sales", sku] => (*sku, Call::Sale),
+        ["v1", "sales", sku, "close"] => (*sku, Call::Close),
+        ["v1", "sales", sku, "open"] => (*sku, Call::Open),
         _ => return error(StatusCode::NOT_FOUND, "not_found", "no such admin call"),
     };
-    let sku = sku.to_owned();
+    // One decoding, then the buyers' SKU rule: what the CLI percent-encodes comes back whole.
+    let sku = match percent_encoding::percent_decode_str(sku).decode_utf8() {
+        Ok(sku) => sku.into_owned(),
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the SKU is not UTF-8 once percent-decoded",
+            );
+        }
+    };
     if let Err(r) = validate_sku(&sku) {
         return r.into_response();
     }
+    let if_match = req
+        .headers()
+        .get(http::header::IF_MATCH)
+        .map(|v| v.to_str().map(str::to_owned));
     let body = match read_json(req).await {
         Ok(v) => v,
         Err(resp) => return resp,
     };
     let store = &app.store;
-    let result = match (method, action) {
-        (Method::GET, "stock") => match store.get_stock(&sku).await {
+    let result = match (method, call) {
+        (Method::GET, Call::Stock) => match store.get_stock(&sku).await {
             Ok(Some(n)) => Ok(json!({"sku": sku, "stock": n})),
             Ok(None) => {
                 return error(
@@ -110,26 +161,60 @@ async fn handle(app: &App, token: &str, req: Request<Incoming>) -> Response<Body
             }
             Err(e) => Err(e),
         },
-        (Method::PUT, "stock") => {
-            let Some(n) = body.get("stock").and_then(Value::as_u64) else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "body must be {\"stock\": N}, N >= 0",
-                );
+        (Method::PUT, Call::Stock) => {
+            let fields = match fields(&body, &["stock", "expect"]) {
+                Ok(f) => f,
+                Err(e) => return e.response(),
             };
-            store.set_stock(&sku, n).await.map(|n| {
-                app.sold_out.clear(&sku);
-                info!(%sku, stock = n, "stock set");
-                json!({"sku": sku, "stock": n})
-            })
+            let units = match units_field(fields, "stock") {
+                Ok(Some(n)) => n,
+                Ok(None) => return field_error("stock", "body must be {\"stock\": N}"),
+                Err(e) => return e.response(),
+            };
+            let expect = match expected(fields, if_match) {
+                Ok(e) => e,
+                Err(e) => return e.response(),
+            };
+            match store.set_stock_if(&sku, units, expect).await {
+                Ok(StockSet::Set { stock }) => {
+                    app.sold_out.clear(&sku);
+                    info!(%sku, stock, ?expect, "stock set");
+                    Ok(json!({"sku": sku, "stock": stock}))
+                }
+                Ok(StockSet::Changed { current }) => {
+                    info!(%sku, ?current, ?expect, "stock set refused: stock changed");
+                    let now = current.map_or("not configured".to_owned(), |c| c.to_string());
+                    let expected = expect.map_or(String::new(), |e| e.to_string());
+                    return reply(
+                        StatusCode::CONFLICT,
+                        json!({
+                            "error": "stock_changed",
+                            "message": format!("stock is {now}, not the expected {expected}: nothing changed"),
+                            "sku": sku,
+                            "stock": current,
+                            "expected": expect,
+                        }),
+                    );
+                }
+                Err(e) => Err(e),
+            }
         }
-        (Method::POST, "add") => {
-            let Some(d) = body.get("delta").and_then(Value::as_i64) else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "body must be {\"delta\": N}",
+        (Method::POST, Call::Add) => {
+            let fields = match fields(&body, &["delta"]) {
+                Ok(f) => f,
+                Err(e) => return e.response(),
+            };
+            let max = i64::try_from(MAX_UNITS).unwrap_or(i64::MAX);
+            let Some(d) = fields
+                .get("delta")
+                .and_then(Value::as_i64)
+                .filter(|d| (-max..=max).contains(d))
+            else {
+                return field_error(
+                    "delta",
+                    &format!(
+                        "body must be {{\"delta\": N}}, N an integer from -{MAX_UNITS} to {MAX_UNITS}"
+                    ),
                 );
             };
             store.add_stock(&sku, d).await.map(|n| {
@@ -140,10 +225,20 @@ async fn handle(app: &App, token: &str, req: Request<Incoming>) -> Response<Body
                 json!({"sku": sku, "stock": n})
             })
         }
-        (Method::GET, "sale") => store
+        (Method::GET, Call::Sale) => store
             .status(&sku)
             .await
             .map(|s| serde_json::to_value(s).unwrap_or(Value::Null)),
+        (Method::POST, call @ (Call::Close | Call::Open)) => {
+            if let Err(e) = fields(&body, &[]) {
+                return e.response();
+            }
+            let closed = call == Call::Close;
+            store.set_closed(&sku, closed).await.map(|()| {
+                info!(%sku, closed, "sale {}", if closed { "closed" } else { "reopened" });
+                json!({"sku": sku, "closed": closed})
+            })
+        }
         _ => {
             return error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -161,6 +256,112 @@ async fn handle(app: &App, token: &str, req: Request<Incoming>) -> Response<Body
             &e.to_string(),
         ),
     }
+}
+
+/// The body's fields, refusing any not in `allowed` (a misspelt `expect` must not turn a
+/// compare-and-set into a plain set). An empty body has no fields.
+fn fields<'v>(body: &'v Value, allowed: &[&str]) -> Result<&'v Map<String, Value>, BadField> {
+    static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
+    let map = match body {
+        Value::Null => EMPTY.get_or_init(Map::new),
+        Value::Object(map) => map,
+        _ => {
+            return Err(BadField::new(
+                "body",
+                "the body must be a JSON object".into(),
+            ));
+        }
+    };
+    if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        let expected = match allowed {
+            [] => "no fields".to_owned(),
+            _ => allowed.join(", "),
+        };
+        return Err(BadField::new(
+            unknown,
+            format!("unknown field `{unknown}` (this call takes {expected})"),
+        ));
+    }
+    Ok(map)
+}
+
+/// A field holding units: absent → `None`; present → an integer in 0..=[`MAX_UNITS`].
+fn units_field(fields: &Map<String, Value>, name: &str) -> Result<Option<u64>, BadField> {
+    match fields.get(name) {
+        None => Ok(None),
+        Some(v) => match v.as_u64().filter(|n| *n <= MAX_UNITS) {
+            Some(n) => Ok(Some(n)),
+            None => Err(BadField::new(
+                name,
+                format!("`{name}` must be an integer from 0 to {MAX_UNITS} (2^53 - 1), got {v}"),
+            )),
+        },
+    }
+}
+
+/// The stock a set expects, from `"expect"` in the body or `If-Match` (`5` or `"5"`); both
+/// must agree when both are given.
+fn expected(
+    fields: &Map<String, Value>,
+    if_match: Option<Result<String, http::header::ToStrError>>,
+) -> Result<Option<u64>, BadField> {
+    let from_body = units_field(fields, "expect")?;
+    let from_header = match if_match {
+        None => None,
+        Some(raw) => {
+            let raw = raw.unwrap_or_default();
+            let value = raw.trim().trim_matches('"');
+            let n = value
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= MAX_UNITS && value.bytes().all(|b| b.is_ascii_digit()));
+            match n {
+                Some(n) => Some(n),
+                None => {
+                    return Err(BadField::new(
+                        "If-Match",
+                        format!(
+                            "If-Match must be the expected stock, an integer from 0 to {MAX_UNITS}, got {raw:?}"
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    match (from_body, from_header) {
+        (Some(a), Some(b)) if a != b => Err(BadField::new(
+            "expect",
+            format!("`expect` ({a}) and If-Match ({b}) disagree"),
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
+/// A body field (or header) the call cannot take: 400 naming it.
+#[derive(Debug)]
+struct BadField {
+    field: String,
+    message: String,
+}
+
+impl BadField {
+    fn new(field: &str, message: String) -> Self {
+        BadField {
+            field: field.to_owned(),
+            message,
+        }
+    }
+
+    fn response(self) -> Response<Body> {
+        field_error(&self.field, &self.message)
+    }
+}
+
+fn field_error(field: &str, message: &str) -> Response<Body> {
+    reply(
+        StatusCode::BAD_REQUEST,
+        json!({"error": "bad_request", "field": field, "message": message}),
+    )
 }
 
 /// Constant-time comparison: the token must not leak through response timing.
@@ -217,44 +418,181 @@ fn error(status: StatusCode, reason: &str, message: &str) -> Response<Body> {
     reply(status, json!({"error": reason, "message": message}))
 }
 
-/// The client side, used by `flashgate stock …` and `flashgate sale status …`.
+/// The client side, used by `flashgate stock …` and `flashgate sale …`.
 pub mod client {
+    use std::fmt;
+
     use bytes::Bytes;
-    use http::{Method, Request, StatusCode};
+    use http::{Method, Request, StatusCode, Uri};
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
+    use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
-    /// Sends one admin call; returns the status and the body text.
+    use super::ADMIN_HEADER;
+
+    /// Bytes left as they are in a path segment: RFC 3986 unreserved characters.
+    const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+
+    /// `sku` as one path segment, refused (with the reason) when the API could not take it.
+    /// `.` and `..` are encoded so nothing on the way can read them as dot segments.
+    pub fn sku_segment(sku: &str) -> Result<String, String> {
+        crate::sale::validate_sku(sku).map_err(|r| match r {
+            crate::reject::Reject::BadRequest(m) => format!("SKU {sku:?}: {m}"),
+            other => format!("SKU {sku:?}: {}", other.reason()),
+        })?;
+        Ok(match sku {
+            "." => "%2E".to_owned(),
+            ".." => "%2E%2E".to_owned(),
+            _ => utf8_percent_encode(sku, SEGMENT).to_string(),
+        })
+    }
+
+    /// What answered one call.
+    #[derive(Debug)]
+    pub struct Answer {
+        pub status: StatusCode,
+        /// The answer carried `X-Flashgate-Admin: 1`: flashgate's admin API sent it.
+        pub from_admin: bool,
+        /// The `Server` header, to say what answered when it was not flashgate.
+        pub server: Option<String>,
+        pub body: String,
+    }
+
+    /// Why a call got no answer.
+    #[derive(Debug)]
+    pub enum CallError {
+        /// The URL is not `http://host:port[/…]`.
+        BadUrl {
+            url: String,
+            why: String,
+        },
+        /// Nothing listens at `addr`.
+        Refused {
+            url: String,
+            addr: String,
+        },
+        /// No answer in time.
+        Timeout {
+            url: String,
+        },
+        Failed {
+            url: String,
+            error: String,
+        },
+    }
+
+    impl fmt::Display for CallError {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self {
+                CallError::BadUrl { url, why } => write!(
+                    f,
+                    "bad admin URL `{url}` ({why}): use http://host:port, e.g. http://127.0.0.1:9090"
+                ),
+                CallError::Refused { url, addr } => {
+                    write!(f, "{url}: connection refused: nothing listens on {addr}")
+                }
+                CallError::Timeout { url } => write!(f, "{url}: no answer within 10s"),
+                CallError::Failed { url, error } => write!(f, "{url}: {error}"),
+            }
+        }
+    }
+
+    /// Sends one call to `base` + `path`; any answer is returned, whatever its status.
     pub async fn call(
-        admin: &str,
+        base: &str,
         token: &str,
         method: Method,
         path: &str,
         body: Option<serde_json::Value>,
-    ) -> Result<(StatusCode, String), String> {
-        let url = format!("{}{}", admin.trim_end_matches('/'), path);
+    ) -> Result<Answer, CallError> {
+        let url = format!("{}{}", base.trim_end_matches('/'), path);
+        let bad = |why: String| CallError::BadUrl {
+            url: base.to_owned(),
+            why,
+        };
+        let uri: Uri = url.parse().map_err(|e| bad(format!("{e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(bad("not an http:// URL".into()));
+        }
+        let addr = uri.authority().map_or_else(String::new, |a| a.to_string());
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         let req = Request::builder()
             .method(method)
-            .uri(&url)
+            .uri(uri)
             .header("authorization", format!("Bearer {token}"))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(
                 body.map(|b| b.to_string()).unwrap_or_default(),
             )))
-            .map_err(|e| format!("bad admin URL `{url}`: {e}"))?;
+            .map_err(|e| bad(e.to_string()))?;
         let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
             .await
-            .map_err(|_| format!("{url}: no answer within 10s"))?
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|_| CallError::Timeout { url: url.clone() })?
+            .map_err(|e| {
+                if refused(&e) {
+                    CallError::Refused {
+                        url: url.clone(),
+                        addr,
+                    }
+                } else {
+                    CallError::Failed {
+                        url: url.clone(),
+                        error: chain(&e),
+                    }
+                }
+            })?;
         let status = resp.status();
+        let from_admin = resp.headers().get(ADMIN_HEADER).is_some_and(|v| v == "1");
+        let server = resp
+            .headers()
+            .get(http::header::SERVER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let text = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| format!("{url}: {e}"))?
+            .map_err(|e| CallError::Failed {
+                url: url.clone(),
+                error: e.to_string(),
+            })?
             .to_bytes();
-        Ok((status, String::from_utf8_lossy(&text).trim_end().to_owned()))
+        Ok(Answer {
+            status,
+            from_admin,
+            server,
+            body: String::from_utf8_lossy(&text).trim_end().to_owned(),
+        })
+    }
+
+    /// Whether the connect was refused (the legacy client wraps the io error).
+    fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if let Some(io) = err.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::ConnectionRefused
+            {
+                return true;
+            }
+            cur = err.source();
+        }
+        false
+    }
+
+    /// An error and its causes on one line.
+    fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+        let mut out = e.to_string();
+        let mut cur = e.source();
+        while let Some(err) = cur {
+            out.push_str(": ");
+            out.push_str(&err.to_string());
+            cur = err.source();
+        }
+        out
     }
 }

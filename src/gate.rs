@@ -222,6 +222,8 @@ async fn admit_sale(
             }
             return Err(Reject::SoldOut { remaining });
         }
+        // Closed by the operator: not sold out, so the local sold-out flag stays unset.
+        Ok(ReserveOutcome::Closed) => return Err(Reject::Closed),
         Ok(ReserveOutcome::AlreadyPurchased { held }) => {
             return Err(Reject::AlreadyPurchased { held });
         }

@@ -4,8 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use flashgate::admin::client::{self, CallError};
 use flashgate::config;
 use flashgate::state::App;
+use flashgate::store::MAX_UNITS;
+use serde_json::{Value, json};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -56,7 +59,7 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Sale status (stock, buyers, reservations by state) through the admin API.
+    /// A sale's status, or close and reopen it, through the admin API.
     Sale {
         #[command(subcommand)]
         action: SaleAction,
@@ -83,16 +86,38 @@ struct AdminArgs {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// Print the admin API's JSON answer as it is (for scripts), errors included.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// Units on the command line: 0 to 2^53 - 1 (what the stores can count exactly).
+fn units_arg() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(0..=MAX_UNITS)
+}
+
+/// A delta on the command line: within ±(2^53 - 1).
+fn delta_arg() -> clap::builder::RangedI64ValueParser<i64> {
+    let max = i64::try_from(MAX_UNITS).unwrap_or(i64::MAX);
+    clap::value_parser!(i64).range(-max..=max)
 }
 
 #[derive(Subcommand)]
 enum StockAction {
-    /// Set the units left.
-    Set { sku: String, units: u64 },
-    /// Add units (negative removes).
+    /// Set the units left (0 to 2^53 - 1).
+    Set {
+        sku: String,
+        #[arg(value_parser = units_arg())]
+        units: u64,
+        /// Only if the stock is still this many units (compare-and-set); otherwise print
+        /// the current stock, change nothing and exit 1.
+        #[arg(long, value_parser = units_arg())]
+        expect: Option<u64>,
+    },
+    /// Add units (negative removes); the stock must stay within 0 to 2^53 - 1.
     Add {
         sku: String,
-        #[arg(allow_hyphen_values = true)]
+        #[arg(allow_hyphen_values = true, value_parser = delta_arg())]
         delta: i64,
     },
     /// Read the units left.
@@ -101,8 +126,12 @@ enum StockAction {
 
 #[derive(Subcommand)]
 enum SaleAction {
-    /// Stock, buyers, reservations and units by state.
+    /// Stock, units ever added, open or closed, buyers, reservations and units by state.
     Status { sku: String },
+    /// Close the sale: every buyer gets 410 `closed`, on every instance; stock is untouched.
+    Close { sku: String },
+    /// Reopen a closed sale.
+    Open { sku: String },
 }
 
 fn main() -> ExitCode {
@@ -113,10 +142,10 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Serve { config, listen } => serve(&config, listen),
         Command::Health { url } => run_async(async move {
-            match flashgate::admin::client::call(&url, "", http::Method::GET, "", None).await {
-                Ok((status, _)) if status == http::StatusCode::OK => ExitCode::SUCCESS,
-                Ok((status, text)) => {
-                    eprintln!("{url}: {status} {text}");
+            match client::call(&url, "", http::Method::GET, "", None).await {
+                Ok(a) if a.status == http::StatusCode::OK => ExitCode::SUCCESS,
+                Ok(a) => {
+                    eprintln!("{url}: {} {}", a.status, a.body);
                     ExitCode::FAILURE
                 }
                 Err(e) => {
@@ -126,25 +155,21 @@ fn main() -> ExitCode {
             }
         }),
         Command::Stock { action, admin } => {
-            let (method, path, body) = match action {
-                StockAction::Set { sku, units } => (
-                    http::Method::PUT,
-                    format!("/v1/stock/{sku}"),
-                    Some(serde_json::json!({ "stock": units })),
-                ),
-                StockAction::Add { sku, delta } => (
-                    http::Method::POST,
-                    format!("/v1/stock/{sku}/add"),
-                    Some(serde_json::json!({ "delta": delta })),
-                ),
-                StockAction::Get { sku } => (http::Method::GET, format!("/v1/stock/{sku}"), None),
+            let (op, sku) = match action {
+                StockAction::Set { sku, units, expect } => (AdminOp::Set { units, expect }, sku),
+                StockAction::Add { sku, delta } => (AdminOp::Add { delta }, sku),
+                StockAction::Get { sku } => (AdminOp::Get, sku),
             };
-            admin_call(&admin, method, &path, body)
+            admin_call(&admin, op, &sku)
         }
-        Command::Sale {
-            action: SaleAction::Status { sku },
-            admin,
-        } => admin_call(&admin, http::Method::GET, &format!("/v1/sales/{sku}"), None),
+        Command::Sale { action, admin } => {
+            let (op, sku) = match action {
+                SaleAction::Status { sku } => (AdminOp::Status, sku),
+                SaleAction::Close { sku } => (AdminOp::Close, sku),
+                SaleAction::Open { sku } => (AdminOp::Open, sku),
+            };
+            admin_call(&admin, op, &sku)
+        }
         Command::DemoUpstream { listen } => run_async(async move {
             match flashgate::demo::run(listen).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -187,32 +212,216 @@ fn run_async(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
-fn admin_call(
-    admin: &AdminArgs,
-    method: http::Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> ExitCode {
+/// One admin CLI command.
+#[derive(Debug, Clone, Copy)]
+enum AdminOp {
+    Set { units: u64, expect: Option<u64> },
+    Add { delta: i64 },
+    Get,
+    Status,
+    Close,
+    Open,
+}
+
+impl AdminOp {
+    /// The admin API call: method, path, body.
+    fn request(self, sku: &str) -> (http::Method, String, Option<Value>) {
+        use http::Method;
+        match self {
+            AdminOp::Set { units, expect } => {
+                let mut body = json!({ "stock": units });
+                if let Some(e) = expect {
+                    body["expect"] = json!(e);
+                }
+                (Method::PUT, format!("/v1/stock/{sku}"), Some(body))
+            }
+            AdminOp::Add { delta } => (
+                Method::POST,
+                format!("/v1/stock/{sku}/add"),
+                Some(json!({ "delta": delta })),
+            ),
+            AdminOp::Get => (Method::GET, format!("/v1/stock/{sku}"), None),
+            AdminOp::Status => (Method::GET, format!("/v1/sales/{sku}"), None),
+            AdminOp::Close => (Method::POST, format!("/v1/sales/{sku}/close"), None),
+            AdminOp::Open => (Method::POST, format!("/v1/sales/{sku}/open"), None),
+        }
+    }
+}
+
+/// Runs one admin command. It never does nothing silently: the SKU is checked (and
+/// percent-encoded) before anything is sent, an answer without `X-Flashgate-Admin: 1` is
+/// refused as not flashgate's, and a refused connection names the address tried.
+fn admin_call(admin: &AdminArgs, op: AdminOp, sku: &str) -> ExitCode {
+    let segment = match client::sku_segment(sku) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let Some(token) = admin.token.as_deref() else {
         eprintln!("no admin token: pass --token or set FLASHGATE_ADMIN_TOKEN");
         return ExitCode::FAILURE;
     };
+    let (method, path, body) = op.request(&segment);
     run_async(async move {
-        match flashgate::admin::client::call(&admin.admin, token, method, path, body).await {
-            Ok((status, text)) if status.is_success() => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Ok((status, text)) => {
-                eprintln!("{status}: {text}");
-                ExitCode::FAILURE
+        let answer = match client::call(&admin.admin, token, method, &path, body).await {
+            Ok(a) => a,
+            Err(e @ CallError::Refused { .. }) => {
+                eprintln!(
+                    "cannot reach flashgate's admin API: {e}.\n\
+                     Is flashgate running with `admin.listen` at that address (and its admin \
+                     token variable set, without which the admin API is off)? Check \
+                     admin.listen in its config, or point this command elsewhere with --admin URL."
+                );
+                return ExitCode::FAILURE;
             }
             Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
+                eprintln!("cannot reach flashgate's admin API: {e}");
+                return ExitCode::FAILURE;
             }
+        };
+        if !answer.from_admin {
+            let mut head: String = answer.body.chars().take(200).collect();
+            if head.len() < answer.body.len() {
+                head.push('…');
+            }
+            eprintln!(
+                "{}{path} answered {} but is not flashgate's admin API (no X-Flashgate-Admin \
+                 header; Server: {}; body: {head:?}), so flashgate's admin API did not do this. \
+                 Check --admin against admin.listen in flashgate's config.",
+                admin.admin.trim_end_matches('/'),
+                answer.status,
+                answer.server.as_deref().unwrap_or("not given"),
+            );
+            return ExitCode::FAILURE;
+        }
+        let parsed: Option<Value> = serde_json::from_str(&answer.body).ok();
+        if admin.json {
+            println!("{}", answer.body);
+            if !answer.status.is_success() {
+                eprintln!("{}", answer.status);
+                return ExitCode::FAILURE;
+            }
+            return ExitCode::SUCCESS;
+        }
+        let Some(v) = parsed else {
+            eprintln!("{}: {}", answer.status, answer.body);
+            return ExitCode::FAILURE;
+        };
+        if answer.status.is_success() {
+            println!("{}", human(op, sku, &v));
+            ExitCode::SUCCESS
+        } else {
+            eprintln!("{}", human_error(answer.status, sku, &v));
+            ExitCode::FAILURE
         }
     })
+}
+
+/// A successful answer, for people.
+fn human(op: AdminOp, sku: &str, v: &Value) -> String {
+    let n = |key: &str| v[key].as_u64().map_or("?".to_owned(), |n| n.to_string());
+    match op {
+        AdminOp::Set { expect: None, .. } => format!("{sku}: stock set to {}", n("stock")),
+        AdminOp::Set {
+            expect: Some(e), ..
+        } => format!("{sku}: stock set to {} (was {e})", n("stock")),
+        AdminOp::Add { delta } => format!("{sku}: stock {} ({delta:+})", n("stock")),
+        AdminOp::Get => format!("{sku}: {} units left", n("stock")),
+        AdminOp::Close => format!(
+            "{sku}: sale closed: buyers get 410 closed on every instance; stock unchanged \
+             (reopen with `flashgate sale open {sku}`)"
+        ),
+        AdminOp::Open => format!("{sku}: sale open"),
+        AdminOp::Status => sale_status(sku, v),
+    }
+}
+
+/// `flashgate sale status`, for people, with the audit checked.
+fn sale_status(sku: &str, v: &Value) -> String {
+    let counts = |kind: &str| {
+        let c = &v[kind];
+        let n = |s: &str| c[s].as_u64().unwrap_or(0);
+        format!(
+            "held {}, sold {}, released {}, uncertain {}",
+            n("held"),
+            n("sold"),
+            n("released"),
+            n("uncertain")
+        )
+    };
+    let state = if v["closed"] == true {
+        "closed"
+    } else {
+        "open"
+    };
+    let stock = v["stock"].as_u64();
+    let added = v["added"].as_u64();
+    let units = &v["units"];
+    let u = |s: &str| units[s].as_u64().unwrap_or(0);
+    let audit = match (added, stock) {
+        (Some(added), Some(stock)) => {
+            let total = u128::from(stock)
+                + u128::from(u("held"))
+                + u128::from(u("sold"))
+                + u128::from(u("uncertain"));
+            let verdict = if u128::from(added) == total {
+                "ok"
+            } else {
+                "MISMATCH"
+            };
+            format!(
+                "{verdict}: added {added} {} stock {stock} + held {} + sold {} + uncertain {}{}",
+                if verdict == "ok" { "=" } else { "!=" },
+                u("held"),
+                u("sold"),
+                u("uncertain"),
+                if verdict == "ok" {
+                    String::new()
+                } else {
+                    format!(" (= {total}); reconcile `uncertain` orders and check Redis")
+                },
+            )
+        }
+        (None, Some(_)) => "not recorded yet: the next stock set or add starts it".to_owned(),
+        _ => "n/a (not configured)".to_owned(),
+    };
+    format!(
+        "sale {sku}: {state}\n\
+         \x20 stock         {}\n\
+         \x20 added         {}\n\
+         \x20 buyers        {}\n\
+         \x20 units         {}\n\
+         \x20 reservations  {}\n\
+         \x20 audit         {audit}",
+        stock.map_or("not configured".to_owned(), |s| s.to_string()),
+        added.map_or("not recorded".to_owned(), |a| a.to_string()),
+        v["buyers"].as_u64().unwrap_or(0),
+        counts("units"),
+        counts("reservations"),
+    )
+}
+
+/// A refusal from the admin API, for people: the status, the reason, what to do.
+fn human_error(status: http::StatusCode, sku: &str, v: &Value) -> String {
+    let reason = v["error"].as_str().unwrap_or("error");
+    let message = v["message"].as_str().unwrap_or("");
+    if reason == "stock_changed" {
+        let current = v["stock"]
+            .as_u64()
+            .map_or("not configured".to_owned(), |c| c.to_string());
+        let expected = v["expected"]
+            .as_u64()
+            .map_or("?".to_owned(), |e| e.to_string());
+        return format!(
+            "{sku}: stock changed: it is {current}, not {expected}; nothing was set ({status} {reason})"
+        );
+    }
+    match v["field"].as_str() {
+        Some(field) => format!("{status} {reason}: {field}: {message}"),
+        None => format!("{status} {reason}: {message}"),
+    }
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

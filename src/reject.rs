@@ -34,6 +34,8 @@ pub enum Reject {
     SoldOut {
         remaining: u64,
     },
+    /// The operator closed the sale (`flashgate sale close`).
+    Closed,
     NotConfigured {
         sku: String,
     },
@@ -64,7 +66,7 @@ impl Reject {
             Reject::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Reject::NotStarted | Reject::Ended => StatusCode::FORBIDDEN,
             Reject::AlreadyPurchased { .. } => StatusCode::CONFLICT,
-            Reject::SoldOut { .. } => StatusCode::GONE,
+            Reject::SoldOut { .. } | Reject::Closed => StatusCode::GONE,
             Reject::NotConfigured { .. } | Reject::NoRoute => StatusCode::NOT_FOUND,
             Reject::UriTooLong => StatusCode::URI_TOO_LONG,
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -85,6 +87,7 @@ impl Reject {
             Reject::Ended => "ended",
             Reject::AlreadyPurchased { .. } => "already_purchased",
             Reject::SoldOut { .. } => "sold_out",
+            Reject::Closed => "closed",
             Reject::NotConfigured { .. } => "not_configured",
             Reject::Unavailable => "unavailable",
             Reject::NoRoute => "not_found",
@@ -112,6 +115,7 @@ impl Reject {
                 Cow::Borrowed("you already hold the most units allowed")
             }
             Reject::SoldOut { .. } => Cow::Borrowed("sold out"),
+            Reject::Closed => Cow::Borrowed("the sale is closed"),
             Reject::NotConfigured { sku } => {
                 Cow::Owned(format!("no stock is configured for `{sku}`"))
             }
@@ -262,6 +266,7 @@ mod tests {
                 "already_purchased",
             ),
             (Reject::SoldOut { remaining: 0 }, 410, "sold_out"),
+            (Reject::Closed, 410, "closed"),
             (
                 Reject::NotConfigured { sku: "a".into() },
                 404,

@@ -38,6 +38,19 @@ const BAD: &[(&str, u64, &[&str])] = &[
     ),
     ("duplicate_key", 3, &["duplicate mapping key: listen"]),
     (
+        "quantity_past_2_53",
+        8,
+        &["routes[0].sale.quantity: ", "9007199254740992 is too large"],
+    ),
+    (
+        "per_user_limit_past_2_53",
+        8,
+        &[
+            "routes[0].sale.per_user_limit: ",
+            "from 1 to 4294967295, got 9007199254740992",
+        ],
+    ),
+    (
         "duration",
         3,
         &["upstream.request_timeout: ", "invalid duration `soon`"],

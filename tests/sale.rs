@@ -1454,20 +1454,31 @@ mod cli {
                 let args: Vec<String> = cmd.iter().chain(&admin).map(|s| s.to_string()).collect();
                 async move { flashgate(&args.iter().map(String::as_str).collect::<Vec<_>>()).await }
             };
+            // The raw JSON answers (`--json`); without it the CLI prints for people
+            // (tests/stock_ops.rs covers that output).
+            let run_json = |cmd: &[&str]| {
+                let args: Vec<String> = cmd
+                    .iter()
+                    .chain(&admin)
+                    .chain(&["--json"])
+                    .map(|s| s.to_string())
+                    .collect();
+                async move { flashgate(&args.iter().map(String::as_str).collect::<Vec<_>>()).await }
+            };
 
-            let (code, out, err) = run(&["stock", "set", "cli-1", "5"]).await;
+            let (code, out, err) = run_json(&["stock", "set", "cli-1", "5"]).await;
             assert_eq!(
                 (code, json_line(&out)),
                 (0, json!({"sku": "cli-1", "stock": 5})),
                 "{err}"
             );
-            let (code, out, err) = run(&["stock", "get", "cli-1"]).await;
+            let (code, out, err) = run_json(&["stock", "get", "cli-1"]).await;
             assert_eq!(
                 (code, json_line(&out)),
                 (0, json!({"sku": "cli-1", "stock": 5})),
                 "{err}"
             );
-            let (code, out, err) = run(&["stock", "add", "cli-1", "-2"]).await;
+            let (code, out, err) = run_json(&["stock", "add", "cli-1", "-2"]).await;
             assert_eq!(
                 (code, json_line(&out)),
                 (0, json!({"sku": "cli-1", "stock": 3})),
@@ -1483,12 +1494,12 @@ mod cli {
             let a = buy(&client(), &fg, "cli-1", "alice").await;
             assert_eq!(a.status, 200, "{}", a.text());
             status_until(&fg, "cli-1", |s| s["units"]["sold"] == 1).await;
-            let (code, out, err) = run(&["sale", "status", "cli-1"]).await;
+            let (code, out, err) = run_json(&["sale", "status", "cli-1"]).await;
             assert_eq!(code, 0, "{err}");
             assert_eq!(
                 json_line(&out),
                 json!({
-                    "sku": "cli-1", "stock": 2, "buyers": 1,
+                    "sku": "cli-1", "stock": 2, "added": 3, "closed": false, "buyers": 1,
                     "reservations": counts(0, 1, 0, 0), "units": counts(0, 1, 0, 0),
                 })
             );

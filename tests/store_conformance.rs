@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flashgate::store::{
-    MemoryStore, RedisConfig, RedisStore, ReleaseOutcome, ReserveOutcome, ReserveRequest,
-    Settlement, StateCounts, Store, StoreError,
+    MAX_UNITS, MemoryStore, RedisConfig, RedisStore, ReleaseOutcome, ReserveOutcome,
+    ReserveRequest, Settlement, StateCounts, Store, StoreError,
 };
 use redis_support::RedisServer;
 
@@ -371,20 +371,20 @@ mod cases {
 
         assert_eq!(store.set_stock("adm-1", 7).await.unwrap(), 7);
         assert_eq!(store.get_stock("adm-1").await.unwrap(), Some(7));
-        // Stock must fit Redis' signed 64-bit integers, in both stores.
-        assert!(matches!(
-            store.set_stock("adm-1", u64::MAX).await,
-            Err(StoreError::Invalid(_))
-        ));
-        store.set_stock("adm-1", i64::MAX as u64).await.unwrap();
+        // Stock stays within 2^53 - 1 (Lua numbers are doubles), in both stores.
+        for too_big in [MAX_UNITS + 1, i64::MAX as u64, u64::MAX] {
+            assert!(matches!(
+                store.set_stock("adm-1", too_big).await,
+                Err(StoreError::Invalid(_))
+            ));
+        }
+        assert_eq!(store.get_stock("adm-1").await.unwrap(), Some(7));
+        store.set_stock("adm-1", MAX_UNITS).await.unwrap();
         assert!(matches!(
             store.add_stock("adm-1", 1).await,
             Err(StoreError::Invalid(_))
         ));
-        assert_eq!(
-            store.get_stock("adm-1").await.unwrap(),
-            Some(i64::MAX as u64)
-        );
+        assert_eq!(store.get_stock("adm-1").await.unwrap(), Some(MAX_UNITS));
     }
 
     pub async fn bad_skus_are_invalid(store: Arc<dyn Store>) {

@@ -255,7 +255,10 @@ pub struct RawSale {
     pub sku: Spanned<RawSource>,
     #[serde(default)]
     pub quantity: Option<Spanned<RawQuantity>>,
-    #[serde(default = "default_per_user_limit")]
+    #[serde(
+        default = "default_per_user_limit",
+        deserialize_with = "per_user_limit"
+    )]
     pub per_user_limit: NonZeroU32,
     #[serde(default)]
     pub release_on: Vec<ReleaseOn>,
@@ -273,6 +276,21 @@ pub struct RawSale {
 fn default_per_user_limit() -> NonZeroU32 {
     NonZeroU32::MIN
 }
+
+/// Units per user, 1 to `u32::MAX` (well within the 2^53 − 1 the stores count exactly), with
+/// an error that says so rather than "invalid u32".
+fn per_user_limit<'de, D: Deserializer<'de>>(d: D) -> Result<NonZeroU32, D::Error> {
+    let n = u64::deserialize(d)?;
+    u32::try_from(n)
+        .ok()
+        .and_then(NonZeroU32::new)
+        .ok_or_else(|| {
+            de::Error::custom(format!(
+                "must be a whole number from 1 to {}, got {n}",
+                u32::MAX
+            ))
+        })
+}
 fn default_sale_max_body() -> Bytes {
     Bytes(16 * 1024)
 }
@@ -288,11 +306,44 @@ pub struct RawSource {
 }
 
 /// A fixed quantity, or where to read it from.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+///
+/// Not `#[serde(untagged)]`, whose error ("data did not match any variant") would hide why a
+/// number was refused.
+#[derive(Debug)]
 pub enum RawQuantity {
     Fixed(u32),
     From(RawSource),
+}
+
+impl<'de> Deserialize<'de> for RawQuantity {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawQuantity;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a whole number of units, or a source such as `{ json: qty }`")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                u32::try_from(v).map(RawQuantity::Fixed).map_err(|_| {
+                    E::custom(format!(
+                        "{v} is too large: a quantity is at most per_user_limit (at most {})",
+                        u32::MAX
+                    ))
+                })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("must be at least 1, got {v}"))),
+                }
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                RawSource::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawQuantity::From)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A backend outcome that means "the order was certainly not taken": release the unit.

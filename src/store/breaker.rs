@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::{
-    BoxFuture, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleStatus, Settlement, Store,
-    StoreError,
+    BoxFuture, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleStatus, Settlement, StockSet,
+    Store, StoreError,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,8 +176,21 @@ impl<S: Store> Store for Breaker<S> {
         Box::pin(self.guarded(self.store.settle(sku, reservation, to)))
     }
 
-    fn set_stock<'a>(&'a self, sku: &'a str, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(self.guarded(self.store.set_stock(sku, units)))
+    fn set_stock_if<'a>(
+        &'a self,
+        sku: &'a str,
+        units: u64,
+        expect: Option<u64>,
+    ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
+        Box::pin(self.guarded(self.store.set_stock_if(sku, units, expect)))
+    }
+
+    fn set_closed<'a>(
+        &'a self,
+        sku: &'a str,
+        closed: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.guarded(self.store.set_closed(sku, closed)))
     }
 
     fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
@@ -230,7 +243,15 @@ mod tests {
         ) -> BoxFuture<'a, Result<bool, StoreError>> {
             Box::pin(async { Err(StoreError::Invalid("unused".into())) })
         }
-        fn set_stock<'a>(&'a self, _: &'a str, _: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
+        fn set_stock_if<'a>(
+            &'a self,
+            _: &'a str,
+            _: u64,
+            _: Option<u64>,
+        ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
+            Box::pin(async { Err(StoreError::Invalid("unused".into())) })
+        }
+        fn set_closed<'a>(&'a self, _: &'a str, _: bool) -> BoxFuture<'a, Result<(), StoreError>> {
             Box::pin(async { Err(StoreError::Invalid("unused".into())) })
         }
         fn add_stock<'a>(&'a self, _: &'a str, _: i64) -> BoxFuture<'a, Result<u64, StoreError>> {

@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{
-    BoxFuture, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleStatus, Settlement, StateCounts,
-    Store, StoreError, new_reservation_id, validate_reserve, validate_sku, validate_units,
+    BoxFuture, MAX_UNITS, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleStatus, Settlement,
+    StateCounts, StockSet, Store, StoreError, new_reservation_id, validate_delta, validate_reserve,
+    validate_sku, validate_units,
 };
 
 /// In-process [`Store`]; see the module docs.
@@ -34,6 +35,10 @@ struct Sale {
     reservations: HashMap<String, Reservation>,
     res_counts: StateCounts,
     unit_counts: StateCounts,
+    /// Units ever added, net (see [`SaleStatus::added`]); `None` until stock is first set.
+    added: Option<u64>,
+    /// Closed by the operator: every reserve answers `Closed`.
+    closed: bool,
 }
 
 #[derive(Debug)]
@@ -81,6 +86,32 @@ fn counter(counts: &mut StateCounts, state: State) -> &mut u64 {
 }
 
 impl Sale {
+    /// `added` after a change of `delta` units. The first change of a sale that has no
+    /// `added` yet starts from what the audit says it must be (stock + held + sold +
+    /// uncertain), like the Redis scripts. Refused past [`MAX_UNITS`]: then no held unit
+    /// coming back could push the stock beyond it either.
+    fn next_added(&self, delta: i128) -> Result<u64, StoreError> {
+        let base = match self.added {
+            Some(a) => i128::from(a),
+            None => {
+                let u = &self.unit_counts;
+                i128::from(self.stock.unwrap_or(0))
+                    + i128::from(u.held)
+                    + i128::from(u.sold)
+                    + i128::from(u.uncertain)
+            }
+        };
+        let next = (base + delta).max(0);
+        u64::try_from(next)
+            .ok()
+            .filter(|n| *n <= MAX_UNITS)
+            .ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "units ever added would exceed {MAX_UNITS} (2^53 - 1): {base} + {delta}"
+                ))
+            })
+    }
+
     /// Move one reservation's counters from `from` to `to` (the stats hash in Redis).
     fn count_transition(&mut self, from: Option<State>, to: State, quantity: u64) {
         if let Some(from) = from {
@@ -117,7 +148,10 @@ impl MemoryStore {
             return Ok(ReserveOutcome::NotConfigured);
         };
 
-        // Same order as reserve.lua: dedupe, then configured, then stock.
+        // Same order as reserve.lua: closed, dedupe, then configured, then stock.
+        if sale.closed {
+            return Ok(ReserveOutcome::Closed);
+        }
         let held = sale.buyers.get(&req.user).copied().unwrap_or(0);
         if held.saturating_add(quantity) > u64::from(req.per_user_limit) {
             return Ok(ReserveOutcome::AlreadyPurchased {
@@ -204,15 +238,32 @@ impl MemoryStore {
         Ok(true)
     }
 
-    fn set_stock_now(&self, sku: &str, units: u64) -> Result<u64, StoreError> {
+    fn set_stock_now(
+        &self,
+        sku: &str,
+        units: u64,
+        expect: Option<u64>,
+    ) -> Result<StockSet, StoreError> {
         validate_sku(sku)?;
-        validate_units(units)?;
-        self.sales().entry(sku.to_owned()).or_default().stock = Some(units);
-        Ok(units)
+        validate_units("stock", units)?;
+        if let Some(expect) = expect {
+            validate_units("expect", expect)?;
+        }
+        let mut sales = self.sales();
+        let current = sales.get(sku).and_then(|s| s.stock);
+        if expect.is_some() && current != expect {
+            return Ok(StockSet::Changed { current });
+        }
+        let sale = sales.entry(sku.to_owned()).or_default();
+        let added = sale.next_added(i128::from(units) - i128::from(current.unwrap_or(0)))?;
+        sale.stock = Some(units);
+        sale.added = Some(added);
+        Ok(StockSet::Set { stock: units })
     }
 
     fn add_stock_now(&self, sku: &str, delta: i64) -> Result<u64, StoreError> {
         validate_sku(sku)?;
+        validate_delta(delta)?;
         let mut sales = self.sales();
         let current = sales.get(sku).and_then(|s| s.stock).unwrap_or(0);
         let next = i128::from(current) + i128::from(delta);
@@ -221,15 +272,33 @@ impl MemoryStore {
                 "stock would become negative ({current} + {delta})"
             )));
         }
-        // Same bound as Redis' INCRBY: stock must fit a signed 64-bit integer.
-        let next = i64::try_from(next)
+        let next = u64::try_from(next)
             .ok()
-            .and_then(|n| u64::try_from(n).ok())
+            .filter(|n| *n <= MAX_UNITS)
             .ok_or_else(|| {
-                StoreError::Invalid(format!("stock would overflow ({current} + {delta})"))
+                StoreError::Invalid(format!(
+                    "stock would exceed {MAX_UNITS} (2^53 - 1): {current} + {delta}"
+                ))
             })?;
-        sales.entry(sku.to_owned()).or_default().stock = Some(next);
+        let sale = sales.entry(sku.to_owned()).or_default();
+        let added = sale.next_added(i128::from(delta))?;
+        sale.stock = Some(next);
+        sale.added = Some(added);
         Ok(next)
+    }
+
+    fn set_closed_now(&self, sku: &str, closed: bool) -> Result<(), StoreError> {
+        validate_sku(sku)?;
+        let mut sales = self.sales();
+        match sales.get_mut(sku) {
+            Some(sale) => sale.closed = closed,
+            // Reopening a sale nobody closed creates nothing.
+            None if !closed => {}
+            None => {
+                sales.entry(sku.to_owned()).or_default().closed = true;
+            }
+        }
+        Ok(())
     }
 
     fn get_stock_now(&self, sku: &str) -> Result<Option<u64>, StoreError> {
@@ -244,6 +313,8 @@ impl MemoryStore {
             Some(sale) => SaleStatus {
                 sku: sku.to_owned(),
                 stock: sale.stock,
+                added: sale.added,
+                closed: sale.closed,
                 buyers: sale.buyers.len() as u64,
                 reservations: sale.res_counts.clone(),
                 units: sale.unit_counts.clone(),
@@ -251,6 +322,8 @@ impl MemoryStore {
             None => SaleStatus {
                 sku: sku.to_owned(),
                 stock: None,
+                added: None,
+                closed: false,
                 buyers: 0,
                 reservations: StateCounts::default(),
                 units: StateCounts::default(),
@@ -291,8 +364,21 @@ impl Store for MemoryStore {
         Box::pin(async move { self.settle_now(sku, reservation, to) })
     }
 
-    fn set_stock<'a>(&'a self, sku: &'a str, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(async move { self.set_stock_now(sku, units) })
+    fn set_stock_if<'a>(
+        &'a self,
+        sku: &'a str,
+        units: u64,
+        expect: Option<u64>,
+    ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
+        Box::pin(async move { self.set_stock_now(sku, units, expect) })
+    }
+
+    fn set_closed<'a>(
+        &'a self,
+        sku: &'a str,
+        closed: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.set_closed_now(sku, closed) })
     }
 
     fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {

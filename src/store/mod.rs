@@ -5,7 +5,8 @@
 //!
 //! - [`RedisStore`]: the real thing. Each decision is made inside ONE Lua script
 //!   run atomically on the server (`lua/reserve.lua`, `lua/release.lua`,
-//!   `lua/settle.lua`), so any number of flashgate instances can share it. The
+//!   `lua/settle.lua`, `lua/set_stock.lua`, `lua/add_stock.lua`), so any number of
+//!   flashgate instances can share it. The
 //!   buyers of one SKU who arrive together on one thread share a script call,
 //!   which decides them one after the other.
 //! - [`MemoryStore`]: the embedded default when no Redis is configured; same
@@ -21,7 +22,7 @@
 //! | `fg:{sku}:stock` | string int | units left; **missing = not configured, never unlimited** |
 //! | `fg:{sku}:buyers` | hash user → units | units each user holds (held + sold + uncertain): the per-user limit |
 //! | `fg:{sku}:res` | hash id → `state\|qty\|unix_ms\|user` | every reservation; `unix_ms` is the reservation time from the Redis clock |
-//! | `fg:{sku}:stats` | hash | `res:<state>` / `units:<state>` counters, kept by the scripts |
+//! | `fg:{sku}:stats` | hash | `res:<state>` / `units:<state>` counters, kept by the scripts; `added` (units ever added, net); `closed` (`1` while the operator has closed the sale) |
 //! | `fg:{sku}:events` | pub/sub channel | reserved for stock / sold-out events |
 //!
 //! Reservation states: `held` → `sold` | `uncertain` (settle), or `held` →
@@ -67,6 +68,18 @@ pub enum ReserveOutcome {
     AlreadyPurchased { held: u32 },
     /// The stock key does not exist: the sale is not set up. Never treated as unlimited.
     NotConfigured,
+    /// The operator closed the sale (checked before the per-user limit; nothing changed).
+    Closed,
+}
+
+/// What a compare-and-set of the stock did ([`Store::set_stock_if`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StockSet {
+    /// The stock is now `stock`.
+    Set { stock: u64 },
+    /// The stock was not the expected value: nothing changed. `current` is what it is
+    /// (`None`: the sale is not configured).
+    Changed { current: Option<u64> },
 }
 
 /// Where a held reservation goes once the backend answered.
@@ -110,12 +123,18 @@ pub struct StateCounts {
 }
 
 /// A snapshot of one sale, for the admin API and audits
-/// (`stock + units.held + units.sold + units.uncertain` = all units ever stocked).
+/// (`added == stock + units.held + units.sold + units.uncertain`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SaleStatus {
     pub sku: String,
     /// Units left; `None` when the sale is not configured.
     pub stock: Option<u64>,
+    /// Units ever added, net: every stock set adds its difference from the previous stock,
+    /// every add its delta. `None` when nothing has recorded it yet (the sale is not
+    /// configured, or was last changed by a flashgate that did not record it).
+    pub added: Option<u64>,
+    /// The operator closed the sale: buyers get 410 `closed`; stock is untouched.
+    pub closed: bool,
     /// Users currently holding at least one unit (held, sold or uncertain).
     pub buyers: u64,
     pub reservations: StateCounts,
@@ -165,12 +184,42 @@ pub trait Store: Send + Sync + 'static {
         to: Settlement,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
-    /// Set the units left (creates the sale). Returns the new stock.
-    fn set_stock<'a>(&'a self, sku: &'a str, units: u64) -> BoxFuture<'a, Result<u64, StoreError>>;
+    /// Set the units left (creates the sale) if the stock is still `expect` (`None`: whatever
+    /// it is), recording the difference in `added`. `units` above [`MAX_UNITS`], or an
+    /// `added` that would pass it, is [`StoreError::Invalid`] and changes nothing.
+    fn set_stock_if<'a>(
+        &'a self,
+        sku: &'a str,
+        units: u64,
+        expect: Option<u64>,
+    ) -> BoxFuture<'a, Result<StockSet, StoreError>>;
 
-    /// Add `delta` units (negative removes). A missing key counts as 0; a
-    /// result below zero is [`StoreError::Invalid`] and changes nothing.
+    /// Set the units left, whatever they were. Returns the new stock.
+    fn set_stock<'a>(&'a self, sku: &'a str, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            match self.set_stock_if(sku, units, None).await? {
+                StockSet::Set { stock } => Ok(stock),
+                StockSet::Changed { current } => Err(StoreError::Protocol(format!(
+                    "an unconditional stock set was refused (stock {current:?})"
+                ))),
+            }
+        })
+    }
+
+    /// Add `delta` units (negative removes), recording it in `added`. A missing key counts
+    /// as 0; a result below zero or above [`MAX_UNITS`] (stock or `added`), or a `delta`
+    /// beyond ±[`MAX_UNITS`], is [`StoreError::Invalid`] and changes nothing.
     fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Close (`true`) or reopen (`false`) a sale: a closed sale answers every buyer
+    /// [`ReserveOutcome::Closed`]. Stock, holds and releases are untouched (a release after
+    /// a close puts the unit back in stock; the sale stays closed). Works on a SKU with no
+    /// stock yet, so a sale can be closed before it is stocked.
+    fn set_closed<'a>(
+        &'a self,
+        sku: &'a str,
+        closed: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Units left, or `None` when the sale is not configured.
     fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
@@ -309,10 +358,28 @@ pub(crate) fn validate_reserve(req: &ReserveRequest) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Redis integers are signed 64-bit; refuse stock that cannot be stored.
-pub(crate) fn validate_units(units: u64) -> Result<i64, StoreError> {
-    i64::try_from(units)
-        .map_err(|_| StoreError::Invalid(format!("stock {units} exceeds {}", i64::MAX)))
+/// The largest stock, delta, expected stock or `added` total: 2^53 − 1. Lua numbers are
+/// doubles, exact only up to here; past it a script would compute wrong stock.
+pub const MAX_UNITS: u64 = (1 << 53) - 1;
+
+/// Refuse a stock (or expected stock) the scripts cannot compute with exactly.
+pub(crate) fn validate_units(what: &str, units: u64) -> Result<i64, StoreError> {
+    if units > MAX_UNITS {
+        return Err(StoreError::Invalid(format!(
+            "{what} {units} exceeds {MAX_UNITS} (2^53 - 1)"
+        )));
+    }
+    i64::try_from(units).map_err(|_| StoreError::Invalid(format!("{what} {units} is too large")))
+}
+
+/// Refuse a delta beyond ±[`MAX_UNITS`].
+pub(crate) fn validate_delta(delta: i64) -> Result<(), StoreError> {
+    if delta.unsigned_abs() > MAX_UNITS {
+        return Err(StoreError::Invalid(format!(
+            "delta {delta} is beyond ±{MAX_UNITS} (2^53 - 1)"
+        )));
+    }
+    Ok(())
 }
 
 /// All keys of one sale, validated once.

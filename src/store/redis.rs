@@ -66,9 +66,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    BoxFuture, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleKeys, SaleStatus, Settlement,
-    StateCounts, Store, StoreError, new_reservation_id, retry_while_unavailable, validate_reserve,
-    validate_sku, validate_units,
+    BoxFuture, MAX_UNITS, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleKeys, SaleStatus,
+    Settlement, StateCounts, StockSet, Store, StoreError, new_reservation_id,
+    retry_while_unavailable, validate_delta, validate_reserve, validate_sku, validate_units,
 };
 
 /// After a failed connect attempt, a slot waits this long before the next one.
@@ -139,6 +139,7 @@ struct Shared {
     release: LuaScript,
     settle: LuaScript,
     add_stock: LuaScript,
+    set_stock: LuaScript,
     /// Reserves waiting to be sent together (see [`RedisStore::reserve_inner`]).
     reserves: ThreadLocal<Arc<Batches<ReserveWaiter>>>,
     /// Settles waiting to be sent together (see [`RedisStore::settle_inner`]).
@@ -207,6 +208,7 @@ impl RedisStore {
                 release: LuaScript::new(include_str!("../../lua/release.lua")),
                 settle: LuaScript::new(include_str!("../../lua/settle.lua")),
                 add_stock: LuaScript::new(include_str!("../../lua/add_stock.lua")),
+                set_stock: LuaScript::new(include_str!("../../lua/set_stock.lua")),
                 reserves: ThreadLocal::new(),
                 settles: ThreadLocal::new(),
             }),
@@ -524,26 +526,44 @@ impl Shared {
         })
     }
 
-    async fn set_stock_inner(&self, sku: &str, units: u64) -> Result<u64, StoreError> {
+    async fn set_stock_inner(
+        &self,
+        sku: &str,
+        units: u64,
+        expect: Option<u64>,
+    ) -> Result<StockSet, StoreError> {
         let keys = self.keys(sku)?;
-        let value = validate_units(units)?;
-        let stock = keys.stock;
-        self.with_conn(|mut c| async move {
-            redis::cmd("SET")
-                .arg(&stock)
-                .arg(value)
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await?;
-        Ok(units)
+        validate_units("stock", units)?;
+        let units_arg = units.to_string();
+        let expect_arg = match expect {
+            Some(e) => validate_units("expect", e)?.to_string(),
+            None => String::new(),
+        };
+        let reply = self
+            .run_script(
+                &self.set_stock,
+                &keys,
+                &[units_arg.as_bytes(), expect_arg.as_bytes()],
+            )
+            .await?;
+        let (status, rest) = split_reply(reply, "set_stock")?;
+        match (status.as_str(), rest.as_slice()) {
+            ("ok", [stock]) => Ok(StockSet::Set {
+                stock: non_negative(stock, "set_stock result")?,
+            }),
+            ("changed", []) => Ok(StockSet::Changed { current: None }),
+            ("changed", [current]) => Ok(StockSet::Changed {
+                current: Some(non_negative(current, "set_stock current")?),
+            }),
+            ("added_overflow", [added]) => Err(added_overflow(added)),
+            _ => Err(unexpected("set_stock", &status, &rest)),
+        }
     }
 
     async fn add_stock_inner(&self, sku: &str, delta: i64) -> Result<u64, StoreError> {
         let keys = self.keys(sku)?;
+        validate_delta(delta)?;
         let delta_arg = delta.to_string();
-        // The script only touches KEYS[1]; the other keys are passed anyway so
-        // every script declares the sale's full key set (same slot, harmless).
         let reply = self
             .run_script(&self.add_stock, &keys, &[delta_arg.as_bytes()])
             .await?;
@@ -555,11 +575,36 @@ impl Shared {
                 int(current).unwrap_or(0)
             ))),
             ("overflow", [current]) => Err(StoreError::Invalid(format!(
-                "stock would overflow ({} + {delta})",
+                "stock would exceed {MAX_UNITS} (2^53 - 1): {} + {delta}",
                 int(current).unwrap_or(0)
+            ))),
+            ("added_overflow", [added]) => Err(added_overflow(added)),
+            ("out_of_range", [raw]) => Err(StoreError::Invalid(format!(
+                "the stock key holds {}, beyond {MAX_UNITS} (2^53 - 1): set the stock to fix it",
+                text(raw).unwrap_or_default()
             ))),
             _ => Err(unexpected("add_stock", &status, &rest)),
         }
+    }
+
+    /// The flag is a field of the stats hash, which `reserve.lua` already reads: closing
+    /// costs a buyer no extra key and no extra round trip.
+    async fn set_closed_inner(&self, sku: &str, closed: bool) -> Result<(), StoreError> {
+        let keys = self.keys(sku)?;
+        let stats = keys.stats;
+        self.with_conn(|mut c| async move {
+            let cmd = if closed {
+                let mut cmd = redis::cmd("HSET");
+                cmd.arg(&stats).arg("closed").arg("1");
+                cmd
+            } else {
+                let mut cmd = redis::cmd("HDEL");
+                cmd.arg(&stats).arg("closed");
+                cmd
+            };
+            cmd.query_async::<Value>(&mut c).await.map(drop)
+        })
+        .await
     }
 
     async fn get_stock_inner(&self, sku: &str) -> Result<Option<u64>, StoreError> {
@@ -608,6 +653,8 @@ impl Shared {
         Ok(SaleStatus {
             sku: sku.to_owned(),
             stock: stock.map(stock_value).transpose()?,
+            added: stats.get("added").and_then(|v| u64::try_from(*v).ok()),
+            closed: stats.get("closed") == Some(&1),
             buyers,
             reservations: counts("res"),
             units: counts("units"),
@@ -644,8 +691,21 @@ impl Store for RedisStore {
         Box::pin(self.shared.settle_inner(sku, reservation, to))
     }
 
-    fn set_stock<'a>(&'a self, sku: &'a str, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(self.shared.set_stock_inner(sku, units))
+    fn set_stock_if<'a>(
+        &'a self,
+        sku: &'a str,
+        units: u64,
+        expect: Option<u64>,
+    ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
+        Box::pin(self.shared.set_stock_inner(sku, units, expect))
+    }
+
+    fn set_closed<'a>(
+        &'a self,
+        sku: &'a str,
+        closed: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.shared.set_closed_inner(sku, closed))
     }
 
     fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
@@ -1041,6 +1101,7 @@ fn reserve_outcome(reply: Value, reservation: String) -> Result<ReserveOutcome, 
             })
         }
         (b"not_configured", []) => Ok(ReserveOutcome::NotConfigured),
+        (b"closed", []) => Ok(ReserveOutcome::Closed),
         _ => Err(unexpected(&reply)),
     }
 }
@@ -1214,6 +1275,13 @@ fn non_negative(v: &Value, what: &str) -> Result<u64, StoreError> {
 /// hand: say so rather than hide it.
 fn stock_value(n: i64) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Protocol(format!("stock key holds {n}")))
+}
+
+fn added_overflow(added: &Value) -> StoreError {
+    StoreError::Invalid(format!(
+        "units ever added would exceed {MAX_UNITS} (2^53 - 1; {} so far)",
+        int(added).unwrap_or(0)
+    ))
 }
 
 fn unexpected(script: &str, status: &str, rest: &[Value]) -> StoreError {
