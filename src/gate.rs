@@ -122,6 +122,13 @@ async fn admit_and_forward(
                 "a method override is not accepted on a sale route".into(),
             ));
         }
+        // A sale request goes on in the exact form it matched: with a trailing slash some
+        // routers (Go, Flask, Gin, FastAPI) would not run the buy handler, and the unit won
+        // would count as sold for an order nobody placed.
+        let exact = canonical::match_form(&path);
+        if exact.len() != path.len() {
+            set_path(&mut req, exact)?;
+        }
     } else {
         snap.fence.check(
             req.method(),

@@ -33,10 +33,17 @@ pub async fn read_order(
     body: Body,
 ) -> Result<(Order, Body), Reject> {
     let form = form_kind(parts);
+    if sale.reads_body() && !is_json(parts) {
+        // A backend that parses only `application/json` would not find the order flashgate
+        // reserved for (Express, Flask, FastAPI refuse or ignore a `text/plain` body).
+        return Err(Reject::BadRequest(
+            "the body must be sent as Content-Type: application/json".into(),
+        ));
+    }
     let (json, body) = if sale.reads_body() || form.is_some() {
         let bytes = read_limited(body, sale.max_body).await?;
         if let Some(kind) = form {
-            refuse_method_field(kind, &bytes)?;
+            refuse_form_fields(kind, &bytes, &query_names(sale))?;
         }
         let json = if sale.reads_body() {
             Some(JsonFields::parse(&bytes)?)
@@ -102,23 +109,92 @@ fn form_kind(parts: &Parts) -> Option<FormKind> {
     }
 }
 
-/// Rack, Laravel, Express `method-override` and Spring's hidden-method filter read a form
-/// field `_method` as the request's method: on a sale route that is refused.
-fn refuse_method_field(kind: FormKind, body: &[u8]) -> Result<(), Reject> {
-    let present = match kind {
-        FormKind::UrlEncoded => {
-            form_urlencoded::parse(body).any(|(k, _)| k.eq_ignore_ascii_case("_method"))
-        }
-        FormKind::Multipart => body
-            .windows(b"name=\"_method\"".len())
-            .any(|w| w.eq_ignore_ascii_case(b"name=\"_method\"")),
+fn is_json(parts: &Parts) -> bool {
+    parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| ct.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The query keys the sale reads its values from.
+fn query_names(sale: &Sale) -> Vec<&str> {
+    let quantity = match &sale.quantity {
+        Quantity::From(source) => Some(source),
+        Quantity::Fixed(_) => None,
     };
-    if present {
-        return Err(Reject::BadRequest(
-            "a method override (`_method`) is not accepted on a sale route".into(),
-        ));
+    [Some(&sale.sku), quantity]
+        .into_iter()
+        .flatten()
+        .filter_map(|source| match source {
+            Source::Query(name) => Some(name.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Form fields a sale route refuses. `_method`: Rack, Laravel, Express `method-override` and
+/// Spring's hidden-method filter read it as the request's method. And a key the sale reads
+/// from the query: Go's `r.FormValue`, PHP's `$_REQUEST`, Flask's `request.values` and a
+/// servlet's `getParameter` merge query and form, some preferring the body — the backend
+/// would sell what the body names while flashgate reserved what the query named.
+fn refuse_form_fields(kind: FormKind, body: &[u8], query_names: &[&str]) -> Result<(), Reject> {
+    let names = std::iter::once("_method").chain(query_names.iter().copied());
+    for name in names {
+        let present = match kind {
+            FormKind::UrlEncoded => form_urlencoded::parse(body).any(|(k, _)| same_key(&k, name)),
+            FormKind::Multipart => multipart_has_field(body, name),
+        };
+        if present && name == "_method" {
+            return Err(Reject::BadRequest(
+                "a method override (`_method`) is not accepted on a sale route".into(),
+            ));
+        }
+        if present {
+            return Err(Reject::BadRequest(format!(
+                "`{name}` is read from the query: the form body must not carry it too"
+            )));
+        }
     }
     Ok(())
+}
+
+/// A multipart part named `name` (quoted or not, any case, or `name[...]`), found by every
+/// `name=` parameter in the body (a part's `Content-Disposition`).
+fn multipart_has_field(body: &[u8], name: &str) -> bool {
+    const PARAM: &[u8] = b"name=";
+    let mut rest = body;
+    while let Some(at) = rest
+        .windows(PARAM.len())
+        .position(|w| w.eq_ignore_ascii_case(PARAM))
+    {
+        // A parameter of its own, not the tail of `filename=`.
+        let own = at == 0 || matches!(rest[at - 1], b';' | b' ' | b'\t');
+        rest = &rest[at + PARAM.len()..];
+        if !own {
+            continue;
+        }
+        let value = rest.strip_prefix(b"\"").unwrap_or(rest);
+        let end = value
+            .iter()
+            .position(|b| matches!(b, b'"' | b';' | b'\r' | b'\n'))
+            .unwrap_or(value.len());
+        if std::str::from_utf8(&value[..end]).is_ok_and(|key| same_key(key.trim(), name)) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether query or form key `key` names `name`: in any case, or as `name[...]` (qs and PHP
+/// read that as an array).
+fn same_key(key: &str, name: &str) -> bool {
+    key.eq_ignore_ascii_case(name)
+        || key
+            .get(..name.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(name))
+            && key[name.len()..].starts_with('[')
 }
 
 /// Reads a whole body of at most `max` bytes (413 past that). Trailers are not kept: a buy
@@ -279,23 +355,23 @@ fn lookup(
 }
 
 /// The value of query key `name`, which must occur once. Counted as occurrences: any
-/// percent-encoded or case spelling of the key, `name[...]` (qs and PHP read it as an array),
-/// and keys after a `;` (older parsers split on it too).
+/// percent-encoded or case spelling of the key and `name[...]`. A query with a `;` is refused
+/// outright: Go drops a pair containing one, older parsers split on it, Tomcat, Werkzeug,
+/// Express and Starlette keep it in the value — no reading of it is the backend's for sure.
 fn query_value(query: Option<&str>, name: &str) -> Result<Option<String>, Reject> {
     let Some(q) = query else { return Ok(None) };
+    if q.contains(';') {
+        return Err(Reject::BadRequest(
+            "a `;` in the query of a sale request is read differently by backends".into(),
+        ));
+    }
     let mut value = None;
     let mut seen = 0;
-    for piece in q.split(';') {
-        for (k, v) in form_urlencoded::parse(piece.as_bytes()) {
-            let same = k.eq_ignore_ascii_case(name)
-                || k.get(..name.len())
-                    .is_some_and(|p| p.eq_ignore_ascii_case(name))
-                    && k[name.len()..].starts_with('[');
-            if same {
-                seen += 1;
-                if k == name {
-                    value = Some(v.into_owned());
-                }
+    for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+        if same_key(&k, name) {
+            seen += 1;
+            if k == name {
+                value = Some(v.into_owned());
             }
         }
     }
@@ -473,13 +549,39 @@ mod tests {
     }
 
     #[test]
-    fn form_method_fields_are_refused() {
-        assert!(refuse_method_field(FormKind::UrlEncoded, b"a=1&b=2").is_ok());
-        assert!(refuse_method_field(FormKind::UrlEncoded, b"a=1&_method=PUT").is_err());
-        assert!(refuse_method_field(FormKind::UrlEncoded, b"%5Fmethod=PUT").is_err());
-        let multipart =
-            b"--x\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nPUT\r\n--x--";
-        assert!(refuse_method_field(FormKind::Multipart, multipart).is_err());
+    fn form_fields_a_backend_could_read_instead_are_refused() {
+        let url = FormKind::UrlEncoded;
+        let multi = FormKind::Multipart;
+        let part =
+            |name: &str| format!("--x\r\nContent-Disposition: form-data; {name}\r\n\r\nv\r\n--x--");
+        for (kind, body, names, refused) in [
+            (url, "a=1&b=2".to_owned(), &[][..], false),
+            (url, "a=1&_method=PUT".to_owned(), &[], true),
+            (url, "%5Fmethod=PUT".to_owned(), &[], true),
+            (multi, part("name=\"_method\""), &[], true),
+            (url, "sku=tee".to_owned(), &["sku"][..], true),
+            (url, "note=1&SKU=tee".to_owned(), &["sku"], true),
+            (url, "%73ku=tee".to_owned(), &["sku"], true),
+            (url, "sku[]=tee".to_owned(), &["sku"], true),
+            (url, "skus=tee".to_owned(), &["sku"], false),
+            (url, "qty=2".to_owned(), &["sku", "qty"], true),
+            (multi, part("name=\"sku\""), &["sku"], true),
+            (multi, part("name=sku"), &["sku"], true),
+            (multi, part("NAME=\"Sku[0]\""), &["sku"], true),
+            (multi, part("name=\"skus\""), &["sku"], false),
+            (
+                multi,
+                part("filename=\"sku\"; name=\"file\""),
+                &["sku"],
+                false,
+            ),
+        ] {
+            assert_eq!(
+                refuse_form_fields(kind, body.as_bytes(), names).is_err(),
+                refused,
+                "{body} {names:?}"
+            );
+        }
     }
 
     #[test]

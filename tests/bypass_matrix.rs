@@ -47,35 +47,6 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on a backend's build and start (javac and a cold `go build` of Gin take seconds).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Differentials this matrix found that flashgate does not stop yet (issue 9; not fixed on
-/// this branch). Each is printed as a KNOWN GAP instead of failing the test, until
-/// `BYPASS_MATRIX_STRICT=1` (or the fix) makes it count again; any other failure fails.
-const KNOWN_GAPS: &[(&str, &str)] = &[
-    (
-        "query diff ?sku=gold;x=1&quantity=1",
-        "flashgate splits the query on `;` and reads sku `gold`; Tomcat, Werkzeug, Express and \
-         Starlette split on `&` only and read `gold;x=1` (Go drops the pair)",
-    ),
-    (
-        "query diff query + form body sku=tee",
-        "SKU from the query, a urlencoded body names another: Go's r.FormValue prefers the \
-         body, so a reservation for `gold` buys `tee`",
-    ),
-    (
-        "query diff query + form body quantity=2",
-        "quantity from the query, a urlencoded body names another: Go's r.FormValue prefers \
-         the body",
-    ),
-    (
-        "query diff query + form body sku=tee&quantity=2",
-        "both of the above at once",
-    ),
-];
-
-fn strict() -> bool {
-    std::env::var_os("BYPASS_MATRIX_STRICT").is_some_and(|v| v == "1")
-}
-
 fn bypass_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bypass")
 }
@@ -1274,7 +1245,6 @@ async fn run_matrix(framework: Framework) {
     let all = variants();
 
     let mut failures: Vec<String> = Vec::new();
-    let mut known: Vec<String> = Vec::new();
     let mut outside_handler: Vec<String> = Vec::new();
     let mut direct_reach: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut through_statuses: BTreeMap<String, usize> = BTreeMap::new();
@@ -1324,12 +1294,7 @@ async fn run_matrix(framework: Framework) {
                         v.show(fg.addr),
                         through.status()
                     );
-                    match KNOWN_GAPS.iter().find(|(n, _)| *n == v.name) {
-                        Some((_, gap)) if !strict() => {
-                            known.push(format!("{report}\n    known gap: {gap}"));
-                        }
-                        _ => failures.push(report),
-                    }
+                    failures.push(report);
                 }
                 None => {
                     admitted[v.route as usize] += 1;
@@ -1383,9 +1348,6 @@ async fn run_matrix(framework: Framework) {
             outside_handler.join("; ")
         );
     }
-    for k in &known {
-        println!("KNOWN GAP (not fixed on this branch): {k}");
-    }
 
     let honest_direct = direct_reach
         .get("bypass")
@@ -1398,6 +1360,13 @@ async fn run_matrix(framework: Framework) {
     assert!(
         admitted.iter().all(|&n| n > 0),
         "[{name}] flashgate admitted no honest buy on some route ({admitted:?}): the differential half means nothing"
+    );
+    // A unit flashgate reserved for a request the buy handler never saw is spent for nothing
+    // (and the buyer's per-user slot with it): flashgate must refuse such a spelling instead.
+    assert!(
+        outside_handler.is_empty(),
+        "[{name}] in-stock buys admitted by flashgate but answered outside the buy handler: {}",
+        outside_handler.join("; ")
     );
     assert!(
         failures.is_empty(),

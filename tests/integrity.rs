@@ -114,6 +114,29 @@ async fn ambiguous_paths_are_refused_unless_a_setting_allows_them() {
 }
 
 #[tokio::test]
+async fn a_sale_request_is_forwarded_in_the_exact_form_it_matched() {
+    let (backend, fg) = started("").await;
+    fg.app.store.set_stock("tee", 3).await.unwrap();
+    let c = client();
+    for (n, path) in ["/api/flash/tee/buy/", "/api//flash/./tee/%62uy"]
+        .iter()
+        .enumerate()
+    {
+        let user = format!("u{n}");
+        let a = send(
+            &c,
+            "POST",
+            &fg.url(path),
+            &[("x-user-id", &user)],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{path}: {}", a.text());
+        assert_eq!(backend.seen()[n].uri, "/api/flash/tee/buy", "{path}");
+    }
+}
+
+#[tokio::test]
 async fn other_spellings_of_a_sale_path_are_fenced() {
     let (backend, fg) = started("").await;
     let c = client();
@@ -287,6 +310,40 @@ async fn a_sku_or_quantity_the_backend_could_read_differently_is_refused() {
         let url = fg.url(&format!("/api/q/buy?{query}"));
         let a = send(&c, "POST", &url, &cookies, Bytes::new()).await;
         assert_refused(&a, 400, "bad_request", &format!("{query} {cookies:?}"));
+    }
+    for (query, content_type, body) in [
+        // Go's r.FormValue, PHP's $_REQUEST, Flask's request.values read the body's `sku`.
+        ("sku=a", "application/x-www-form-urlencoded", "sku=b"),
+        ("sku=a", "application/x-www-form-urlencoded", "note=1&SKU=b"),
+        (
+            "sku=a",
+            "multipart/form-data; boundary=x",
+            "--x\r\nContent-Disposition: form-data; name=\"sku\"\r\n\r\nb\r\n--x--\r\n",
+        ),
+        // Go drops a pair with `;`, others keep it in the value, old parsers split on it.
+        ("sku=a;x=1", "text/plain", ""),
+        ("x=1;sku=a", "text/plain", ""),
+    ] {
+        let url = fg.url(&format!("/api/q/buy?{query}"));
+        let headers = [("cookie", "uid=eve"), ("content-type", content_type)];
+        let a = send(&c, "POST", &url, &headers, body).await;
+        assert_refused(&a, 400, "bad_request", &format!("{query} {body}"));
+    }
+    // A JSON order in a body the backend would not parse as JSON.
+    for content_type in [
+        "text/plain",
+        "application/vnd.api+json",
+        "application/x-www-form-urlencoded",
+    ] {
+        let a = send(
+            &c,
+            "POST",
+            &fg.url("/api/order"),
+            &[("x-user-id", "eve"), ("content-type", content_type)],
+            r#"{"sku":"a","quantity":1}"#,
+        )
+        .await;
+        assert_refused(&a, 400, "bad_request", content_type);
     }
     let a = send(
         &c,

@@ -926,7 +926,7 @@ mod cases {
 
         // A chunked body (no length known up front): read chunk by chunk, still bounded, and
         // forwarded as the bytes the client sent.
-        let head = "POST /api/flash/buy HTTP/1.1\r\nhost: shop\r\nx-user-id: dave\r\n";
+        let head = "POST /api/flash/buy HTTP/1.1\r\nhost: shop\r\nx-user-id: dave\r\ncontent-type: application/json\r\n";
         let answer = raw_exchange(
             fg.addr,
             &chunked(head, &[b"{\"sku\":", b"\"json-1\",", b" \"gift\": true}"]),
