@@ -32,6 +32,10 @@ pub enum ForwardError {
     /// have taken the request.
     #[error("upstream response unreadable: {0}")]
     BadResponse(String),
+    /// The client's request body failed while it was being sent on (malformed chunked
+    /// framing, or the client went away): the backend got part of it.
+    #[error("request body failed: {0}")]
+    ClientBody(String),
 }
 
 /// The pooled client to the one upstream.
@@ -109,6 +113,9 @@ impl Upstream {
             Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(error_chain(&e))),
             Ok(Err(e)) if unreadable_response(&e) => {
                 return Err(ForwardError::BadResponse(error_chain(&e)));
+            }
+            Ok(Err(e)) if client_body_failed(&e) => {
+                return Err(ForwardError::ClientBody(innermost(&e)));
             }
             Ok(Err(e)) => return Err(ForwardError::Failed(error_chain(&e))),
             Ok(Ok(resp)) => resp,
@@ -301,6 +308,28 @@ fn unreadable_response(e: &(dyn std::error::Error + 'static)) -> bool {
         source = inner.source();
     }
     false
+}
+
+/// The request body (the client's bytes) failed, not the exchange with the backend.
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = e.source();
+    while let Some(inner) = source {
+        if let Some(h) = inner.downcast_ref::<hyper::Error>() {
+            // hyper's "error from user's Body stream", carrying the body's own error.
+            return h.is_user() && std::error::Error::source(h).is_some();
+        }
+        source = inner.source();
+    }
+    false
+}
+
+/// The root cause alone (what the client did), for an answer to the client.
+fn innermost(e: &dyn std::error::Error) -> String {
+    let mut cause = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    cause.to_string()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

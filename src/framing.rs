@@ -14,6 +14,9 @@ const MAX_HEADERS: usize = 128;
 pub struct HeadScan {
     buf: Vec<u8>,
     state: State,
+    /// Bytes read past the end of the head (at most `cap`): a body, or a pipelined request
+    /// whose head [`HeadScan::take`] scans next once the body's length is known.
+    past: Vec<u8>,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +53,7 @@ impl HeadScan {
                 ..
             } => {
                 *past = past.saturating_add(bytes.len() as u64);
+                keep_past(&mut self.past, bytes, cap);
                 return;
             }
             State::Done { .. } | State::Off => return,
@@ -63,6 +67,7 @@ impl HeadScan {
                 two_framings: two_framings(&bytes[..end + 4]),
                 past_head: Some((bytes.len() - (end + 4)) as u64),
             };
+            keep_past(&mut self.past, &bytes[end + 4..], cap);
             return;
         }
         let room = cap.saturating_sub(self.buf.len());
@@ -91,13 +96,17 @@ impl HeadScan {
             two_framings: two_framings(&self.buf[..end + 4]),
             past_head: Some(past_head as u64),
         };
+        keep_past(&mut self.past, &self.buf[end + 4..], cap);
+        keep_past(&mut self.past, &bytes[kept..], cap);
         // Only the verdict is kept: an upgraded (WebSocket) connection, which never starts
         // another request, must not hold on to the head.
         self.buf = Vec::new();
     }
 
-    /// What the head just parsed declared; resets for the next request.
-    pub fn take(&mut self) -> Scanned {
+    /// What the head just parsed declared; resets for the next request. With the body's
+    /// exact length known, the bytes already read past that body (a pipelined request) are
+    /// scanned as the next head.
+    pub fn take(&mut self, body_len: Option<u64>, cap: usize) -> Scanned {
         let scanned = match self.state {
             State::Done {
                 two_framings,
@@ -114,9 +123,23 @@ impl HeadScan {
         if self.state != State::Off {
             self.state = State::Scanning;
             self.buf = Vec::new();
+            let past = std::mem::take(&mut self.past);
+            let next = body_len
+                .and_then(|len| usize::try_from(len).ok())
+                .and_then(|len| past.get(len..))
+                .filter(|next| !next.is_empty());
+            if let Some(next) = next {
+                self.feed(next, cap);
+            }
         }
         scanned
     }
+}
+
+/// Keeps bytes read past a head, up to `cap` in all.
+fn keep_past(past: &mut Vec<u8>, bytes: &[u8], cap: usize) {
+    let room = cap.saturating_sub(past.len());
+    past.extend_from_slice(&bytes[..bytes.len().min(room)]);
 }
 
 fn two_framings(head: &[u8]) -> bool {
@@ -151,7 +174,7 @@ mod tests {
         for c in chunks {
             s.feed(c, 16 * 1024);
         }
-        s.take().two_framings
+        s.take(None, 16 * 1024).two_framings
     }
 
     #[test]
@@ -194,9 +217,33 @@ mod tests {
             b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
             8192,
         );
-        assert!(s.take().two_framings);
+        assert!(s.take(None, 16 * 1024).two_framings);
         s.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 8192);
-        assert!(!s.take().two_framings);
+        assert!(!s.take(None, 16 * 1024).two_framings);
+    }
+
+    #[test]
+    fn a_pipelined_head_past_a_known_body_is_scanned_next() {
+        let first = b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        let second =
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let both = [&first[..], &second[..]].concat();
+        for chunks in [vec![&both[..]], both.chunks(7).collect::<Vec<_>>()] {
+            let mut s = HeadScan::default();
+            for c in &chunks {
+                s.feed(c, 8192);
+            }
+            assert!(!s.take(Some(5), 8192).two_framings, "the first is fine");
+            assert!(
+                s.take(Some(0), 8192).two_framings,
+                "the pipelined one is not"
+            );
+        }
+        // Without a known body length nothing is guessed.
+        let mut s = HeadScan::default();
+        s.feed(&both, 8192);
+        assert!(!s.take(None, 8192).two_framings);
+        assert!(!s.take(Some(0), 8192).two_framings);
     }
 
     #[test]
@@ -206,7 +253,7 @@ mod tests {
             for c in chunks {
                 s.feed(c, cap);
             }
-            s.take().past_head
+            s.take(None, 8192).past_head
         };
         assert_eq!(past(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"], 8192), Some(0));
         assert_eq!(

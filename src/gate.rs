@@ -118,6 +118,7 @@ async fn admit_and_forward(
         .is_some_and(|m| m.route.route.sale.is_some());
     if on_sale {
         if found.method_override || fence::overrides_method(req.headers(), uri.query()) {
+            info!(peer = %peer.ip, method = %req.method(), path = uri.path(), "fence: method override on a sale route refused");
             return Err(Reject::BadRequest(
                 "a method override is not accepted on a sale route".into(),
             ));
@@ -130,11 +131,16 @@ async fn admit_and_forward(
             set_path(&mut req, exact)?;
         }
     } else {
-        snap.fence.check(
-            req.method(),
-            &path,
-            matched.as_ref().map(|m| &m.route.route),
-        )?;
+        snap.fence
+            .check(
+                req.method(),
+                &path,
+                matched.as_ref().map(|m| &m.route.route),
+            )
+            .inspect_err(|_| {
+                // Someone is trying spellings of a sale path: worth a line at the default level.
+                info!(peer = %peer.ip, method = %req.method(), path = uri.path(), "fence: another spelling or method of a sale path refused");
+            })?;
     }
     let Some(matched) = matched else {
         return match cfg.unmatched {
@@ -326,7 +332,10 @@ impl Won {
             Ok(_) => Outcome::Settle(Settlement::Sold),
             Err(ForwardError::Connect(_)) => Outcome::Release,
             Err(
-                ForwardError::Timeout(_) | ForwardError::Failed(_) | ForwardError::BadResponse(_),
+                ForwardError::Timeout(_)
+                | ForwardError::Failed(_)
+                | ForwardError::BadResponse(_)
+                | ForwardError::ClientBody(_),
             ) => Outcome::Settle(Settlement::Uncertain),
         };
         match outcome {
@@ -500,6 +509,9 @@ fn forward_error(e: ForwardError, limit: &BodyLimit) -> Reject {
         ForwardError::Connect(_) | ForwardError::Failed(_) => Reject::BadGateway,
         ForwardError::Timeout(_) => Reject::GatewayTimeout,
         ForwardError::BadResponse(_) => Reject::BadUpstreamResponse,
+        ForwardError::ClientBody(e) => {
+            Reject::BadRequest(format!("the request body could not be read: {e}"))
+        }
     }
 }
 

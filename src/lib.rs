@@ -5,7 +5,8 @@
 //!
 //! The request path, in the order a request meets it:
 //! 1. [`server`] accepts HTTP/1.1 and h2c, enforces connection, header and idle limits;
-//!    [`request_line`] repairs what clients send unencoded in a request target.
+//!    [`request_line`] repairs what clients send unencoded in a request target;
+//!    [`head_errors`] gives hyper's own answers to heads it refused a JSON body.
 //! 2. [`gate`] runs the steps below in order and turns any [`reject::Reject`] into an answer.
 //! 3. [`hygiene`] strips headers only flashgate may set; [`canonical`] gives the one path
 //!    that is both matched and forwarded (ambiguous spellings refused);
@@ -26,6 +27,7 @@ pub mod fence;
 pub mod forward;
 pub mod framing;
 pub mod gate;
+pub mod head_errors;
 pub mod hygiene;
 pub mod identity;
 pub mod limit;

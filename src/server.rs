@@ -32,6 +32,7 @@ use crate::body;
 use crate::config::Server as ServerConfig;
 use crate::framing::HeadScan;
 use crate::gate;
+use crate::head_errors;
 use crate::request_line::RequestLine;
 use crate::state::App;
 
@@ -566,7 +567,7 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_started.store(0, Ordering::Release);
         self.park_wanted.store(false, Ordering::Release);
-        let scanned = self.scan().take();
+        let scanned = self.scan().take(body_len, self.limits.max_head);
         let uri_too_long = {
             let mut line = self.line();
             let cut = line.too_long();
@@ -593,6 +594,13 @@ impl Activity {
         self.in_flight.load(Ordering::Acquire) == 0
             && self.head_started.load(Ordering::Acquire) == 0
             && self.unread_body.load(Ordering::Acquire) == 0
+    }
+
+    /// Bytes of a request head have arrived and no request was made of them (yet): what
+    /// hyper writes now is its own answer to a head it refused.
+    fn head_without_request(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_started.load(Ordering::Acquire) != 0
     }
 
     fn want_park(&self) {
@@ -704,6 +712,7 @@ struct Watched {
     /// `None` once handed back for a park.
     inner: Option<TcpStream>,
     activity: Arc<Activity>,
+    /// An HTTP/1 connection (h2 ones are never parked, and have no heads to answer).
     may_park: bool,
     /// hyper flushed after its last write. It flushes only once its write buffer is all
     /// written, so until then the end of a response may still be in that buffer (a client
@@ -711,6 +720,8 @@ struct Watched {
     flushed: bool,
     /// Repaired bytes that did not fit hyper's read buffer; handed out before reading more.
     held: Vec<u8>,
+    /// Bytes of a replaced answer not written yet; written before anything else.
+    owed: Vec<u8>,
 }
 
 impl Watched {
@@ -721,6 +732,7 @@ impl Watched {
             may_park,
             flushed: false,
             held: Vec::new(),
+            owed: Vec::new(),
         }
     }
 }
@@ -785,6 +797,35 @@ impl AsyncRead for Watched {
     }
 }
 
+impl Watched {
+    /// Writes what is owed from a replaced answer ([`head_errors`]) before anything else.
+    fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.owed.is_empty() {
+            let Some(inner) = self.inner.as_mut() else {
+                return Poll::Ready(Err(gone()));
+            };
+            let n = ready!(Pin::new(inner).poll_write(cx, &self.owed))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.owed.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// hyper writing while a head is pending without a request is hyper answering a head it
+    /// refused: that answer goes out with a JSON body instead. `Some(len)`: taken over.
+    fn take_over_own_answer(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Option<usize> {
+        if !self.may_park || !self.activity.head_without_request() {
+            return None;
+        }
+        self.owed = head_errors::with_json_body(bytes)?;
+        // Pending is fine: the rest goes out with the next write, flush or shutdown.
+        let _ = self.poll_owed(cx);
+        Some(bytes.len())
+    }
+}
+
 impl AsyncWrite for Watched {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -793,6 +834,10 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.flushed = false;
+        ready!(this.poll_owed(cx))?;
+        if let Some(n) = this.take_over_own_answer(cx, buf) {
+            return Poll::Ready(Ok(n));
+        }
         match this.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll_write(cx, buf),
             None => Poll::Ready(Err(gone())),
@@ -801,6 +846,7 @@ impl AsyncWrite for Watched {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        ready!(this.poll_owed(cx))?;
         let polled = match this.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll_flush(cx),
             None => Poll::Ready(Ok(())),
@@ -815,6 +861,7 @@ impl AsyncWrite for Watched {
             // hyper closes its side of a parked session; the client's connection stays open.
             return Poll::Ready(Ok(()));
         }
+        ready!(this.poll_owed(cx))?;
         match this.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll_shutdown(cx),
             None => Poll::Ready(Ok(())),
@@ -828,6 +875,14 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.flushed = false;
+        ready!(this.poll_owed(cx))?;
+        if this.may_park && this.activity.head_without_request() {
+            // Rare (an answer to a refused head): one contiguous copy to look at.
+            let bytes: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            if let Some(n) = this.take_over_own_answer(cx, &bytes) {
+                return Poll::Ready(Ok(n));
+            }
+        }
         match this.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll_write_vectored(cx, bufs),
             None => Poll::Ready(Err(gone())),

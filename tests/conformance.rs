@@ -168,3 +168,226 @@ async fn large_backend_heads_pass_up_to_the_limit_then_get_a_clear_502() {
     let a = send(&c, "GET", &fg.url("/many?n=10"), &[], Bytes::new()).await;
     assert_eq!(a.status, StatusCode::OK);
 }
+
+/// Sends `request` raw on its own connection and returns every answer read until the close.
+async fn answers(fg: &Flashgate, request: &[u8]) -> Vec<support::raw::RawResponse> {
+    let mut all = Vec::new();
+    let mut stream = tokio::net::TcpStream::connect(fg.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request).await.unwrap();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut all))
+        .await
+        .expect("flashgate closed the connection")
+        .unwrap();
+    support::raw::parse_all(&all)
+}
+
+async fn backend_count(
+    c: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<Bytes>,
+    >,
+    backend: &PyBackend,
+) -> u64 {
+    let a = send(
+        c,
+        "GET",
+        &format!("{}/count", backend.url()),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    a.json()["count"].as_u64().unwrap()
+}
+
+/// The request-smuggling classics: each one either refused with a 400 and a JSON body, or
+/// forwarded re-framed, so that the backend reads exactly the one request and the body that
+/// flashgate read.
+#[tokio::test]
+async fn smuggling_classics_are_refused_with_json_or_forwarded_unambiguously() {
+    let backend = PyBackend::start();
+    let fg = flashgate(&backend, "").await;
+    let c = client();
+    const H: &str = "POST /echo HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n";
+    // A body that reads as a second request to a parser using the other framing.
+    const HIDDEN: &str = "0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: shop\r\n\r\n";
+    let refused = [
+        (
+            "CL.TE",
+            format!(
+                "{H}Content-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{HIDDEN}",
+                HIDDEN.len()
+            ),
+        ),
+        (
+            "TE.CL",
+            format!("{H}Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{HIDDEN}"),
+        ),
+        (
+            "TE xchunked + CL",
+            format!(
+                "{H}Transfer-Encoding: xchunked\r\nContent-Length: {}\r\n\r\n{HIDDEN}",
+                HIDDEN.len()
+            ),
+        ),
+        (
+            "TE xchunked",
+            format!("{H}Transfer-Encoding: xchunked\r\n\r\n{HIDDEN}"),
+        ),
+        (
+            "TE with a space before the name",
+            format!("{H} Transfer-Encoding: chunked\r\n\r\n{HIDDEN}"),
+        ),
+        (
+            "TE chunked, identity",
+            format!("{H}Transfer-Encoding: chunked, identity\r\n\r\n{HIDDEN}"),
+        ),
+        (
+            "TE twice",
+            format!("{H}Transfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n{HIDDEN}"),
+        ),
+        (
+            "TE in HTTP/1.0",
+            format!(
+                "POST /echo HTTP/1.0\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n\r\n{HIDDEN}"
+            ),
+        ),
+        (
+            "two Content-Lengths",
+            format!("{H}Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"),
+        ),
+        (
+            "Content-Length list",
+            format!("{H}Content-Length: 5, 6\r\n\r\nhello!"),
+        ),
+        (
+            "Content-Length +5",
+            format!("{H}Content-Length: +5\r\n\r\nhello"),
+        ),
+        (
+            "space before the colon",
+            format!("{H}Content-Length : 5\r\n\r\nhello"),
+        ),
+        (
+            "obs-fold",
+            format!("{H}X-A: a\r\n b\r\nContent-Length: 5\r\n\r\nhello"),
+        ),
+        (
+            "chunk size overflow",
+            format!("{H}Transfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFF1\r\nabc\r\n0\r\n\r\n"),
+        ),
+        (
+            "chunk lines ended by bare LF",
+            format!("{H}Transfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n"),
+        ),
+    ];
+    let before = backend_count(&c, &backend).await;
+    for (what, request) in &refused {
+        let got = answers(&fg, request.as_bytes()).await;
+        assert_eq!(got.len(), 1, "{what}: {got:?}");
+        assert_eq!(got[0].status, 400, "{what}: {}", got[0].text());
+        let body: serde_json::Value = serde_json::from_slice(&got[0].body)
+            .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {}", got[0].text()));
+        assert_eq!(body["error"], "bad_request", "{what}");
+    }
+    // The body-level ones reached the backend in part (the head was fine); none of the
+    // head-level ones did, and nothing hidden was ever read as a request.
+    let reached = backend_count(&c, &backend).await - before;
+    assert!(
+        reached <= 2,
+        "{reached} refused requests reached the backend"
+    );
+
+    let accepted = [
+        (
+            "TE with extra spaces",
+            format!("{H}Transfer-Encoding:   chunked  \r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        ),
+        (
+            "TE identity, chunked",
+            format!("{H}Transfer-Encoding: identity, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        ),
+        (
+            "two equal Content-Lengths",
+            format!("{H}Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello"),
+        ),
+        (
+            "chunk extensions",
+            format!("{H}Transfer-Encoding: chunked\r\n\r\n5;ext=\"a b\"\r\nhello\r\n0\r\n\r\n"),
+        ),
+        (
+            "head lines ended by bare LF",
+            "POST /echo HTTP/1.1\nHost: shop\nConnection: close\nContent-Length: 5\n\nhello"
+                .to_owned(),
+        ),
+    ];
+    for (what, request) in &accepted {
+        let before = backend_count(&c, &backend).await;
+        let got = answers(&fg, request.as_bytes()).await;
+        assert_eq!(got.len(), 1, "{what}: {got:?}");
+        assert_eq!(got[0].status, 200, "{what}: {}", got[0].text());
+        let echo: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+        assert_eq!(echo["body"], "hello", "{what}");
+        assert_eq!(
+            backend_count(&c, &backend).await - before,
+            1,
+            "{what}: one request"
+        );
+    }
+}
+
+/// What curl and scripts send unencoded in a target is accepted and reaches the backend as the
+/// same values; a 30 KB URI is a 414 (not 431), with a JSON body.
+#[tokio::test]
+async fn unencoded_targets_are_accepted_and_long_ones_get_414() {
+    let backend = PyBackend::start();
+    let fg = flashgate(&backend, "").await;
+    for target in ["/query?filter={\"a\":1}", "/query?q=<b>&tick=`x`&pipe=|"] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n");
+        let through = exchange(fg.addr, request.as_bytes(), false, WAIT)
+            .await
+            .unwrap();
+        let direct_addr: std::net::SocketAddr =
+            format!("127.0.0.1:{}", backend.port).parse().unwrap();
+        let direct = exchange(direct_addr, request.as_bytes(), false, WAIT)
+            .await
+            .unwrap();
+        assert_eq!(through.status, 200, "{target}: {}", through.text());
+        assert_eq!(direct.status, 200, "{target}: {}", direct.text());
+        let (t, d): (serde_json::Value, serde_json::Value) = (
+            serde_json::from_slice(&through.body).unwrap(),
+            serde_json::from_slice(&direct.body).unwrap(),
+        );
+        assert_eq!(
+            t["query"], d["query"],
+            "{target}: the backend reads the same values"
+        );
+    }
+    // Raw UTF-8 goes on as a browser would send it (percent-encoded): the backend reads the
+    // characters (Python's server, sent the raw bytes, would read them as Latin-1).
+    let request = "GET /query?name=caf\u{e9} HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n";
+    let a = exchange(fg.addr, request.as_bytes(), false, WAIT)
+        .await
+        .unwrap();
+    let t: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(t["query"]["name"][0], "caf\u{e9}");
+
+    let long = format!("GET /{} HTTP/1.1\r\nHost: shop\r\n\r\n", "a".repeat(30_000));
+    let a = exchange(fg.addr, long.as_bytes(), false, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(a.status, 414, "{}", a.text());
+    let body: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(body["error"], "uri_too_long");
+    // A head over max_header_bytes is still 431, now with a JSON body.
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: shop\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(30_000)
+    );
+    let a = exchange(fg.addr, big.as_bytes(), false, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(a.status, 431, "{}", a.text());
+    let body: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(body["error"], "headers_too_large");
+}

@@ -5,6 +5,9 @@ GET /cookies         -> JSON: the cookies as a WSGI app reads them (duplicate he
                         joined with ", ", then parsed by http.cookies.SimpleCookie)
 GET /many?n=N        -> 200 with N extra header lines
 GET /big?kb=K        -> 200 with one header of K KiB
+POST /echo           -> JSON: the body as received (Content-Length or chunked)
+GET /query?...       -> JSON: the query as parse_qs reads it
+GET /count           -> JSON: how many requests this server has read (this one excluded)
 
 Prints the port it listens on (127.0.0.1, ephemeral) as its first line.
 """
@@ -15,8 +18,35 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 
+COUNT = 0
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def parse_request(self):
+        global COUNT
+        ok = super().parse_request()
+        if ok and self.path != "/count":
+            COUNT += 1
+        return ok
+
+    def read_body(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return body
+                body += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+    def do_POST(self):
+        body = self.read_body()
+        self.reply({"line": self.requestline, "body": body.decode("latin-1")})
 
     def log_message(self, *args):
         pass
@@ -44,6 +74,10 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/many":
             n = int(query.get("n", ["0"])[0])
             self.reply({"n": n}, [(f"X-Line-{i}", str(i)) for i in range(n)])
+        elif url.path == "/query":
+            self.reply({"path": url.path, "query": parse_qs(url.query)})
+        elif url.path == "/count":
+            self.reply({"count": COUNT})
         elif url.path == "/big":
             kb = int(query.get("kb", ["0"])[0])
             self.reply({"kb": kb}, [("X-Big", "b" * (kb * 1024))])

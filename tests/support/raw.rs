@@ -195,3 +195,49 @@ async fn read_chunked(stream: &mut TcpStream, mut buf: Vec<u8>) -> Result<Vec<u8
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
+
+/// Every answer in `bytes` (all that was read from a connection up to its close), in order;
+/// bodies framed by `Content-Length` or `chunked`. Stops at anything it cannot frame.
+pub fn parse_all(mut bytes: &[u8]) -> Vec<RawResponse> {
+    let mut out = Vec::new();
+    while let Some(end) = find(bytes, b"\r\n\r\n") {
+        let Ok((status, headers)) = parse_head(&bytes[..end]) else {
+            break;
+        };
+        bytes = &bytes[end + 4..];
+        let header = |n: &str| {
+            headers
+                .iter()
+                .find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.to_ascii_lowercase())
+        };
+        let mut body = Vec::new();
+        if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            while let Some(line) = find(bytes, b"\r\n") {
+                let size_text = String::from_utf8_lossy(&bytes[..line]).into_owned();
+                let Ok(size) =
+                    usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                else {
+                    break;
+                };
+                bytes = &bytes[line + 2..];
+                if size == 0 {
+                    bytes = bytes.get(2..).unwrap_or_default();
+                    break;
+                }
+                let chunk = bytes.get(..size).unwrap_or(bytes);
+                body.extend_from_slice(chunk);
+                bytes = bytes.get(size + 2..).unwrap_or_default();
+            }
+        } else if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            body.extend_from_slice(bytes.get(..len).unwrap_or(bytes));
+            bytes = bytes.get(len..).unwrap_or_default();
+        }
+        out.push(RawResponse {
+            status,
+            headers,
+            body,
+        });
+    }
+    out
+}
