@@ -1,13 +1,20 @@
-//! The body type flashgate passes around, and a wrapper that keeps something alive for exactly as
-//! long as a body is being streamed (an in-flight slot, a connection's activity count).
+//! The body type flashgate passes around, a wrapper that keeps something alive for exactly as
+//! long as a body is being streamed (an in-flight slot, a connection's activity count), and the
+//! request body limit (`max_body`).
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::Request;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+
+use crate::reject::Reject;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -145,4 +152,30 @@ pub fn limited(body: Body, max: u64) -> (Body, std::sync::Arc<std::sync::atomic:
     }
     .boxed_unsync();
     (body, tripped)
+}
+/// Set when the body limit (not the network) cut the request body short.
+pub type BodyLimit = Option<Arc<AtomicBool>>;
+
+pub fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Boxes the body for forwarding, enforcing `max` bytes: a declared length over it is refused
+/// at once; a streamed body is cut off when it passes it.
+pub fn limit_request(
+    req: Request<Incoming>,
+    max: Option<u64>,
+) -> Result<(Request<Body>, BodyLimit), Reject> {
+    let Some(max) = max else {
+        return Ok((req.map(stream), None));
+    };
+    if declared_length(&req).is_some_and(|n| n > max) {
+        return Err(Reject::PayloadTooLarge);
+    }
+    let (parts, b) = req.into_parts();
+    let (b, tripped) = limited(stream(b), max);
+    Ok((Request::from_parts(parts, b), Some(tripped)))
 }

@@ -10,13 +10,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use std::time::SystemTime;
 
-use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::body::{self, Body};
@@ -27,9 +26,7 @@ use crate::identity;
 use crate::reject::Reject;
 use crate::sale;
 use crate::state::{App, Snapshot};
-use crate::store::{
-    Record, ReserveOutcome, ReserveRequest, Settlement, Store, StoreError, record_retrying,
-};
+use crate::store::{ReserveOutcome, ReserveRequest, StoreError};
 use crate::{canonical, fence, hygiene};
 
 /// Marks a request whose head declared both `Content-Length` and `Transfer-Encoding`
@@ -145,7 +142,7 @@ async fn admit_and_forward(
     let Some(matched) = matched else {
         return match cfg.unmatched {
             Unmatched::Proxy => {
-                let (req, limit) = limit_body(req, cfg.server.max_body)?;
+                let (req, limit) = body::limit_request(req, cfg.server.max_body)?;
                 forward(snap, req, peer, limit).await
             }
             Unmatched::NotFound => Err(Reject::NoRoute),
@@ -154,7 +151,7 @@ async fn admit_and_forward(
     let route = matched.route;
     let guards = &route.guards;
     let max_body = route.route.max_body.or(cfg.server.max_body);
-    if declared_length(&req).is_some_and(|n| max_body.is_some_and(|max| n > max)) {
+    if body::declared_length(&req).is_some_and(|n| max_body.is_some_and(|max| n > max)) {
         return Err(Reject::PayloadTooLarge);
     }
 
@@ -177,7 +174,7 @@ async fn admit_and_forward(
     }
     guards.check_route()?;
 
-    let (req, limit) = limit_body(req, max_body)?;
+    let (req, limit) = body::limit_request(req, max_body)?;
     let resp = if let Some(sale) = route.route.sale.as_ref() {
         // 5–9. A flash-sale route: only a request that wins stock is forwarded.
         let user = user.ok_or_else(|| Reject::Unauthenticated("no user identity".into()))?;
@@ -193,12 +190,6 @@ async fn admit_and_forward(
     })
 }
 
-// Static names: `insert("x-flashgate-…")` with a `&str` would copy the name on every winner.
-const X_RESERVATION: HeaderName = HeaderName::from_static("x-flashgate-reservation");
-const X_SKU: HeaderName = HeaderName::from_static("x-flashgate-sku");
-const X_USER: HeaderName = HeaderName::from_static("x-flashgate-user");
-const X_QUANTITY: HeaderName = HeaderName::from_static("x-flashgate-quantity");
-
 /// Steps 5–9 of the request path for a flash-sale route.
 async fn admit_sale(
     app: &Arc<App>,
@@ -206,7 +197,7 @@ async fn admit_sale(
     sale: &Sale,
     user: String,
     params: &matchit::Params<'_, '_>,
-    (req, limit): (Request<Body>, BodyLimit),
+    (req, limit): (Request<Body>, body::BodyLimit),
     peer: Peer,
 ) -> Result<Response<Body>, Reject> {
     let (parts, body) = req.into_parts();
@@ -253,7 +244,7 @@ async fn admit_sale(
     // 8–9 run in a task of their own: once a unit is won, the exchange with the backend is
     // finished (bounded by the upstream request timeout) and its real outcome recorded even
     // when the buyer goes away meanwhile (hyper then drops this future, not the task).
-    let order = Won {
+    let won = crate::order::Won {
         app: Arc::clone(app),
         upstream: Arc::clone(&snap.upstream),
         release_on_status: sale.release_on_status.clone(),
@@ -264,7 +255,7 @@ async fn admit_sale(
     };
     let exchange = app
         .bookkeeping
-        .spawn(order.forward(Request::from_parts(parts, body), peer));
+        .spawn(won.forward(Request::from_parts(parts, body), peer));
     match exchange.await {
         Ok(result) => result.map_err(|e| forward_error(e, &limit)),
         // The task panicked: its `Pending` guard has recorded the unit as uncertain.
@@ -272,176 +263,6 @@ async fn admit_sale(
             warn!(error = %e, "winner's exchange with the backend failed");
             Err(Reject::BadGateway)
         }
-    }
-}
-
-/// A buyer who won a reservation, on the way to the backend.
-struct Won {
-    app: Arc<App>,
-    upstream: Arc<crate::forward::Upstream>,
-    release_on_status: Vec<u16>,
-    sku: String,
-    user: String,
-    quantity: u32,
-    reservation: String,
-}
-
-impl Won {
-    /// Steps 8 and 9: forward the winner, then record sold, released or uncertain.
-    async fn forward(
-        self,
-        mut req: Request<Body>,
-        peer: Peer,
-    ) -> Result<Response<Body>, ForwardError> {
-        let Won {
-            app,
-            upstream,
-            release_on_status,
-            sku,
-            user,
-            quantity,
-            reservation,
-        } = self;
-        // From here on the reservation must end sold, released or uncertain, even if this
-        // task is dropped (a runtime shutting down) or panics.
-        let mut pending = Pending {
-            store: app.store.clone(),
-            tasks: app.bookkeeping.clone(),
-            sku: sku.clone(),
-            reservation: reservation.clone(),
-            on_drop: Some(Outcome::Settle(Settlement::Uncertain)),
-        };
-
-        // 8. Forward the winner with headers the backend can trust.
-        let h = req.headers_mut();
-        for (name, value) in [
-            (X_RESERVATION, reservation.as_str()),
-            (X_SKU, sku.as_str()),
-            (X_USER, user.as_str()),
-        ] {
-            if let Ok(v) = HeaderValue::from_str(value) {
-                h.insert(name, v);
-            }
-        }
-        h.insert(X_QUANTITY, HeaderValue::from(quantity));
-        let result = upstream.forward(req, peer).await;
-
-        // 9. Outcome: sold, released (the backend certainly did not take it) or uncertain.
-        let outcome = match &result {
-            Ok(resp) if release_on_status.contains(&resp.status().as_u16()) => Outcome::Release,
-            Ok(_) => Outcome::Settle(Settlement::Sold),
-            Err(ForwardError::Connect(_)) => Outcome::Release,
-            Err(
-                ForwardError::Timeout(_)
-                | ForwardError::Failed(_)
-                | ForwardError::BadResponse(_)
-                | ForwardError::ClientBody(_),
-            ) => Outcome::Settle(Settlement::Uncertain),
-        };
-        match outcome {
-            Outcome::Release => {
-                // Awaited: the buyer's retry must be able to win the unit back.
-                pending.on_drop = Some(Outcome::Release);
-                let released = app.store.release(&sku, &reservation).await;
-                pending.done();
-                match released {
-                    Ok(_) => {
-                        app.sold_out.clear(&sku);
-                        info!(%sku, %reservation, "backend did not take the order: unit released");
-                    }
-                    Err(e) => {
-                        warn!(%sku, %reservation, error = %e, "release failed: retrying in the background");
-                        record_later(&app, sku, reservation, Record::Release);
-                    }
-                }
-            }
-            Outcome::Settle(to) => {
-                pending.done();
-                if to == Settlement::Uncertain {
-                    warn!(%sku, %reservation, %user, "backend outcome unknown: unit kept, reservation marked uncertain");
-                }
-                // Off the response path: the winner should not wait for bookkeeping.
-                record_later(&app, sku, reservation, Record::Settle(to));
-            }
-        }
-        result
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Outcome {
-    Release,
-    Settle(Settlement),
-}
-
-impl Outcome {
-    fn record(self) -> Record {
-        match self {
-            Outcome::Release => Record::Release,
-            Outcome::Settle(to) => Record::Settle(to),
-        }
-    }
-}
-
-/// Records a reservation's outcome off the response path, retrying while the store is away;
-/// tracked so a graceful shutdown waits for it.
-fn record_later(app: &App, sku: String, reservation: String, what: Record) {
-    spawn_record(app.store.clone(), &app.bookkeeping, sku, reservation, what);
-}
-
-fn spawn_record(
-    store: Arc<dyn Store>,
-    tasks: &TaskTracker,
-    sku: String,
-    reservation: String,
-    what: Record,
-) {
-    tasks.spawn(async move {
-        if let Err(e) = record_retrying(&*store, &sku, &reservation, what).await {
-            warn!(%sku, %reservation, error = %e, "recording the order's outcome failed: reservation stays held");
-        }
-    });
-}
-
-/// A won reservation whose outcome (step 9) is not recorded yet. The winner's exchange runs
-/// in its own task, so a client going away does not end it; if the task itself ends early (it
-/// panicked, or the runtime is shutting down), the drop records `on_drop` off the response
-/// path: `uncertain` while the order may be with the backend, `release` once the backend
-/// refused it. Otherwise the unit would stay `held` for good and the buyer would be told
-/// `already_purchased` for an order nobody knows about.
-struct Pending {
-    store: Arc<dyn Store>,
-    tasks: TaskTracker,
-    sku: String,
-    reservation: String,
-    on_drop: Option<Outcome>,
-}
-
-impl Pending {
-    /// Step 9 ran: nothing left to do on drop.
-    fn done(&mut self) {
-        self.on_drop = None;
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        let Some(outcome) = self.on_drop.take() else {
-            return;
-        };
-        if tokio::runtime::Handle::try_current().is_err() {
-            return;
-        }
-        let sku = std::mem::take(&mut self.sku);
-        let reservation = std::mem::take(&mut self.reservation);
-        warn!(%sku, %reservation, "request dropped mid-order (client gone): recording the outcome anyway");
-        spawn_record(
-            self.store.clone(),
-            &self.tasks,
-            sku,
-            reservation,
-            outcome.record(),
-        );
     }
 }
 
@@ -465,7 +286,7 @@ async fn forward(
     snap: &Snapshot,
     req: Request<Body>,
     peer: Peer,
-    limit: BodyLimit,
+    limit: body::BodyLimit,
 ) -> Result<Response<Body>, Reject> {
     snap.upstream
         .forward(req, peer)
@@ -473,34 +294,7 @@ async fn forward(
         .map_err(|e| forward_error(e, &limit))
 }
 
-/// Set when the body limit (not the network) cut the request body short.
-type BodyLimit = Option<Arc<AtomicBool>>;
-
-fn declared_length(req: &Request<Incoming>) -> Option<u64> {
-    req.headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// Boxes the body for forwarding, enforcing `max` bytes: a declared length over it is refused
-/// at once; a streamed body is cut off when it passes it.
-fn limit_body(
-    req: Request<Incoming>,
-    max: Option<u64>,
-) -> Result<(Request<Body>, BodyLimit), Reject> {
-    let Some(max) = max else {
-        return Ok((req.map(body::stream), None));
-    };
-    if declared_length(&req).is_some_and(|n| n > max) {
-        return Err(Reject::PayloadTooLarge);
-    }
-    let (parts, b) = req.into_parts();
-    let (b, tripped) = body::limited(body::stream(b), max);
-    Ok((Request::from_parts(parts, b), Some(tripped)))
-}
-
-fn forward_error(e: ForwardError, limit: &BodyLimit) -> Reject {
+fn forward_error(e: ForwardError, limit: &body::BodyLimit) -> Reject {
     if limit.as_ref().is_some_and(|t| t.load(Ordering::Acquire)) {
         return Reject::PayloadTooLarge;
     }

@@ -13,7 +13,9 @@
 //!    [`state::Snapshot::route_for`] matches the route (first match wins); [`fence`] refuses
 //!    any other spelling of a sale path.
 //! 4. [`limit`] guards: in-flight slot, per-IP bucket, [`identity`], per-user bucket, route bucket.
-//! 5. [`forward`] sends the request to the backend over a pooled client, streaming both ways.
+//! 5. On a sale route, [`sale`] reads the order (SKU, quantity) and the store reserves a unit;
+//!    [`order`] forwards the winner and records the outcome (sold, released, uncertain).
+//! 6. [`forward`] sends the request to the backend over a pooled client, streaming both ways.
 //!
 //! Configuration is parsed, validated and compiled once by [`config`].
 
@@ -31,6 +33,7 @@ pub mod head_errors;
 pub mod hygiene;
 pub mod identity;
 pub mod limit;
+pub mod order;
 pub mod reject;
 pub mod reload;
 pub mod request_line;
