@@ -64,3 +64,85 @@ pub(super) fn same_error(e: &StoreError) -> StoreError {
         StoreError::Protocol(m) => StoreError::Protocol(m.clone()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waiters are plain numbers here: the queue does not look at them.
+    fn queue() -> Batches<u32> {
+        Batches::default()
+    }
+
+    #[test]
+    fn only_the_first_waiter_of_a_sku_starts_a_batch() {
+        let q = queue();
+        assert!(q.push("tee", 1), "the first call starts the batch");
+        assert!(!q.push("tee", 2), "later calls join it");
+        assert!(!q.push("tee", 3));
+    }
+
+    #[test]
+    fn each_sku_has_its_own_batch() {
+        let q = queue();
+        assert!(q.push("tee", 1));
+        assert!(q.push("mug", 2), "another SKU starts its own batch");
+        assert!(!q.push("tee", 3));
+        assert_eq!(q.take("mug", usize::MAX), (vec![2], false));
+        assert_eq!(q.take("tee", usize::MAX), (vec![1, 3], false));
+    }
+
+    #[test]
+    fn take_hands_over_the_whole_batch_oldest_first_and_the_next_call_starts_anew() {
+        let q = queue();
+        for n in 1..=5 {
+            q.push("tee", n);
+        }
+        assert_eq!(q.take("tee", 64), (vec![1, 2, 3, 4, 5], false));
+        assert_eq!(q.take("tee", 64), (Vec::new(), false), "nothing is left");
+        assert!(
+            q.push("tee", 6),
+            "after a take, the next call leads a new batch"
+        );
+    }
+
+    #[test]
+    fn take_of_a_sku_nobody_waits_for_is_empty() {
+        assert_eq!(queue().take("tee", 64), (Vec::new(), false));
+    }
+
+    #[test]
+    fn a_batch_over_the_cap_splits_and_new_calls_join_the_rest() {
+        let q = queue();
+        for n in 0..5 {
+            q.push("tee", n);
+        }
+        assert_eq!(q.take("tee", 3), (vec![0, 1, 2], true), "more are left");
+        // The rest stays queued for a successor, so a new call must not start another batch.
+        assert!(!q.push("tee", 5), "the successor will take this one too");
+        assert_eq!(q.take("tee", 3), (vec![3, 4, 5], false));
+        assert!(q.push("tee", 6));
+    }
+
+    #[test]
+    fn a_batch_exactly_at_the_cap_is_taken_whole() {
+        let q = queue();
+        for n in 0..3 {
+            q.push("tee", n);
+        }
+        assert_eq!(q.take("tee", 3), (vec![0, 1, 2], false));
+        assert!(q.push("tee", 3), "nothing was left, so this call leads");
+    }
+
+    #[test]
+    fn same_error_keeps_the_kind_and_the_message() {
+        for e in [
+            StoreError::Unavailable("down".into()),
+            StoreError::Invalid("bad".into()),
+            StoreError::Protocol("odd".into()),
+        ] {
+            let copy = same_error(&e);
+            assert_eq!(format!("{copy:?}"), format!("{e:?}"));
+        }
+    }
+}

@@ -89,6 +89,13 @@ impl Pool {
         while warmups.join_next().await.is_some() {}
     }
 
+    /// Whether this thread has asked for its connections yet (tests: did a call reach for
+    /// Redis at all?).
+    #[cfg(test)]
+    pub(super) fn opened_on_this_thread(&self) -> bool {
+        self.per_thread.get().is_some()
+    }
+
     fn slots(&self) -> &[Arc<Slot>] {
         self.per_thread.get_or(|| {
             (0..self.size)

@@ -240,6 +240,11 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    use redis::AsyncConnectionConfig;
+
+    use super::super::RedisConfig;
+    use super::super::pool::Pool;
+
     fn won(id: &str) -> Result<ReserveOutcome, StoreError> {
         Ok(ReserveOutcome::Won {
             reservation: id.to_owned(),
@@ -291,5 +296,97 @@ mod tests {
         drop(reply2);
         assert!(cancelled.lock().unwrap().is_empty());
         assert!(cancelled2.lock().unwrap().is_empty());
+    }
+
+    /// A store whose Redis is nowhere: fine for everything that must not reach it.
+    fn offline_store() -> Arc<Shared> {
+        let cfg = RedisConfig::new("redis://127.0.0.1:1");
+        let client = redis::Client::open(cfg.url.as_str()).unwrap();
+        let pool = Pool::new(client, AsyncConnectionConfig::new(), cfg.connect_timeout, 1);
+        Arc::new(Shared::new(pool, &cfg))
+    }
+
+    fn waiter(id: &str) -> (ReserveWaiter, ReplyReceiver) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let waiter = ReserveWaiter {
+            user: format!("buyer-{id}"),
+            quantity: 1,
+            per_user_limit: 1,
+            reservation: id.to_owned(),
+            tx,
+        };
+        (waiter, rx)
+    }
+
+    #[tokio::test]
+    async fn a_reply_is_read_once() {
+        let (tx, mut reply, _) = reply();
+        tx.send(won("r4")).unwrap();
+        assert!(reply.recv().await.is_ok());
+        assert!(
+            matches!(reply.recv().await, Err(StoreError::Unavailable(m)) if m.contains("already read"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_dropped_unanswered_is_unavailable_not_a_hang() {
+        let (tx, mut reply, cancelled) = reply();
+        drop(tx);
+        assert!(
+            matches!(reply.recv().await, Err(StoreError::Unavailable(m)) if m.contains("abandoned"))
+        );
+        assert!(cancelled.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_queue_longer_than_one_batch_is_sent_as_several() {
+        let queue = Batches::default();
+        let mut receivers = Vec::new();
+        for n in 0..=RESERVE_BATCH_MAX {
+            let (w, rx) = waiter(&format!("r{n}"));
+            assert_eq!(
+                queue.push("tee", w),
+                n == 0,
+                "only the first buyer starts the batch"
+            );
+            receivers.push(rx);
+        }
+        let (first, more) = queue.take("tee", RESERVE_BATCH_MAX);
+        assert!(more, "one buyer is left for the next batch");
+        let ids: Vec<_> = first.iter().map(|w| w.reservation.clone()).collect();
+        let expected: Vec<_> = (0..RESERVE_BATCH_MAX).map(|n| format!("r{n}")).collect();
+        assert_eq!(ids, expected, "the oldest go first");
+        let (rest, more) = queue.take("tee", RESERVE_BATCH_MAX);
+        assert!(!more);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].reservation, format!("r{RESERVE_BATCH_MAX}"));
+    }
+
+    #[tokio::test]
+    async fn buyers_who_left_before_the_batch_went_out_are_not_reserved_for() {
+        let store = offline_store();
+        let (a, rx_a) = waiter("r5");
+        let (b, rx_b) = waiter("r6");
+        drop((rx_a, rx_b));
+        store.reserve_call("tee", vec![a, b]).await;
+        assert!(
+            !store.pool.opened_on_this_thread(),
+            "a batch of buyers who are all gone never reaches for Redis"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_tells_every_buyer_the_same_error() {
+        let store = offline_store();
+        let (a, rx_a) = waiter("r7");
+        let (b, rx_b) = waiter("r8");
+        let e = StoreError::Protocol("reserve answered nonsense".into());
+        store.fail_batch("tee", vec![a, b], &e, false);
+        for rx in [rx_a, rx_b] {
+            assert!(
+                matches!(rx.await, Ok(Err(StoreError::Protocol(m))) if m == "reserve answered nonsense")
+            );
+        }
+        assert!(!store.pool.opened_on_this_thread(), "no cancel was needed");
     }
 }

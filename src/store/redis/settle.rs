@@ -119,3 +119,115 @@ fn deliver(reply: Result<Value, StoreError>, waiters: Vec<SettleWaiter>) {
         let _ = tx.send(result);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Receiver = tokio::sync::oneshot::Receiver<Result<bool, StoreError>>;
+
+    fn waiter(id: &str) -> (SettleWaiter, Receiver) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        ((id.to_owned(), tx), rx)
+    }
+
+    fn queued(queue: &Batches<SettleWaiter>, sku: &str, ids: &[&str]) -> Vec<Receiver> {
+        ids.iter()
+            .map(|id| {
+                let (w, rx) = waiter(id);
+                queue.push(sku, w);
+                rx
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sold_and_uncertain_settles_wait_in_separate_batches() {
+        let queues = SettleQueues::default();
+        let (sold, _rx1) = waiter("r1");
+        let (uncertain, _rx2) = waiter("r2");
+        assert!(queues.to(Settlement::Sold).push("tee", sold));
+        assert!(
+            queues.to(Settlement::Uncertain).push("tee", uncertain),
+            "an uncertain settle leads its own batch: one script call settles to one state"
+        );
+        let taken = queues.to(Settlement::Sold).take("tee", usize::MAX).0;
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].0, "r1");
+    }
+
+    #[tokio::test]
+    async fn a_leader_dropped_before_sending_releases_its_followers() {
+        let queue = Batches::default();
+        let receivers = queued(&queue, "tee", &["r1", "r2", "r3"]);
+        let batch = Batch {
+            queue: &queue,
+            sku: Some("tee"),
+        };
+        drop(batch);
+        for rx in receivers {
+            assert!(rx.await.is_err(), "the follower is told, not left waiting");
+        }
+        let (w, _rx) = waiter("r4");
+        assert!(queue.push("tee", w), "the next settle leads a new batch");
+    }
+
+    #[test]
+    fn a_leader_takes_its_batch_once() {
+        let queue = Batches::default();
+        let _receivers = queued(&queue, "tee", &["r1", "r2"]);
+        let mut batch = Batch {
+            queue: &queue,
+            sku: Some("tee"),
+        };
+        let ids: Vec<_> = batch.take().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, ["r1", "r2"]);
+        let _late = queued(&queue, "tee", &["r3"]);
+        assert!(
+            batch.take().is_empty(),
+            "a later batch is not this leader's"
+        );
+        drop(batch);
+        assert_eq!(
+            queue.take("tee", usize::MAX).0.len(),
+            1,
+            "dropping a leader that already sent leaves the next batch alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn deliver_hands_each_waiter_its_own_result() {
+        let (a, rx_a) = waiter("r1");
+        let (b, rx_b) = waiter("r2");
+        let (c, rx_c) = waiter("r3");
+        let reply = Value::Array(vec![
+            Value::Int(1),
+            Value::Int(0),
+            Value::BulkString(b"what".to_vec()),
+        ]);
+        deliver(Ok(reply), vec![a, b, c]);
+        assert!(matches!(rx_a.await, Ok(Ok(true))));
+        assert!(matches!(rx_b.await, Ok(Ok(false))));
+        assert!(matches!(rx_c.await, Ok(Err(StoreError::Protocol(m))) if m.contains("r3")));
+    }
+
+    #[tokio::test]
+    async fn a_reply_of_the_wrong_length_fails_every_waiter() {
+        let (a, rx_a) = waiter("r1");
+        let (b, rx_b) = waiter("r2");
+        deliver(Ok(Value::Array(vec![Value::Int(1)])), vec![a, b]);
+        for rx in [rx_a, rx_b] {
+            assert!(matches!(rx.await, Ok(Err(StoreError::Protocol(_)))));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_fails_every_waiter_with_its_error() {
+        let (a, rx_a) = waiter("r1");
+        let (b, rx_b) = waiter("r2");
+        deliver(Err(StoreError::Unavailable("down".into())), vec![a, b]);
+        for rx in [rx_a, rx_b] {
+            assert!(matches!(rx.await, Ok(Err(StoreError::Unavailable(m))) if m == "down"));
+        }
+    }
+}
