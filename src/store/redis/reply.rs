@@ -101,3 +101,90 @@ pub(super) fn added_overflow(added: &Value) -> StoreError {
 pub(super) fn unexpected(script: &str, status: &str, rest: &[Value]) -> StoreError {
     StoreError::Protocol(format!("{script} answered {status:?} {rest:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn reserve_replies_become_outcomes() {
+        let cases = [
+            (
+                vec![bulk("won"), Value::Int(9)],
+                Some(ReserveOutcome::Won {
+                    reservation: "r1".into(),
+                    remaining: 9,
+                }),
+            ),
+            (
+                vec![Value::SimpleString("sold_out".into()), Value::Int(0)],
+                Some(ReserveOutcome::SoldOut { remaining: 0 }),
+            ),
+            (
+                vec![bulk("already_purchased"), bulk("2")],
+                Some(ReserveOutcome::AlreadyPurchased { held: 2 }),
+            ),
+            (
+                vec![bulk("already_purchased"), Value::Int(1 << 40)],
+                Some(ReserveOutcome::AlreadyPurchased { held: u32::MAX }),
+            ),
+            (
+                vec![bulk("not_configured")],
+                Some(ReserveOutcome::NotConfigured),
+            ),
+            (vec![bulk("closed")], Some(ReserveOutcome::Closed)),
+            // Unknown status, wrong arity, a negative count: protocol errors, never a guess.
+            (vec![bulk("maybe")], None),
+            (vec![bulk("won")], None),
+            (vec![bulk("closed"), Value::Int(1)], None),
+            (vec![bulk("won"), Value::Int(-1)], None),
+            (vec![Value::Int(1), Value::Int(1)], None),
+            (vec![], None),
+        ];
+        for (items, expected) in cases {
+            let got = reserve_outcome(Value::Array(items.clone()), "r1".into());
+            match expected {
+                Some(outcome) => assert_eq!(got.unwrap(), outcome, "{items:?}"),
+                None => assert!(matches!(got, Err(StoreError::Protocol(_))), "{items:?}"),
+            }
+        }
+        assert!(matches!(
+            reserve_outcome(Value::Int(1), "r1".into()),
+            Err(StoreError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn split_reply_takes_the_status_off_the_front() {
+        let (status, rest) =
+            split_reply(Value::Array(vec![bulk("ok"), Value::Int(5)]), "x").unwrap();
+        assert_eq!(status, "ok");
+        assert_eq!(rest, [Value::Int(5)]);
+        for bad in [
+            Value::Array(vec![]),
+            Value::Array(vec![Value::Int(1)]),
+            Value::Int(1),
+        ] {
+            assert!(matches!(
+                split_reply(bad, "x"),
+                Err(StoreError::Protocol(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn counts_must_be_non_negative_integers() {
+        assert_eq!(non_negative(&Value::Int(3), "n").unwrap(), 3);
+        assert_eq!(non_negative(&bulk("4"), "n").unwrap(), 4);
+        assert!(non_negative(&Value::Int(-1), "n").is_err());
+        assert!(non_negative(&bulk("four"), "n").is_err());
+        assert!(
+            stock_value(-2).is_err(),
+            "a hand-edited negative stock is reported"
+        );
+    }
+}
