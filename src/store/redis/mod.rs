@@ -4,17 +4,17 @@
 //! This file is the readable top: [`RedisConfig`], [`RedisStore`] and its [`Store`] impl, and
 //! the one-call operations (release, stock, status). The machinery underneath has a file each:
 //!
-//! - [`pool`]: the per-thread connections, (re)connected lazily in the background, so a Redis
+//! - `pool.rs`: the per-thread connections, (re)connected lazily in the background, so a Redis
 //!   outage is a fast 503 and never a per-request hang, and [`RedisStore::connect`] never fails
 //!   because Redis is down. Every call is bounded by `response_timeout` as a whole.
-//! - [`scripts`]: `lua/*.lua`, embedded at build time and run as `EVALSHA`, reloaded on
+//! - `scripts.rs`: `lua/*.lua`, embedded at build time and run as `EVALSHA`, reloaded on
 //!   `NOSCRIPT`.
-//! - [`reserve`]: reserves of one SKU arriving on one thread in the same scheduler turn go to
+//! - `reserve.rs`: reserves of one SKU arriving on one thread in the same scheduler turn go to
 //!   Redis as one `reserve.lua` call; a unit won for a buyer who is gone, or whose reply was
 //!   lost, is cancelled in the background.
-//! - [`settle`]: settles batched the same way, one `settle.lua` call per batch.
-//! - [`batch`]: the per-thread, per-SKU queue both kinds of batch wait in.
-//! - [`reply`]: turning script replies into outcomes and errors.
+//! - `settle.rs`: settles batched the same way, one `settle.lua` call per batch.
+//! - `batch.rs`: the per-thread, per-SKU queue both kinds of batch wait in.
+//! - `reply.rs`: turning script replies into outcomes and errors.
 
 mod batch;
 mod pool;

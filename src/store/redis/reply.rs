@@ -40,7 +40,7 @@ pub(super) fn reserve_outcome(
     }
 }
 
-/// Typed conversion of a raw reply. Done outside [`RedisStore::with_conn`]
+/// Typed conversion of a raw reply. Done outside [`Shared::with_conn`](super::Shared::with_conn)
 /// because redis-rs files conversion failures under `Parse`, which would
 /// otherwise count as a broken connection: bad data is not a bad link.
 pub(super) fn convert<T: FromRedisValue>(reply: Value, what: &str) -> Result<T, StoreError> {
