@@ -1,0 +1,418 @@
+//! The Redis store: every decision is one Lua script, run atomically on the
+//! server, so many flashgate instances can share one Redis without overselling.
+//!
+//! This file is the readable top: [`RedisConfig`], [`RedisStore`] and its [`Store`] impl, and
+//! the one-call operations (release, stock, status). The machinery underneath has a file each:
+//!
+//! - `pool.rs`: the per-thread connections, (re)connected lazily in the background, so a Redis
+//!   outage is a fast 503 and never a per-request hang, and [`RedisStore::connect`] never fails
+//!   because Redis is down. Every call is bounded by `response_timeout` as a whole.
+//! - `scripts.rs`: `lua/*.lua`, embedded at build time and run as `EVALSHA`, reloaded on
+//!   `NOSCRIPT`.
+//! - `reserve.rs`: reserves of one SKU arriving on one thread in the same scheduler turn go to
+//!   Redis as one `reserve.lua` call; a unit won for a buyer who is gone, or whose reply was
+//!   lost, is cancelled in the background.
+//! - `settle.rs`: settles batched the same way, one `settle.lua` call per batch.
+//! - `batch.rs`: the per-thread, per-SKU queue both kinds of batch wait in.
+//! - `reply.rs`: turning script replies into outcomes and errors.
+
+mod batch;
+mod pool;
+mod reply;
+mod reserve;
+mod scripts;
+mod settle;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use redis::{AsyncConnectionConfig, Client, Value};
+use thread_local::ThreadLocal;
+
+use self::batch::Batches;
+use self::pool::Pool;
+pub use self::pool::RECONNECT_BACKOFF;
+use self::reply::{
+    added_overflow, convert, int, non_negative, split_reply, stock_value, text, unexpected,
+};
+use self::reserve::ReserveWaiter;
+use self::scripts::LuaScript;
+use self::settle::SettleQueues;
+use super::{
+    BoxFuture, MAX_UNITS, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleKeys, SaleStatus,
+    Settlement, StateCounts, StockSet, Store, StoreError, validate_delta, validate_units,
+};
+
+/// How to reach Redis and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`, `rediss://…`, `unix:///path` or `redis+unix:///path`.
+    pub url: String,
+    /// Multiplexed connections used round-robin (at least 1).
+    pub connections: usize,
+    /// Bound on one connect attempt (TCP/unix connect + handshake).
+    pub connect_timeout: Duration,
+    /// Bound on one store call, end to end.
+    pub response_timeout: Duration,
+    /// First part of every key (`fg` → `fg:{sku}:stock`). Must not contain `{` or `}`.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            connections: 4,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_millis(250),
+            key_prefix: "fg".into(),
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Defaults with another URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            ..RedisConfig::default()
+        }
+    }
+}
+
+/// [`Store`] backed by Redis; see the module docs.
+pub struct RedisStore {
+    shared: Arc<Shared>,
+}
+
+/// The store itself, shared with the tasks that outlive a call (reserve batches, cancels).
+struct Shared {
+    pool: Pool,
+    next: AtomicUsize,
+    prefix: String,
+    response_timeout: Duration,
+    reserve: LuaScript,
+    release: LuaScript,
+    settle: LuaScript,
+    add_stock: LuaScript,
+    set_stock: LuaScript,
+    /// Reserves waiting to be sent together (see [`Shared::reserve_inner`]).
+    reserves: ThreadLocal<Arc<Batches<ReserveWaiter>>>,
+    /// Settles waiting to be sent together (see [`Shared::settle_inner`]).
+    settles: ThreadLocal<SettleQueues>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("connections", &self.shared.pool.size())
+            .field("prefix", &self.shared.prefix)
+            .field("response_timeout", &self.shared.response_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Build the store. Fails only on a bad configuration (URL, prefix,
+    /// `connections == 0`), never because Redis is down: the first connect
+    /// attempts start here (waiting at most `connect_timeout`), and later
+    /// calls keep retrying.
+    pub async fn connect(cfg: &RedisConfig) -> Result<RedisStore, StoreError> {
+        if cfg.connections == 0 {
+            return Err(StoreError::Invalid(
+                "redis connections must be at least 1".into(),
+            ));
+        }
+        if cfg.key_prefix.contains(['{', '}']) {
+            // A brace in the prefix would become the hash tag instead of {sku}.
+            return Err(StoreError::Invalid(format!(
+                "redis key prefix {:?} must not contain '{{' or '}}'",
+                cfg.key_prefix
+            )));
+        }
+        let client = Client::open(cfg.url.as_str())
+            .map_err(|e| StoreError::Invalid(format!("redis url {:?}: {e}", cfg.url)))?;
+        let conn_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout))
+            .set_response_timeout(Some(cfg.response_timeout));
+
+        let pool = Pool::new(client, conn_config, cfg.connect_timeout, cfg.connections);
+        // Connect this thread's slots now, so the first buyers do not pay for it.
+        pool.warm_up().await;
+        Ok(RedisStore {
+            shared: Arc::new(Shared::new(pool, cfg)),
+        })
+    }
+
+    /// `PING` through one connection: a readiness check for the admin API.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.shared.ping().await
+    }
+}
+
+impl Shared {
+    fn new(pool: Pool, cfg: &RedisConfig) -> Shared {
+        Shared {
+            pool,
+            next: AtomicUsize::new(0),
+            prefix: cfg.key_prefix.clone(),
+            response_timeout: cfg.response_timeout,
+            reserve: LuaScript::new(include_str!("../../../lua/reserve.lua")),
+            release: LuaScript::new(include_str!("../../../lua/release.lua")),
+            settle: LuaScript::new(include_str!("../../../lua/settle.lua")),
+            add_stock: LuaScript::new(include_str!("../../../lua/add_stock.lua")),
+            set_stock: LuaScript::new(include_str!("../../../lua/set_stock.lua")),
+            reserves: ThreadLocal::new(),
+            settles: ThreadLocal::new(),
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let reply = self
+            .with_conn(|mut c| async move { redis::cmd("PING").query_async::<Value>(&mut c).await })
+            .await?;
+        let reply: String = convert(reply, "PING")?;
+        if reply == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Protocol(format!("PING answered {reply:?}")))
+        }
+    }
+
+    fn keys(&self, sku: &str) -> Result<SaleKeys, StoreError> {
+        SaleKeys::new(&self.prefix, sku)
+    }
+
+    async fn release_inner(
+        &self,
+        sku: &str,
+        id: &str,
+        mode: Mode,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        let keys = self.keys(sku)?;
+        let mode: &[u8] = match mode {
+            Mode::Release => b"release",
+            Mode::Cancel => b"cancel",
+        };
+        let reply = self
+            .run_script(&self.release, &keys, &[id.as_bytes(), mode])
+            .await?;
+        let (status, rest) = split_reply(reply, "release")?;
+        match (status.as_str(), rest.as_slice()) {
+            ("released", [remaining]) => Ok(ReleaseOutcome::Released {
+                remaining: non_negative(remaining, "release remaining")?,
+            }),
+            ("not_held", []) => Ok(ReleaseOutcome::NotHeld { state: None }),
+            ("not_held", [state]) => Ok(ReleaseOutcome::NotHeld {
+                state: Some(text(state).ok_or_else(|| unexpected("release", &status, &rest))?),
+            }),
+            _ => Err(unexpected("release", &status, &rest)),
+        }
+    }
+
+    async fn set_stock_inner(
+        &self,
+        sku: &str,
+        units: u64,
+        expect: Option<u64>,
+    ) -> Result<StockSet, StoreError> {
+        let keys = self.keys(sku)?;
+        validate_units("stock", units)?;
+        let units_arg = units.to_string();
+        let expect_arg = match expect {
+            Some(e) => validate_units("expect", e)?.to_string(),
+            None => String::new(),
+        };
+        let reply = self
+            .run_script(
+                &self.set_stock,
+                &keys,
+                &[units_arg.as_bytes(), expect_arg.as_bytes()],
+            )
+            .await?;
+        let (status, rest) = split_reply(reply, "set_stock")?;
+        match (status.as_str(), rest.as_slice()) {
+            ("ok", [stock]) => Ok(StockSet::Set {
+                stock: non_negative(stock, "set_stock result")?,
+            }),
+            ("changed", []) => Ok(StockSet::Changed { current: None }),
+            ("changed", [current]) => Ok(StockSet::Changed {
+                current: Some(non_negative(current, "set_stock current")?),
+            }),
+            ("added_overflow", [added]) => Err(added_overflow(added)),
+            _ => Err(unexpected("set_stock", &status, &rest)),
+        }
+    }
+
+    async fn add_stock_inner(&self, sku: &str, delta: i64) -> Result<u64, StoreError> {
+        let keys = self.keys(sku)?;
+        validate_delta(delta)?;
+        let delta_arg = delta.to_string();
+        let reply = self
+            .run_script(&self.add_stock, &keys, &[delta_arg.as_bytes()])
+            .await?;
+        let (status, rest) = split_reply(reply, "add_stock")?;
+        match (status.as_str(), rest.as_slice()) {
+            ("ok", [stock]) => non_negative(stock, "add_stock result"),
+            ("negative", [current]) => Err(StoreError::Invalid(format!(
+                "stock would become negative ({} + {delta})",
+                int(current).unwrap_or(0)
+            ))),
+            ("overflow", [current]) => Err(StoreError::Invalid(format!(
+                "stock would exceed {MAX_UNITS} (2^53 - 1): {} + {delta}",
+                int(current).unwrap_or(0)
+            ))),
+            ("added_overflow", [added]) => Err(added_overflow(added)),
+            ("out_of_range", [raw]) => Err(StoreError::Invalid(format!(
+                "the stock key holds {}, beyond {MAX_UNITS} (2^53 - 1): set the stock to fix it",
+                text(raw).unwrap_or_default()
+            ))),
+            _ => Err(unexpected("add_stock", &status, &rest)),
+        }
+    }
+
+    /// The flag is a field of the stats hash, which `reserve.lua` already reads: closing
+    /// costs a buyer no extra key and no extra round trip.
+    async fn set_closed_inner(&self, sku: &str, closed: bool) -> Result<(), StoreError> {
+        let keys = self.keys(sku)?;
+        let stats = keys.stats;
+        self.with_conn(|mut c| async move {
+            let cmd = if closed {
+                let mut cmd = redis::cmd("HSET");
+                cmd.arg(&stats).arg("closed").arg("1");
+                cmd
+            } else {
+                let mut cmd = redis::cmd("HDEL");
+                cmd.arg(&stats).arg("closed");
+                cmd
+            };
+            cmd.query_async::<Value>(&mut c).await.map(drop)
+        })
+        .await
+    }
+
+    async fn get_stock_inner(&self, sku: &str) -> Result<Option<u64>, StoreError> {
+        let keys = self.keys(sku)?;
+        let stock = keys.stock;
+        let reply = self
+            .with_conn(|mut c| async move {
+                redis::cmd("GET")
+                    .arg(&stock)
+                    .query_async::<Value>(&mut c)
+                    .await
+            })
+            .await?;
+        let raw: Option<i64> = convert(reply, "GET stock")?;
+        raw.map(stock_value).transpose()
+    }
+
+    async fn status_inner(&self, sku: &str) -> Result<SaleStatus, StoreError> {
+        let keys = self.keys(sku)?;
+        // MULTI/EXEC so stock, buyers and counters come from one instant.
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("GET")
+            .arg(&keys.stock)
+            .cmd("HLEN")
+            .arg(&keys.buyers)
+            .cmd("HGETALL")
+            .arg(&keys.stats);
+        let reply = self
+            .with_conn(|mut c| async move { pipe.query_async::<Value>(&mut c).await })
+            .await?;
+        let (stock, buyers, stats): (Option<i64>, u64, HashMap<String, i64>) =
+            convert(reply, "status")?;
+        let count = |name: &str| {
+            stats
+                .get(name)
+                .and_then(|v| u64::try_from(*v).ok())
+                .unwrap_or(0)
+        };
+        let counts = |kind: &str| StateCounts {
+            held: count(&format!("{kind}:held")),
+            sold: count(&format!("{kind}:sold")),
+            released: count(&format!("{kind}:released")),
+            uncertain: count(&format!("{kind}:uncertain")),
+        };
+        Ok(SaleStatus {
+            sku: sku.to_owned(),
+            stock: stock.map(stock_value).transpose()?,
+            added: stats.get("added").and_then(|v| u64::try_from(*v).ok()),
+            closed: stats.get("closed") == Some(&1),
+            buyers,
+            reservations: counts("res"),
+            units: counts("units"),
+        })
+    }
+}
+
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        req: &'a ReserveRequest,
+    ) -> BoxFuture<'a, Result<ReserveOutcome, StoreError>> {
+        Box::pin(self.shared.reserve_inner(req))
+    }
+
+    fn release<'a>(
+        &'a self,
+        sku: &'a str,
+        reservation: &'a str,
+    ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
+        Box::pin(self.shared.release_inner(sku, reservation, Mode::Release))
+    }
+
+    fn settle<'a>(
+        &'a self,
+        sku: &'a str,
+        reservation: &'a str,
+        to: Settlement,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.shared.settle_inner(sku, reservation, to))
+    }
+
+    fn set_stock_if<'a>(
+        &'a self,
+        sku: &'a str,
+        units: u64,
+        expect: Option<u64>,
+    ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
+        Box::pin(self.shared.set_stock_inner(sku, units, expect))
+    }
+
+    fn set_closed<'a>(
+        &'a self,
+        sku: &'a str,
+        closed: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.shared.set_closed_inner(sku, closed))
+    }
+
+    fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(self.shared.add_stock_inner(sku, delta))
+    }
+
+    fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(self.shared.get_stock_inner(sku))
+    }
+
+    fn status<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
+        Box::pin(self.shared.status_inner(sku))
+    }
+}
+
+/// How `release.lua` treats its reservation id.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// The backend did not take the order: return a held unit.
+    Release,
+    /// A reserve's reply was lost: return the unit if it ran, else leave a tombstone so it
+    /// cannot run later.
+    Cancel,
+}

@@ -1,0 +1,392 @@
+//! Reserve batches: reserves of one SKU arriving on one thread within the same scheduler
+//! turn go to Redis as one `reserve.lua` call that decides each buyer in turn (see
+//! [`Shared::reserve_inner`]): every decision is still atomic and sees the ones before it,
+//! and a busy sale costs one round trip per batch rather than one per buyer. The call runs
+//! in its own task, so a buyer who disconnects mid-call cannot strand a unit: a unit won for
+//! a buyer who is gone is cancelled at once (the [`Reply`] guard, [`Shared::cancel_later`]).
+//!
+//! A timeout on `reserve` is ambiguous: the script may have run, or may still
+//! run later (a stalled server executes what is queued in its sockets when it
+//! thaws). We report `Unavailable` (the buyer gets 503, never a forward), and
+//! cancel the batch's reservations in the background, retrying until Redis answers:
+//! `release.lua` in `cancel` mode returns a held unit, or leaves a tombstone
+//! that makes a late-running reserve with that id fail. Otherwise the unit
+//! would stay `held` with nobody behind it, and the buyer, told to retry,
+//! would be told `already_purchased`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use redis::Value;
+
+use super::batch::{Batches, same_error};
+use super::reply::reserve_outcome;
+use super::scripts::script_cmd;
+use super::{Mode, Shared};
+use crate::store::{
+    ReleaseOutcome, ReserveOutcome, ReserveRequest, StoreError, new_reservation_id,
+    retry_while_unavailable, validate_reserve,
+};
+
+/// Most buyers decided in one `reserve.lua` call. Bounds how long one script holds Redis
+/// (each decision is a handful of hash operations, ~10 µs for the lot at this size); a
+/// bigger queue is split over several calls.
+const RESERVE_BATCH_MAX: usize = 64;
+
+impl Shared {
+    /// Reserves are batched per SKU and thread: the first buyer of a batch spawns a task
+    /// that waits one scheduler turn (every request that is ready runs first and joins),
+    /// then sends the whole batch as one `reserve.lua` call, which decides each buyer in
+    /// turn. At one call per batch instead of per buyer, Redis and this process spend their
+    /// time on decisions rather than on round trips.
+    ///
+    /// The batch runs in its own task, so a buyer who goes away mid-call (hyper drops the
+    /// request future) cannot lose a reply: a unit won for nobody is released at once.
+    pub(super) async fn reserve_inner(
+        self: &Arc<Self>,
+        req: &ReserveRequest,
+    ) -> Result<ReserveOutcome, StoreError> {
+        validate_reserve(req)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let waiter = ReserveWaiter {
+            user: req.user.clone(),
+            quantity: req.quantity,
+            per_user_limit: req.per_user_limit,
+            reservation: new_reservation_id(),
+            tx,
+        };
+        let (shared, sku) = (Arc::clone(self), req.sku.clone());
+        let mut reply = Reply::new(rx, move |id| {
+            shared.cancel_later(&sku, &id, "buyer left as the reservation was answered");
+        });
+        let queue = Arc::clone(self.reserves.get_or_default());
+        if queue.push(&req.sku, waiter) {
+            spawn_reserve_batch(Arc::clone(self), queue, req.sku.clone());
+        }
+        reply.recv().await
+    }
+
+    /// One `reserve.lua` call for up to [`RESERVE_BATCH_MAX`] buyers.
+    async fn reserve_call(self: &Arc<Self>, sku: &str, mut waiters: Vec<ReserveWaiter>) {
+        // A buyer who left before the batch went out is not reserved for at all.
+        waiters.retain(|w| !w.tx.is_closed());
+        if waiters.is_empty() {
+            return;
+        }
+        let keys = match self.keys(sku) {
+            Ok(keys) => keys,
+            Err(e) => return self.fail_batch(sku, waiters, &e, false),
+        };
+        // One buffer for the whole command; integers are written in place.
+        let bytes = waiters.iter().map(|w| w.user.len() + 48).sum();
+        let mut cmd = script_cmd(&self.reserve, &keys, waiters.len() * 4, bytes);
+        for w in &waiters {
+            cmd.arg(w.user.as_bytes())
+                .arg(w.quantity)
+                .arg(w.per_user_limit)
+                .arg(w.reservation.as_bytes());
+        }
+        let sent = AtomicBool::new(false);
+        let reply = self.run_script_tracked(&self.reserve, cmd, &sent).await;
+        let replies = match reply {
+            Ok(Value::Array(items)) if items.len() == waiters.len() => items,
+            Ok(other) => {
+                // Nothing we understand: the buyers get 503; if any unit was taken, the
+                // cancel below returns it.
+                let e = StoreError::Protocol(format!("reserve answered {other:?}"));
+                self.fail_batch(sku, waiters, &e, true);
+                return;
+            }
+            Err(e) => {
+                // Without a reply the script may have run (or may still run, queued in a
+                // stalled server): cancel every reservation of the batch.
+                let ambiguous =
+                    matches!(e, StoreError::Unavailable(_)) && sent.load(Ordering::Relaxed);
+                self.fail_batch(sku, waiters, &e, ambiguous);
+                return;
+            }
+        };
+        for (w, reply) in waiters.into_iter().zip(replies) {
+            let outcome = reserve_outcome(reply, w.reservation);
+            if let Err(Ok(ReserveOutcome::Won { reservation, .. })) = w.tx.send(outcome) {
+                // The buyer left while the script ran: nobody will forward this unit.
+                self.cancel_later(
+                    sku,
+                    &reservation,
+                    "buyer left before the reservation was answered",
+                );
+            }
+        }
+    }
+
+    fn fail_batch(
+        self: &Arc<Self>,
+        sku: &str,
+        waiters: Vec<ReserveWaiter>,
+        e: &StoreError,
+        cancel: bool,
+    ) {
+        for w in waiters {
+            if cancel {
+                self.cancel_later(sku, &w.reservation, "reserve got no usable reply");
+            }
+            let _ = w.tx.send(Err(same_error(e)));
+        }
+    }
+
+    /// A reserve sent with reservation `id` failed without a reply: the buyer is told 503
+    /// and never forwarded, so whatever that reserve did (or will do, if it is still queued
+    /// in a stalled server) must be undone. Retries in the background until Redis answers.
+    fn cancel_later(self: &Arc<Self>, sku: &str, id: &str, why: &'static str) {
+        let store = Arc::clone(self);
+        let (sku, id) = (sku.to_owned(), id.to_owned());
+        tracing::warn!(%sku, reservation = %id, why, "cancelling a reservation in the background");
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(%sku, reservation = %id, "no runtime left to cancel the reservation: it stays held");
+            return;
+        };
+        runtime.spawn(async move {
+            let cancelled =
+                retry_while_unavailable(|| store.release_inner(&sku, &id, Mode::Cancel)).await;
+            match cancelled {
+                Ok(ReleaseOutcome::Released { .. }) => {
+                    tracing::info!(%sku, reservation = %id, "cancelled reservation had run: unit released");
+                }
+                Ok(ReleaseOutcome::NotHeld { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(%sku, reservation = %id, error = %e, "cancelling a reservation failed");
+                }
+            }
+        });
+    }
+}
+
+/// The buyer's end of a reserve batch's reply. The batch task's `send` can succeed in the
+/// very moment the buyer's future is dropped (the client went away, or a timeout fired): then
+/// the reply sits in the channel and nobody reads it. Dropped unread, this guard closes the
+/// channel — from then on the batch's `send` fails and the batch cancels the unit itself — and
+/// takes out a reply that already arrived, cancelling a unit won for nobody. Either way no
+/// `Won` is lost and no unit stays `held`.
+struct Reply {
+    rx: Option<ReplyReceiver>,
+    /// Cancels a reservation won for nobody (by id); runs at most once.
+    on_unread: Option<Box<dyn FnOnce(String) + Send>>,
+}
+
+type ReplyReceiver = tokio::sync::oneshot::Receiver<Result<ReserveOutcome, StoreError>>;
+
+impl Reply {
+    fn new(rx: ReplyReceiver, on_unread: impl FnOnce(String) + Send + 'static) -> Reply {
+        Reply {
+            rx: Some(rx),
+            on_unread: Some(Box::new(on_unread)),
+        }
+    }
+
+    async fn recv(&mut self) -> Result<ReserveOutcome, StoreError> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(StoreError::Unavailable("reserve reply already read".into()));
+        };
+        let reply = rx.await;
+        // Read: from here the caller owns the outcome.
+        self.rx = None;
+        reply.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "reserve batch abandoned before it was answered".into(),
+            ))
+        })
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        rx.close();
+        if let (Ok(Ok(ReserveOutcome::Won { reservation, .. })), Some(cancel)) =
+            (rx.try_recv(), self.on_unread.take())
+        {
+            cancel(reservation);
+        }
+    }
+}
+
+/// One buyer waiting in a reserve batch.
+pub(super) struct ReserveWaiter {
+    user: String,
+    quantity: u32,
+    per_user_limit: u32,
+    /// Chosen before the call, so a batch whose reply is lost can be cancelled by id.
+    reservation: String,
+    tx: tokio::sync::oneshot::Sender<Result<ReserveOutcome, StoreError>>,
+}
+
+/// The task that sends one batch: it waits one scheduler turn so the requests that are
+/// ready join, then takes the batch (leaving a successor for what does not fit) and sends it.
+fn spawn_reserve_batch(store: Arc<Shared>, queue: Arc<Batches<ReserveWaiter>>, sku: String) {
+    tokio::spawn(async move {
+        tokio::task::yield_now().await;
+        let (waiters, more) = queue.take(&sku, RESERVE_BATCH_MAX);
+        if more {
+            spawn_reserve_batch(Arc::clone(&store), queue, sku.clone());
+        }
+        store.reserve_call(&sku, waiters).await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use redis::AsyncConnectionConfig;
+
+    use super::super::RedisConfig;
+    use super::super::pool::Pool;
+
+    fn won(id: &str) -> Result<ReserveOutcome, StoreError> {
+        Ok(ReserveOutcome::Won {
+            reservation: id.to_owned(),
+            remaining: 0,
+        })
+    }
+
+    /// A `Reply` whose cancellations are written down instead of sent to Redis.
+    type Sender = tokio::sync::oneshot::Sender<Result<ReserveOutcome, StoreError>>;
+
+    fn reply() -> (Sender, Reply, Arc<Mutex<Vec<String>>>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let cancelled = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&cancelled);
+        let reply = Reply::new(rx, move |id| log.lock().unwrap().push(id));
+        (tx, reply, cancelled)
+    }
+
+    #[tokio::test]
+    async fn a_won_reply_delivered_but_never_read_is_cancelled() {
+        let (tx, reply, cancelled) = reply();
+        assert!(tx.send(won("r1")).is_ok(), "the batch's send succeeds");
+        drop(reply);
+        assert_eq!(*cancelled.lock().unwrap(), ["r1"]);
+    }
+
+    #[tokio::test]
+    async fn after_the_buyer_left_the_batch_send_fails_and_hands_the_unit_back() {
+        let (tx, reply, cancelled) = reply();
+        drop(reply);
+        let back = tx.send(won("r2"));
+        assert!(
+            matches!(back, Err(Ok(ReserveOutcome::Won { ref reservation, .. })) if reservation == "r2"),
+            "the batch gets the unit back to cancel it itself"
+        );
+        assert!(cancelled.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_read_reply_or_a_loss_cancels_nothing() {
+        let (tx, mut reply, cancelled) = reply();
+        tx.send(won("r3")).unwrap();
+        assert!(matches!(reply.recv().await, Ok(ReserveOutcome::Won { .. })));
+        drop(reply);
+
+        let (tx, reply2, cancelled2) = super::tests::reply();
+        tx.send(Ok(ReserveOutcome::SoldOut { remaining: 0 }))
+            .unwrap();
+        drop(reply2);
+        assert!(cancelled.lock().unwrap().is_empty());
+        assert!(cancelled2.lock().unwrap().is_empty());
+    }
+
+    /// A store whose Redis is nowhere: fine for everything that must not reach it.
+    fn offline_store() -> Arc<Shared> {
+        let cfg = RedisConfig::new("redis://127.0.0.1:1");
+        let client = redis::Client::open(cfg.url.as_str()).unwrap();
+        let pool = Pool::new(client, AsyncConnectionConfig::new(), cfg.connect_timeout, 1);
+        Arc::new(Shared::new(pool, &cfg))
+    }
+
+    fn waiter(id: &str) -> (ReserveWaiter, ReplyReceiver) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let waiter = ReserveWaiter {
+            user: format!("buyer-{id}"),
+            quantity: 1,
+            per_user_limit: 1,
+            reservation: id.to_owned(),
+            tx,
+        };
+        (waiter, rx)
+    }
+
+    #[tokio::test]
+    async fn a_reply_is_read_once() {
+        let (tx, mut reply, _) = reply();
+        tx.send(won("r4")).unwrap();
+        assert!(reply.recv().await.is_ok());
+        assert!(
+            matches!(reply.recv().await, Err(StoreError::Unavailable(m)) if m.contains("already read"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_dropped_unanswered_is_unavailable_not_a_hang() {
+        let (tx, mut reply, cancelled) = reply();
+        drop(tx);
+        assert!(
+            matches!(reply.recv().await, Err(StoreError::Unavailable(m)) if m.contains("abandoned"))
+        );
+        assert!(cancelled.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_queue_longer_than_one_batch_is_sent_as_several() {
+        let queue = Batches::default();
+        let mut receivers = Vec::new();
+        for n in 0..=RESERVE_BATCH_MAX {
+            let (w, rx) = waiter(&format!("r{n}"));
+            assert_eq!(
+                queue.push("tee", w),
+                n == 0,
+                "only the first buyer starts the batch"
+            );
+            receivers.push(rx);
+        }
+        let (first, more) = queue.take("tee", RESERVE_BATCH_MAX);
+        assert!(more, "one buyer is left for the next batch");
+        let ids: Vec<_> = first.iter().map(|w| w.reservation.clone()).collect();
+        let expected: Vec<_> = (0..RESERVE_BATCH_MAX).map(|n| format!("r{n}")).collect();
+        assert_eq!(ids, expected, "the oldest go first");
+        let (rest, more) = queue.take("tee", RESERVE_BATCH_MAX);
+        assert!(!more);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].reservation, format!("r{RESERVE_BATCH_MAX}"));
+    }
+
+    #[tokio::test]
+    async fn buyers_who_left_before_the_batch_went_out_are_not_reserved_for() {
+        let store = offline_store();
+        let (a, rx_a) = waiter("r5");
+        let (b, rx_b) = waiter("r6");
+        drop((rx_a, rx_b));
+        store.reserve_call("tee", vec![a, b]).await;
+        assert!(
+            !store.pool.opened_on_this_thread(),
+            "a batch of buyers who are all gone never reaches for Redis"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_tells_every_buyer_the_same_error() {
+        let store = offline_store();
+        let (a, rx_a) = waiter("r7");
+        let (b, rx_b) = waiter("r8");
+        let e = StoreError::Protocol("reserve answered nonsense".into());
+        store.fail_batch("tee", vec![a, b], &e, false);
+        for rx in [rx_a, rx_b] {
+            assert!(
+                matches!(rx.await, Ok(Err(StoreError::Protocol(m))) if m == "reserve answered nonsense")
+            );
+        }
+        assert!(!store.pool.opened_on_this_thread(), "no cancel was needed");
+    }
+}

@@ -1,0 +1,233 @@
+//! Settle batches: settles of one SKU on one thread that arrive in the same scheduler turn
+//! go to Redis as one `settle.lua` call ([`Shared::settle_inner`]). The first settle of a
+//! batch leads it: it sends the batch and hands every waiter its own result ([`deliver`]);
+//! a leader cancelled before sending empties its batch so nobody waits for it ([`Batch`]).
+
+use redis::Value;
+
+use super::Shared;
+use super::batch::{Batches, same_error};
+use crate::store::{Settlement, StoreError, validate_sku};
+
+impl Shared {
+    /// Settles are batched: the first settle of a SKU on this thread waits one scheduler turn
+    /// (every task that is ready runs first), takes whatever other settles of that SKU joined
+    /// meanwhile, and sends them all in one script call. Settles run after the buyer has been
+    /// answered, so the wait costs nobody latency, and a busy sale costs Redis about one
+    /// settle call per batch instead of one per order.
+    pub(super) async fn settle_inner(
+        &self,
+        sku: &str,
+        id: &str,
+        to: Settlement,
+    ) -> Result<bool, StoreError> {
+        validate_sku(sku)?;
+        let queue = self.settles.get_or_default().to(to);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if queue.push(sku, (id.to_owned(), tx)) {
+            let mut batch = Batch {
+                queue,
+                sku: Some(sku),
+            };
+            tokio::task::yield_now().await;
+            let waiters = batch.take();
+            let keys = self.keys(sku)?;
+            let mut args: Vec<&[u8]> = Vec::with_capacity(waiters.len() + 1);
+            args.push(to.as_str().as_bytes());
+            args.extend(waiters.iter().map(|(id, _)| id.as_bytes()));
+            let reply = self.run_script(&self.settle, &keys, &args).await;
+            deliver(reply, waiters);
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "settle batch abandoned before it was sent".into(),
+            ))
+        })
+    }
+}
+
+type SettleWaiter = (
+    String,
+    tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+);
+
+/// Settles of one thread waiting for their batch's leader: one queue per target state.
+#[derive(Default)]
+pub(super) struct SettleQueues {
+    sold: Batches<SettleWaiter>,
+    uncertain: Batches<SettleWaiter>,
+}
+
+impl SettleQueues {
+    fn to(&self, to: Settlement) -> &Batches<SettleWaiter> {
+        match to {
+            Settlement::Sold => &self.sold,
+            Settlement::Uncertain => &self.uncertain,
+        }
+    }
+}
+
+/// A leader's claim on its batch. Dropped before the batch was taken (the leader was
+/// cancelled), it empties the batch so the others get an error and retry, instead of
+/// waiting for a leader that is gone.
+struct Batch<'q> {
+    queue: &'q Batches<SettleWaiter>,
+    sku: Option<&'q str>,
+}
+
+impl Batch<'_> {
+    fn take(&mut self) -> Vec<SettleWaiter> {
+        match self.sku.take() {
+            Some(sku) => self.queue.take(sku, usize::MAX).0,
+            None => Vec::new(),
+        }
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
+}
+
+/// Hands each waiter its own result from the batch reply.
+fn deliver(reply: Result<Value, StoreError>, waiters: Vec<SettleWaiter>) {
+    let results = match reply {
+        Ok(Value::Array(items)) if items.len() == waiters.len() => items,
+        Ok(other) => {
+            let e = format!("settle answered {other:?}");
+            for (_, tx) in waiters {
+                let _ = tx.send(Err(StoreError::Protocol(e.clone())));
+            }
+            return;
+        }
+        Err(e) => {
+            for (_, tx) in waiters {
+                let _ = tx.send(Err(same_error(&e)));
+            }
+            return;
+        }
+    };
+    for ((id, tx), item) in waiters.into_iter().zip(results) {
+        let result = match item {
+            Value::Int(1) => Ok(true),
+            Value::Int(0) => Ok(false),
+            other => Err(StoreError::Protocol(format!(
+                "settle of {id} answered {other:?} (malformed reservation record?)"
+            ))),
+        };
+        let _ = tx.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Receiver = tokio::sync::oneshot::Receiver<Result<bool, StoreError>>;
+
+    fn waiter(id: &str) -> (SettleWaiter, Receiver) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        ((id.to_owned(), tx), rx)
+    }
+
+    fn queued(queue: &Batches<SettleWaiter>, sku: &str, ids: &[&str]) -> Vec<Receiver> {
+        ids.iter()
+            .map(|id| {
+                let (w, rx) = waiter(id);
+                queue.push(sku, w);
+                rx
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sold_and_uncertain_settles_wait_in_separate_batches() {
+        let queues = SettleQueues::default();
+        let (sold, _rx1) = waiter("r1");
+        let (uncertain, _rx2) = waiter("r2");
+        assert!(queues.to(Settlement::Sold).push("tee", sold));
+        assert!(
+            queues.to(Settlement::Uncertain).push("tee", uncertain),
+            "an uncertain settle leads its own batch: one script call settles to one state"
+        );
+        let taken = queues.to(Settlement::Sold).take("tee", usize::MAX).0;
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].0, "r1");
+    }
+
+    #[tokio::test]
+    async fn a_leader_dropped_before_sending_releases_its_followers() {
+        let queue = Batches::default();
+        let receivers = queued(&queue, "tee", &["r1", "r2", "r3"]);
+        let batch = Batch {
+            queue: &queue,
+            sku: Some("tee"),
+        };
+        drop(batch);
+        for rx in receivers {
+            assert!(rx.await.is_err(), "the follower is told, not left waiting");
+        }
+        let (w, _rx) = waiter("r4");
+        assert!(queue.push("tee", w), "the next settle leads a new batch");
+    }
+
+    #[test]
+    fn a_leader_takes_its_batch_once() {
+        let queue = Batches::default();
+        let _receivers = queued(&queue, "tee", &["r1", "r2"]);
+        let mut batch = Batch {
+            queue: &queue,
+            sku: Some("tee"),
+        };
+        let ids: Vec<_> = batch.take().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, ["r1", "r2"]);
+        let _late = queued(&queue, "tee", &["r3"]);
+        assert!(
+            batch.take().is_empty(),
+            "a later batch is not this leader's"
+        );
+        drop(batch);
+        assert_eq!(
+            queue.take("tee", usize::MAX).0.len(),
+            1,
+            "dropping a leader that already sent leaves the next batch alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn deliver_hands_each_waiter_its_own_result() {
+        let (a, rx_a) = waiter("r1");
+        let (b, rx_b) = waiter("r2");
+        let (c, rx_c) = waiter("r3");
+        let reply = Value::Array(vec![
+            Value::Int(1),
+            Value::Int(0),
+            Value::BulkString(b"what".to_vec()),
+        ]);
+        deliver(Ok(reply), vec![a, b, c]);
+        assert!(matches!(rx_a.await, Ok(Ok(true))));
+        assert!(matches!(rx_b.await, Ok(Ok(false))));
+        assert!(matches!(rx_c.await, Ok(Err(StoreError::Protocol(m))) if m.contains("r3")));
+    }
+
+    #[tokio::test]
+    async fn a_reply_of_the_wrong_length_fails_every_waiter() {
+        let (a, rx_a) = waiter("r1");
+        let (b, rx_b) = waiter("r2");
+        deliver(Ok(Value::Array(vec![Value::Int(1)])), vec![a, b]);
+        for rx in [rx_a, rx_b] {
+            assert!(matches!(rx.await, Ok(Err(StoreError::Protocol(_)))));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_fails_every_waiter_with_its_error() {
+        let (a, rx_a) = waiter("r1");
+        let (b, rx_b) = waiter("r2");
+        deliver(Err(StoreError::Unavailable("down".into())), vec![a, b]);
+        for rx in [rx_a, rx_b] {
+            assert!(matches!(rx.await, Ok(Err(StoreError::Unavailable(m))) if m == "down"));
+        }
+    }
+}
