@@ -99,6 +99,14 @@ const BAD: &[(&str, u64, &[&str])] = &[
         2,
         &["upstream.url: ", "only http:// is supported"],
     ),
+    (
+        "redis_tls",
+        3,
+        &[
+            "store.redis: ",
+            "TLS (`rediss://`) is not built into flashgate",
+        ],
+    ),
     // Reported at the last key of the top-level mapping (line 2), where the parser noticed
     // the field was missing; the message is what matters here.
     ("missing_upstream", 2, &["missing field `upstream`"]),

@@ -298,6 +298,25 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             format!("must be at least {MIN_HEADER_BYTES} bytes"),
         ));
     }
+    if let Some(store) = &raw.store {
+        let url = &store.redis;
+        let scheme = url.value.split("://").next().unwrap_or("");
+        let message = match scheme {
+            "redis" | "redis+unix" | "unix" if url.value.contains("://") => None,
+            "rediss" => Some(
+                "TLS (`rediss://`) is not built into flashgate: reach Redis over a private network \
+                 or a unix socket (`redis+unix:///path`)"
+                    .to_owned(),
+            ),
+            _ => Some(format!(
+                "`{}` is not a Redis URL: use redis://host:port/db or redis+unix:///path",
+                describe::mask_password(&url.value)
+            )),
+        };
+        if let Some(message) = message {
+            return Err(err(&url.referenced, "store.redis".into(), message));
+        }
+    }
     let head = &raw.upstream.max_response_head_bytes;
     if head.value.0 < MIN_HEADER_BYTES {
         return Err(err(
@@ -374,7 +393,7 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             token_env: a.token_env,
         }),
         store: raw.store.map(|s| StoreConfig {
-            redis: s.redis,
+            redis: s.redis.value,
             connections: s.connections.get(),
             connect_timeout: s.connect_timeout.0,
             response_timeout: s.response_timeout.0,

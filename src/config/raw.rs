@@ -62,7 +62,7 @@ fn default_token_env() -> String {
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
     /// `redis://host:port/db`, or `redis+unix:///path/to/redis.sock`.
-    pub redis: String,
+    pub redis: Spanned<String>,
     #[serde(default = "default_store_connections")]
     pub connections: NonZeroUsize,
     #[serde(default = "d_500ms")]

@@ -48,7 +48,8 @@ use super::{
 /// How to reach Redis and how long to wait for it.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`, `rediss://…`, `unix:///path` or `redis+unix:///path`.
+    /// `redis://host:port/db`, `unix:///path` or `redis+unix:///path` (no TLS: the config
+    /// refuses `rediss://`).
     pub url: String,
     /// Multiplexed connections used round-robin (at least 1).
     pub connections: usize,
