@@ -119,20 +119,10 @@ fn sale_lines(out: &mut String, r: &Route, sale: &Sale) {
         time(sale.start, "(none)"),
         time(sale.end, "(none)")
     );
-    let mut release: Vec<String> = Vec::new();
-    if sale.release_on_connect_error {
-        release.push("connect_error".into());
-    }
+    // A refused connection always releases; the statuses are the operator's.
+    let mut release = vec!["connect_error (always)".to_owned()];
     release.extend(sale.release_on_status.iter().map(u16::to_string));
-    let _ = writeln!(
-        out,
-        "{IN}release_on: {}",
-        if release.is_empty() {
-            "(nothing: every forwarded unit counts as sold)".to_owned()
-        } else {
-            release.join(", ")
-        }
-    );
+    let _ = writeln!(out, "{IN}release_on: {}", release.join(", "));
     let _ = writeln!(out, "{IN}sold_out_recheck: {}", dur(sale.sold_out_recheck));
     let _ = writeln!(
         out,
@@ -269,7 +259,7 @@ mod tests {
             "       quantity: from json field `qty`",
             "       per_user_limit: 3",
             "       window: start 2026-11-27T09:00:00Z, end 2026-11-27T10:00:00Z",
-            "       release_on: (nothing: every forwarded unit counts as sold)",
+            "       release_on: connect_error (always)",
             "       sold_out_recheck: 250ms",
             "       max_body: 16384 bytes (read for the JSON field)",
             "       limits: none",

@@ -75,7 +75,6 @@ pub struct Sale {
     pub sku: Source,
     pub quantity: Quantity,
     pub per_user_limit: u32,
-    pub release_on_connect_error: bool,
     pub release_on_status: Vec<u16>,
     pub start: Option<SystemTime>,
     pub end: Option<SystemTime>,
@@ -540,11 +539,12 @@ fn compile_sale(
             Quantity::From(compile_source(src, path).map_err(|m| err(&referenced, "quantity", m))?)
         }
     };
-    let mut release_on_connect_error = false;
     let mut release_on_status = Vec::new();
     for r in raw.release_on {
         match r {
-            ReleaseOn::Named(_) => release_on_connect_error = true,
+            // A refused connection always releases (the backend certainly never saw the
+            // order): listing it is accepted, for configs that spell it out.
+            ReleaseOn::Named(_) => {}
             ReleaseOn::Status(code) if (400..=599).contains(&code) => release_on_status.push(code),
             ReleaseOn::Status(code) => {
                 return Err(err(
@@ -565,7 +565,6 @@ fn compile_sale(
         sku,
         quantity,
         per_user_limit,
-        release_on_connect_error,
         release_on_status,
         start,
         end,
