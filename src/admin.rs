@@ -23,7 +23,9 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -36,6 +38,7 @@ use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::admin_auth::{Access, Throttle, Tokens};
 use crate::body::{self, Body};
 use crate::sale::validate_sku;
 use crate::state::App;
@@ -51,10 +54,10 @@ pub const ADMIN_HEADER: HeaderName = HeaderName::from_static("x-flashgate-admin"
 pub async fn run(
     listener: TcpListener,
     app: Arc<App>,
-    token: String,
+    tokens: Tokens,
     shutdown: impl Future<Output = ()>,
 ) {
-    let token: Arc<str> = token.into();
+    let auth = Arc::new((tokens, Throttle::default()));
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin API listening");
     }
@@ -67,7 +70,7 @@ pub async fn run(
         .max_headers(limits.max_headers);
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -78,12 +81,12 @@ pub async fn run(
             },
             () = &mut shutdown => return,
         };
-        let (app, token, h1) = (app.clone(), token.clone(), h1.clone());
+        let (app, auth, h1) = (app.clone(), auth.clone(), h1.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let (app, token) = (app.clone(), token.clone());
+                let (app, auth) = (app.clone(), auth.clone());
                 async move {
-                    let mut resp = handle(&app, &token, req).await;
+                    let mut resp = handle(&app, &auth, peer.ip(), req).await;
                     resp.headers_mut()
                         .insert(ADMIN_HEADER, HeaderValue::from_static("1"));
                     Ok::<_, Infallible>(resp)
@@ -104,18 +107,47 @@ enum Call {
     Open,
 }
 
-async fn handle(app: &App, token: &str, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    app: &App,
+    (tokens, throttle): &(Tokens, Throttle),
+    ip: IpAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     if path == "/healthz" {
         return reply(StatusCode::OK, json!({"status": "ok"}));
     }
-    if !authorized(&req, token) {
+    let now = Instant::now();
+    if let Some(wait) = throttle.blocked(ip, now) {
+        warn!(%ip, "admin API: too many failed attempts");
+        let mut resp = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            "too many failed attempts from this address: wait before trying again",
+        );
+        resp.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(wait.as_secs().max(1)),
+        );
+        return resp;
+    }
+    let Some(access) = tokens.access(req.headers().get(http::header::AUTHORIZATION)) else {
+        throttle.failed(ip, now);
+        warn!(%ip, path = %path, "admin API: missing or wrong bearer token");
         return error(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
             "missing or wrong bearer token",
         );
+    };
+    if access == Access::Read && req.method() != Method::GET {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the read-only token cannot change anything",
+        );
     }
+    let who = access.as_str();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
     let (sku, call) = match segments.as_slice() {
@@ -175,14 +207,15 @@ async fn handle(app: &App, token: &str, req: Request<Incoming>) -> Response<Body
                 Ok(e) => e,
                 Err(e) => return e.response(),
             };
+            let old = store.get_stock(&sku).await.ok().flatten();
             match store.set_stock_if(&sku, units, expect).await {
                 Ok(StockSet::Set { stock }) => {
                     app.sold_out.clear(&sku);
-                    info!(%sku, stock, ?expect, "stock set");
+                    info!(token = who, %sku, ?old, stock, ?expect, "admin write: stock set");
                     Ok(json!({"sku": sku, "stock": stock}))
                 }
                 Ok(StockSet::Changed { current }) => {
-                    info!(%sku, ?current, ?expect, "stock set refused: stock changed");
+                    info!(token = who, %sku, ?current, ?expect, "admin write refused: stock changed");
                     let now = current.map_or("not configured".to_owned(), |c| c.to_string());
                     let expected = expect.map_or(String::new(), |e| e.to_string());
                     return reply(
@@ -217,11 +250,12 @@ async fn handle(app: &App, token: &str, req: Request<Incoming>) -> Response<Body
                     ),
                 );
             };
+            let old = store.get_stock(&sku).await.ok().flatten();
             store.add_stock(&sku, d).await.map(|n| {
                 if d > 0 {
                     app.sold_out.clear(&sku);
                 }
-                info!(%sku, delta = d, stock = n, "stock added");
+                info!(token = who, %sku, ?old, delta = d, stock = n, "admin write: stock added");
                 json!({"sku": sku, "stock": n})
             })
         }
@@ -234,8 +268,14 @@ async fn handle(app: &App, token: &str, req: Request<Incoming>) -> Response<Body
                 return e.response();
             }
             let closed = call == Call::Close;
+            let was = store.status(&sku).await.map(|s| s.closed).ok();
             store.set_closed(&sku, closed).await.map(|()| {
-                info!(%sku, closed, "sale {}", if closed { "closed" } else { "reopened" });
+                let what = if closed {
+                    "sale closed"
+                } else {
+                    "sale reopened"
+                };
+                info!(token = who, %sku, was_closed = ?was, closed, "admin write: {what}");
                 json!({"sku": sku, "closed": closed})
             })
         }
@@ -362,20 +402,6 @@ fn field_error(field: &str, message: &str) -> Response<Body> {
         StatusCode::BAD_REQUEST,
         json!({"error": "bad_request", "field": field, "message": message}),
     )
-}
-
-/// Constant-time comparison: the token must not leak through response timing.
-fn authorized(req: &Request<Incoming>, token: &str) -> bool {
-    let Some(given) = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<Value, Response<Body>> {

@@ -465,14 +465,26 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> ExitCo
             }
         };
         if let Some(admin) = admin {
-            match std::env::var(&admin.token_env) {
-                Ok(token) if !token.trim().is_empty() => {
+            let env_token = |name: &str| {
+                std::env::var(name)
+                    .ok()
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty())
+            };
+            match env_token(&admin.token_env) {
+                Some(token) => {
+                    let read = admin.read_token_env.as_deref().and_then(env_token);
+                    let tokens = flashgate::admin_auth::Tokens::new(token, read);
+                    if let Err(e) = tokens.check_for(admin.listen) {
+                        error!(listen = %admin.listen, "admin API refused: {e}");
+                        return ExitCode::FAILURE;
+                    }
                     match tokio::net::TcpListener::bind(admin.listen).await {
                         Ok(l) => {
                             tokio::spawn(flashgate::admin::run(
                                 l,
                                 app.clone(),
-                                token.trim().to_owned(),
+                                tokens,
                                 std::future::pending(),
                             ));
                         }
@@ -482,7 +494,7 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> ExitCo
                         }
                     }
                 }
-                _ => warn!(
+                None => warn!(
                     env = %admin.token_env,
                     "admin API disabled: set this environment variable to its bearer token"
                 ),

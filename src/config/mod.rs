@@ -56,6 +56,8 @@ pub struct Config {
 pub struct Admin {
     pub listen: SocketAddr,
     pub token_env: String,
+    /// The read-only token's variable: status and stock reads, no writes.
+    pub read_token_env: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -390,6 +392,7 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
         admin: raw.admin.map(|a| Admin {
             listen: a.listen,
             token_env: a.token_env,
+            read_token_env: a.read_token_env,
         }),
         store: raw.store.map(|s| StoreConfig {
             redis: s.redis.value,

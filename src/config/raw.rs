@@ -51,6 +51,9 @@ pub struct RawAdmin {
     /// Name of the environment variable that holds the bearer token.
     #[serde(default = "default_token_env")]
     pub token_env: String,
+    /// Name of the environment variable that holds the read-only token (optional).
+    #[serde(default)]
+    pub read_token_env: Option<String>,
 }
 
 fn default_token_env() -> String {

@@ -30,6 +30,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// The admin API's read-only token in tests.
+pub const ADMIN_READ_TOKEN: &str = "test-admin-read-token";
 
 /// A running flashgate, stopped (gracefully) on drop or by `stop()`.
 pub struct Flashgate {
@@ -52,10 +54,14 @@ impl Flashgate {
         let admin = if has_admin {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let a = l.local_addr().unwrap();
+            let tokens = flashgate::admin_auth::Tokens::new(
+                ADMIN_TOKEN.to_owned(),
+                Some(ADMIN_READ_TOKEN.to_owned()),
+            );
             tokio::spawn(flashgate::admin::run(
                 l,
                 app.clone(),
-                ADMIN_TOKEN.to_owned(),
+                tokens,
                 std::future::pending(),
             ));
             Some(a)
