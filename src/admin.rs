@@ -4,7 +4,8 @@
 //! variable. Every answer carries `X-Flashgate-Admin: 1`, so the CLI can tell flashgate's
 //! admin API from whatever else answers on that address.
 //!
-//! The `{sku}` segment is percent-decoded once, then checked like a buyer's SKU.
+//! The `{sku}` segment is percent-decoded once, then parsed like a buyer's SKU
+//! ([`Sku::parse`](crate::ids::Sku::parse)).
 //! Stock, `expect` and `delta` are JSON integers within 2^53 − 1 ([`MAX_UNITS`]); anything
 //! else, and any unknown field, is 400 `bad_request` with `"field"` naming it.
 //!
@@ -40,7 +41,8 @@ use tracing::{info, warn};
 
 use crate::admin_auth::{Access, Throttle, Tokens};
 use crate::body::{self, Body};
-use crate::sale::validate_sku;
+use crate::ids::Sku;
+use crate::reject::Reject;
 use crate::state::App;
 use crate::store::{MAX_UNITS, StockSet, StoreError};
 
@@ -160,7 +162,7 @@ async fn handle(
     };
     // One decoding, then the buyers' SKU rule: what the CLI percent-encodes comes back whole.
     let sku = match percent_encoding::percent_decode_str(sku).decode_utf8() {
-        Ok(sku) => sku.into_owned(),
+        Ok(sku) => sku,
         Err(_) => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -169,9 +171,10 @@ async fn handle(
             );
         }
     };
-    if let Err(r) = validate_sku(&sku) {
-        return r.into_response();
-    }
+    let sku = match Sku::parse(&sku) {
+        Ok(sku) => sku,
+        Err(e) => return Reject::from(e).into_response(),
+    };
     let if_match = req
         .headers()
         .get(http::header::IF_MATCH)
@@ -467,10 +470,7 @@ pub mod client {
     /// `sku` as one path segment, refused (with the reason) when the API could not take it.
     /// `.` and `..` are encoded so nothing on the way can read them as dot segments.
     pub fn sku_segment(sku: &str) -> Result<String, String> {
-        crate::sale::validate_sku(sku).map_err(|r| match r {
-            crate::reject::Reject::BadRequest(m) => format!("SKU {sku:?}: {m}"),
-            other => format!("SKU {sku:?}: {}", other.reason()),
-        })?;
+        crate::ids::Sku::parse(sku).map_err(|e| format!("SKU {sku:?}: {e}"))?;
         Ok(match sku {
             "." => "%2E".to_owned(),
             ".." => "%2E%2E".to_owned(),

@@ -23,6 +23,7 @@ use crate::client_ip;
 use crate::config::{Sale, Unmatched};
 use crate::forward::{ForwardError, Peer};
 use crate::identity;
+use crate::ids::UserId;
 use crate::reject::Reject;
 use crate::sale;
 use crate::state::{App, Snapshot};
@@ -166,11 +167,11 @@ async fn admit_and_forward(
     ))?;
     // 4. Identity (needed by the per-user bucket, so it sits between the buckets).
     let user = match &route.route.identity {
-        Some(identity) => Some(identity::user_id(identity, req.headers())?.to_owned()),
+        Some(identity) => Some(identity::user_id(identity, req.headers())?),
         None => None,
     };
     if let Some(user) = &user {
-        guards.check_user(user)?;
+        guards.check_user(user.as_str())?;
     }
     guards.check_route()?;
 
@@ -195,7 +196,7 @@ async fn admit_sale(
     app: &Arc<App>,
     snap: &Snapshot,
     sale: &Sale,
-    user: String,
+    user: UserId,
     params: &matchit::Params<'_, '_>,
     (req, limit): (Request<Body>, body::BodyLimit),
     peer: Peer,
@@ -232,7 +233,9 @@ async fn admit_sale(
             return Err(Reject::AlreadyPurchased { held });
         }
         Ok(ReserveOutcome::NotConfigured) => {
-            return Err(Reject::NotConfigured { sku: order.sku });
+            return Err(Reject::NotConfigured {
+                sku: order.sku.to_string(),
+            });
         }
         Err(StoreError::Invalid(m)) => return Err(Reject::BadRequest(m)),
         Err(e) => {

@@ -5,10 +5,12 @@ use http::HeaderMap;
 use http::header::COOKIE;
 
 use crate::config::{Identity, IdentitySource};
+use crate::ids::UserId;
 use crate::reject::Reject;
 
-/// Extracts and validates the user id. Missing or empty → 401; malformed → 400.
-pub fn user_id<'h>(identity: &Identity, headers: &'h HeaderMap) -> Result<&'h str, Reject> {
+/// Extracts the user id and parses it into a [`UserId`] (non-empty, no control characters),
+/// checking the route's `max_length` on the way. Missing or empty → 401; malformed → 400.
+pub fn user_id(identity: &Identity, headers: &HeaderMap) -> Result<UserId, Reject> {
     let raw = match &identity.source {
         IdentitySource::Header(name) => {
             let mut values = headers.get_all(name).iter();
@@ -36,12 +38,7 @@ pub fn user_id<'h>(identity: &Identity, headers: &'h HeaderMap) -> Result<&'h st
             identity.max_length
         )));
     }
-    if user.chars().any(char::is_control) {
-        return Err(Reject::BadRequest(
-            "user id contains control characters".into(),
-        ));
-    }
-    Ok(user)
+    Ok(UserId::parse(user)?)
 }
 
 /// The value of cookie `name`. Cookie parsers disagree on a quoted value (Go and Python strip

@@ -13,7 +13,8 @@
 //!    [`state::Snapshot::route_for`] matches the route (first match wins); [`fence`] refuses
 //!    any other spelling of a sale path.
 //! 4. [`limit`] guards: in-flight slot, per-IP bucket, [`identity`], per-user bucket, route bucket.
-//! 5. On a sale route, [`sale`] reads the order (SKU, quantity) and the store reserves a unit;
+//! 5. On a sale route, [`sale`] reads the order (SKU, quantity) — parsed once into the
+//!    [`ids`] newtypes the store takes — and the store reserves a unit;
 //!    [`order`] forwards the winner and records the outcome (sold, released, uncertain).
 //! 6. [`forward`] sends the request to the backend over a pooled client, streaming both ways.
 //!
@@ -33,6 +34,7 @@ pub mod gate;
 pub mod head_errors;
 pub mod hygiene;
 pub mod identity;
+pub mod ids;
 pub mod limit;
 pub mod order;
 pub mod reject;

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::body::Body;
 use crate::forward::{ForwardError, Peer, Upstream};
+use crate::ids::{ReservationId, Sku, UserId};
 use crate::state::App;
 use crate::store::{Record, Settlement, Store, record_retrying};
 
@@ -29,10 +30,10 @@ pub(crate) struct Won {
     pub app: Arc<App>,
     pub upstream: Arc<Upstream>,
     pub release_on_status: Vec<u16>,
-    pub sku: String,
-    pub user: String,
+    pub sku: Sku,
+    pub user: UserId,
     pub quantity: u32,
-    pub reservation: String,
+    pub reservation: ReservationId,
 }
 
 impl Won {
@@ -134,15 +135,15 @@ impl Outcome {
 
 /// Records a reservation's outcome off the response path, retrying while the store is away;
 /// tracked so a graceful shutdown waits for it.
-fn record_later(app: &App, sku: String, reservation: String, what: Record) {
+fn record_later(app: &App, sku: Sku, reservation: ReservationId, what: Record) {
     spawn_record(app.store.clone(), &app.bookkeeping, sku, reservation, what);
 }
 
 fn spawn_record(
     store: Arc<dyn Store>,
     tasks: &TaskTracker,
-    sku: String,
-    reservation: String,
+    sku: Sku,
+    reservation: ReservationId,
     what: Record,
 ) {
     tasks.spawn(async move {
@@ -161,8 +162,8 @@ fn spawn_record(
 struct Pending {
     store: Arc<dyn Store>,
     tasks: TaskTracker,
-    sku: String,
-    reservation: String,
+    sku: Sku,
+    reservation: ReservationId,
     on_drop: Option<Outcome>,
 }
 
@@ -181,8 +182,7 @@ impl Drop for Pending {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        let sku = std::mem::take(&mut self.sku);
-        let reservation = std::mem::take(&mut self.reservation);
+        let (sku, reservation) = (self.sku.clone(), self.reservation.clone());
         warn!(%sku, %reservation, "request dropped mid-order (client gone): recording the outcome anyway");
         spawn_record(
             self.store.clone(),

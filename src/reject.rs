@@ -208,6 +208,13 @@ fn ceil_secs(d: Duration) -> u64 {
     secs.max(1)
 }
 
+/// A value refused at the edge (SKU, user id): `400 bad_request` with the rule as message.
+impl From<crate::ids::InvalidId> for Reject {
+    fn from(e: crate::ids::InvalidId) -> Self {
+        Reject::BadRequest(e.message().to_owned())
+    }
+}
+
 impl From<Denied> for Reject {
     fn from(d: Denied) -> Self {
         match d {

@@ -68,7 +68,7 @@ type HttpClient = hyper_util::client::legacy::Client<
 async fn user_ids_too_long_or_with_control_characters_are_400() {
     let backend = Backend::start_echo().await;
     let fg = Flashgate::start(&config(&backend)).await;
-    fg.app.store.set_stock("bad-1", 10).await.unwrap();
+    fg.app.store.set_stock(&sku("bad-1"), 10).await.unwrap();
     let c = client();
 
     let a = buy(&c, &fg, &[("x-user-id", &"u".repeat(17)), ("x-qty", "1")]).await;
@@ -94,14 +94,17 @@ async fn user_ids_too_long_or_with_control_characters_are_400() {
         }
     }
     assert_eq!(backend.count(), 1, "only the valid order was forwarded");
-    assert_eq!(fg.app.store.get_stock("bad-1").await.unwrap(), Some(9));
+    assert_eq!(
+        fg.app.store.get_stock(&sku("bad-1")).await.unwrap(),
+        Some(9)
+    );
 }
 
 #[tokio::test]
 async fn cookie_identity_missing_or_empty_is_401() {
     let backend = Backend::start_echo().await;
     let fg = Flashgate::start(&config(&backend)).await;
-    fg.app.store.set_stock("bad-2", 10).await.unwrap();
+    fg.app.store.set_stock(&sku("bad-2"), 10).await.unwrap();
     let c = client();
     let url = fg.url("/api/cookie/bad-2/buy");
     for (what, cookie) in [
@@ -131,7 +134,7 @@ async fn cookie_identity_missing_or_empty_is_401() {
 async fn bad_quantities_from_a_header_or_json_are_400() {
     let backend = Backend::start_echo().await;
     let fg = Flashgate::start(&config(&backend)).await;
-    fg.app.store.set_stock("bad-3", 10).await.unwrap();
+    fg.app.store.set_stock(&sku("bad-3"), 10).await.unwrap();
     let c = client();
 
     for qty in [
@@ -195,7 +198,10 @@ async fn bad_quantities_from_a_header_or_json_are_400() {
         assert_json_reason(&a, 400, "bad_request", body);
     }
     assert_eq!(backend.count(), 0, "nothing forwarded");
-    assert_eq!(fg.app.store.get_stock("bad-3").await.unwrap(), Some(10));
+    assert_eq!(
+        fg.app.store.get_stock(&sku("bad-3")).await.unwrap(),
+        Some(10)
+    );
 
     // The same routes take a good order.
     let a = send(
@@ -290,7 +296,7 @@ const TE_FIRST: &str = "transfer-encoding: chunked\r\ncontent-length: 44\r\n";
 async fn content_length_with_transfer_encoding_is_refused_with_400() {
     let backend = Backend::start_echo().await;
     let fg = Flashgate::start(&config(&backend)).await;
-    fg.app.store.set_stock("bad-4", 10).await.unwrap();
+    fg.app.store.set_stock(&sku("bad-4"), 10).await.unwrap();
     for (path, framing, extra) in [
         ("/catalog", CL_FIRST, ""),
         ("/catalog", TE_FIRST, ""),
@@ -319,7 +325,10 @@ async fn content_length_with_transfer_encoding_is_refused_with_400() {
         0,
         "nothing, hidden request included, reached the backend"
     );
-    assert_eq!(fg.app.store.get_stock("bad-4").await.unwrap(), Some(10));
+    assert_eq!(
+        fg.app.store.get_stock(&sku("bad-4")).await.unwrap(),
+        Some(10)
+    );
 }
 
 /// A two-framings request pipelined behind an ordinary one in the same packet is refused too:

@@ -104,7 +104,12 @@ async fn buyer(addr: std::net::SocketAddr, sku: String, user: String, seed: u64)
 async fn quiet_status(fg: &Flashgate, sku: &str) -> SaleStatus {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let status = fg.app.store.status(sku).await.expect("status");
+        let status = fg
+            .app
+            .store
+            .status(&support::sku(sku))
+            .await
+            .expect("status");
         if status.units.held == 0 {
             return status;
         }
@@ -128,7 +133,7 @@ async fn storms(store_yaml: String, name: &str) {
         );
         fg.app
             .store
-            .set_stock(&sku, STOCK)
+            .set_stock(&support::sku(&sku), STOCK)
             .await
             .expect("set stock");
         let mut buyers = tokio::task::JoinSet::new();

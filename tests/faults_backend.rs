@@ -127,7 +127,7 @@ async fn refused_backend_releases_every_unit_and_leaks_no_slot() {
             "5s",
         ))
         .await;
-        fg.app.store.set_stock("refused-1", 50).await.unwrap();
+        fg.app.store.set_stock(&sku("refused-1"), 50).await.unwrap();
         let storm = Storm::start(fg.url("/api/flash/refused-1/buy"), "buyer", IN_FLIGHT, 200);
         let shots = storm.finish().await;
         let t = tally(&shots);
@@ -139,7 +139,7 @@ async fn refused_backend_releases_every_unit_and_leaks_no_slot() {
         );
         assert!(shots.iter().all(|s| s.took < Duration::from_secs(2)));
 
-        let status = fg.app.store.status("refused-1").await.unwrap();
+        let status = fg.app.store.status(&sku("refused-1")).await.unwrap();
         assert_eq!(status.stock, Some(50), "{status:?}");
         assert_eq!(status.reservations.released, 200, "{status:?}");
         assert_eq!(
@@ -169,7 +169,7 @@ async fn slow_backend_answers_504_keeps_units_uncertain_and_leaks_no_slot() {
         })
         .await;
         let fg = Flashgate::start(&config(&backend.url(), "300ms")).await;
-        fg.app.store.set_stock("slow-2", 50).await.unwrap();
+        fg.app.store.set_stock(&sku("slow-2"), 50).await.unwrap();
 
         let storm = Storm::start(fg.url("/api/flash/slow-2/buy"), "buyer", 8, 24);
         let shots = storm.finish().await;
@@ -187,7 +187,7 @@ async fn slow_backend_answers_504_keeps_units_uncertain_and_leaks_no_slot() {
         let settled = {
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
-                let s = fg.app.store.status("slow-2").await.unwrap();
+                let s = fg.app.store.status(&sku("slow-2")).await.unwrap();
                 if s.units.uncertain == 24 || Instant::now() > deadline {
                     break s;
                 }
@@ -241,7 +241,7 @@ async fn backend_breaking_mid_body_is_a_body_error_not_a_hang() {
         for rst in [false, true] {
             let (url, seen, task) = breaking_backend(rst).await;
             let fg = Flashgate::start(&config(&url, "5s")).await;
-            fg.app.store.set_stock("mid-1", 10).await.unwrap();
+            fg.app.store.set_stock(&sku("mid-1"), 10).await.unwrap();
             let c = client();
             for (i, (method, path)) in [
                 ("GET", "/catalog/big".to_owned()),
@@ -277,12 +277,12 @@ async fn backend_breaking_mid_body_is_a_body_error_not_a_hang() {
             assert_eq!(seen.load(Ordering::SeqCst), 4);
             let sold = eventually(Duration::from_secs(5), || {
                 // settle runs off the response path
-                futures_util::FutureExt::now_or_never(fg.app.store.status("mid-1"))
+                futures_util::FutureExt::now_or_never(fg.app.store.status(&sku("mid-1")))
                     .and_then(Result::ok)
                     .is_some_and(|s| s.units.sold == 2)
             })
             .await;
-            let status = fg.app.store.status("mid-1").await.unwrap();
+            let status = fg.app.store.status(&sku("mid-1")).await.unwrap();
             assert!(sold, "rst={rst}: {status:?}");
             assert_eq!(status.stock, Some(8));
             assert_no_slot_leaked(&fg).await;
@@ -329,7 +329,11 @@ struct OneShotRun {
 async fn one_shot_run(announce: bool) -> OneShotRun {
     let (url, seen, task) = one_shot_backend(announce).await;
     let fg = Flashgate::start(&config(&url, "5s")).await;
-    fg.app.store.set_stock("close-1", 10_000).await.unwrap();
+    fg.app
+        .store
+        .set_stock(&sku("close-1"), 10_000)
+        .await
+        .unwrap();
     let flash = Storm::start(fg.url("/api/flash/close-1/buy"), "buyer", 8, 300);
     let plain = Storm::start(fg.url("/catalog/item"), "reader", 8, 300);
     let (flash, plain) = (flash.finish().await, plain.finish().await);
@@ -337,12 +341,12 @@ async fn one_shot_run(announce: bool) -> OneShotRun {
     let failed = flash.iter().filter(|s| s.status == 502).count() as u64;
     // Settles run off the response path.
     let settled = eventually(Duration::from_secs(5), || {
-        futures_util::FutureExt::now_or_never(fg.app.store.status("close-1"))
+        futures_util::FutureExt::now_or_never(fg.app.store.status(&sku("close-1")))
             .and_then(Result::ok)
             .is_some_and(|s| s.units.sold == won && s.units.uncertain == failed)
     })
     .await;
-    let status = fg.app.store.status("close-1").await.unwrap();
+    let status = fg.app.store.status(&sku("close-1")).await.unwrap();
     assert!(settled, "won {won}, 502 {failed}: {status:?}");
     assert_no_slot_leaked(&fg).await;
     task.abort();

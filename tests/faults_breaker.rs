@@ -124,7 +124,7 @@ async fn stalled_redis_costs_at_most_the_timeout_then_the_breaker_fails_fast_and
             STORE_TIMEOUT.as_millis()
         ))
         .await;
-        fg.app.store.set_stock("stall-1", 100).await.unwrap();
+        fg.app.store.set_stock(&sku("stall-1"), 100).await.unwrap();
         let c = client();
         let (a, _) = buy(&c, &fg, "warm").await;
         assert_eq!(a.status, 200, "{}", a.text());
@@ -212,7 +212,7 @@ async fn stalled_redis_costs_at_most_the_timeout_then_the_breaker_fails_fast_and
                 a.text()
             );
         }
-        let status = fg.app.store.status("stall-1").await.unwrap();
+        let status = fg.app.store.status(&sku("stall-1")).await.unwrap();
         let orders = backend.count() as u64;
         assert_eq!(orders, 1 + 1 + stalled.len() as u64, "{status:?}");
         assert!(
@@ -223,7 +223,7 @@ async fn stalled_redis_costs_at_most_the_timeout_then_the_breaker_fails_fast_and
             .await,
             "{status:?}"
         );
-        let status = fg.app.store.status("stall-1").await.unwrap();
+        let status = fg.app.store.status(&sku("stall-1")).await.unwrap();
         assert_eq!(status.stock, Some(100 - orders), "{status:?}");
         assert_eq!(status.units.held, 0, "no orphaned unit: {status:?}");
     })

@@ -164,7 +164,7 @@ async fn assert_sold_exactly(
         "{} forwarded orders are not recorded as sold: {not_sold:?}",
         not_sold.len()
     );
-    let status = fg.app.store.status(sku).await.unwrap();
+    let status = fg.app.store.status(&support::sku(sku)).await.unwrap();
     assert_eq!(status.stock, Some(0), "{status:?}");
     assert_eq!(status.units.sold, stock, "{status:?}");
     assert_eq!(
@@ -207,7 +207,7 @@ async fn redis_killed_mid_sale_fails_closed_and_recovers_from_its_aof() {
         let backend = shop().await;
         let fg = Flashgate::start(&sale_config(&backend, &redis, STORE_TIMEOUT)).await;
         const STOCK: u64 = 300;
-        fg.app.store.set_stock("kill-1", STOCK).await.unwrap();
+        fg.app.store.set_stock(&sku("kill-1"), STOCK).await.unwrap();
 
         // Before: buyers win.
         let storm = Storm::start(buy_url(&fg, "kill-1"), "before", 32, 5_000);
@@ -277,7 +277,7 @@ async fn redis_killed_mid_sale_fails_closed_and_recovers_from_its_aof() {
         // unit goes back on sale. Wait for that, then sell what came back.
         let no_orphan = async {
             loop {
-                let s = fg.app.store.status("kill-1").await.unwrap();
+                let s = fg.app.store.status(&sku("kill-1")).await.unwrap();
                 let forwarded = orders(&backend, "kill-1").len() as u64;
                 if s.units.held + s.units.sold + s.units.uncertain == forwarded {
                     return s;
@@ -322,7 +322,11 @@ async fn script_cache_flushed_while_buyers_fire_sells_exactly_the_stock() {
         // timed-out reserve would (rightly) be a 503.
         let fg = Flashgate::start(&sale_config(&backend, &redis, Duration::from_secs(5))).await;
         const STOCK: u64 = 200;
-        fg.app.store.set_stock("flush-2", STOCK).await.unwrap();
+        fg.app
+            .store
+            .set_stock(&sku("flush-2"), STOCK)
+            .await
+            .unwrap();
 
         let storm = Storm::start(buy_url(&fg, "flush-2"), "buyer", 32, 3_000);
         let mut flushes = 0;

@@ -116,7 +116,7 @@ async fn ambiguous_paths_are_refused_unless_a_setting_allows_them() {
 #[tokio::test]
 async fn a_sale_request_is_forwarded_in_the_exact_form_it_matched() {
     let (backend, fg) = started("").await;
-    fg.app.store.set_stock("tee", 3).await.unwrap();
+    fg.app.store.set_stock(&sku("tee"), 3).await.unwrap();
     let c = client();
     for (n, path) in ["/api/flash/tee/buy/", "/api//flash/./tee/%62uy"]
         .iter()
@@ -236,7 +236,7 @@ async fn method_overrides_never_reach_a_sale_route_and_are_stripped_elsewhere() 
 #[tokio::test]
 async fn flashgate_header_spellings_with_underscores_are_stripped() {
     let (backend, fg) = started("").await;
-    fg.app.store.set_stock("tee", 1).await.unwrap();
+    fg.app.store.set_stock(&sku("tee"), 1).await.unwrap();
     let c = client();
     let spoofed = [
         ("X_Flashgate_Reservation", "fake"),
@@ -280,7 +280,11 @@ async fn flashgate_header_spellings_with_underscores_are_stripped() {
 async fn a_sku_or_quantity_the_backend_could_read_differently_is_refused() {
     let (backend, fg) = started("").await;
     for sku in ["a", "b", "tee"] {
-        fg.app.store.set_stock(sku, 10).await.unwrap();
+        fg.app
+            .store
+            .set_stock(&support::sku(sku), 10)
+            .await
+            .unwrap();
     }
     let c = client();
     let json = [("x-user-id", "eve"), ("content-type", "application/json")];
@@ -366,7 +370,7 @@ async fn a_sku_or_quantity_the_backend_could_read_differently_is_refused() {
 
     assert_eq!(backend.count(), 0, "nothing reached the backend");
     for sku in ["a", "b"] {
-        let status = fg.app.store.status(sku).await.unwrap();
+        let status = fg.app.store.status(&support::sku(sku)).await.unwrap();
         assert_eq!(status.stock, Some(10), "{sku}: nothing reserved");
     }
 
@@ -396,7 +400,7 @@ async fn a_sku_or_quantity_the_backend_could_read_differently_is_refused() {
 async fn a_too_large_order_does_not_close_the_sale(store_yaml: &str) {
     let backend = Backend::start_echo().await;
     let fg = Flashgate::start(&shop_config(&backend, store_yaml, "")).await;
-    fg.app.store.set_stock("mug", 2).await.unwrap();
+    fg.app.store.set_stock(&sku("mug"), 2).await.unwrap();
     let c = client();
     let order = |user: &'static str, quantity: u32| {
         let url = fg.url("/api/order");

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use flashgate::canonical::{PathPolicy, canonicalize, fold, match_form};
 use flashgate::config::{Identity, IdentitySource};
-use flashgate::sale::{parse_quantity, validate_sku};
-use flashgate::store::MAX_SKU_LEN;
+use flashgate::ids::{MAX_SKU_LEN, Sku};
+use flashgate::reject::Reject;
+use flashgate::sale::parse_quantity;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
@@ -180,7 +181,7 @@ fn yaml_alias_bomb_is_refused_quickly() {
 // ---------------------------------------------------------------------------
 // SKU and quantity
 
-/// What `validate_sku` documents: 1 to 128 letters, digits, '.', '_' or '-'.
+/// What `Sku::parse` documents: 1 to 128 letters, digits, '.', '_' or '-'.
 fn sku_is_valid(s: &str) -> bool {
     (1..=MAX_SKU_LEN).contains(&s.len())
         && s.bytes()
@@ -199,10 +200,11 @@ proptest! {
             any::<String>(),
         ]
     ) {
-        let accepted = validate_sku(&sku).is_ok();
-        prop_assert_eq!(accepted, sku_is_valid(&sku), "{:?}", sku);
-        if let Err(r) = validate_sku(&sku) {
-            prop_assert_eq!(r.reason(), "bad_request");
+        let parsed = Sku::parse(&sku);
+        prop_assert_eq!(parsed.is_ok(), sku_is_valid(&sku), "{:?}", sku);
+        match parsed {
+            Ok(parsed) => prop_assert_eq!(parsed.as_str(), sku.as_str()),
+            Err(e) => prop_assert_eq!(Reject::from(e).reason(), "bad_request"),
         }
     }
 
@@ -313,6 +315,7 @@ proptest! {
             let mut headers = HeaderMap::new();
             headers.insert(http::header::COOKIE, value);
             if let Ok(user) = flashgate::identity::user_id(&id, &headers) {
+                let user = user.as_str();
                 prop_assert!(!user.is_empty() && user.len() <= 16);
                 prop_assert!(!user.chars().any(char::is_control));
                 prop_assert_eq!(user, user.trim());
@@ -323,7 +326,7 @@ proptest! {
         headers.insert(http::header::COOKIE, HeaderValue::from_str(&cookie).unwrap());
         let want = uid.trim();
         match flashgate::identity::user_id(&id, &headers) {
-            Ok(user) => prop_assert_eq!(user, want),
+            Ok(user) => prop_assert_eq!(user.as_str(), want),
             Err(r) if want.is_empty() => prop_assert_eq!(r.reason(), "unauthenticated"),
             Err(r) => {
                 // Too long, or spelled in a way cookie parsers read differently.

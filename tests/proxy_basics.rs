@@ -87,7 +87,7 @@ async fn path_variants_cannot_bypass_a_sale_route() {
         "routes:\n  - name: buy\n    match: { method: POST, path: \"/api/flash/{sku}/buy\" }\n    identity: { header: X-User-Id }\n    sale: { sku: { path_param: sku } }\n  - name: rest\n    match: { path: \"/{*rest}\" }\n",
     ))
     .await;
-    fg.app.store.set_stock("tee", 0).await.unwrap();
+    fg.app.store.set_stock(&sku("tee"), 0).await.unwrap();
     let c = client();
     for (i, path) in [
         "/api/flash/tee/buy",

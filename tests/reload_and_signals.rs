@@ -255,7 +255,7 @@ mod in_process {
                 )
             };
             let fg = Flashgate::start(&route("flash-v1", "20s")).await;
-            fg.app.store.set_stock("reload-1", 5).await.unwrap();
+            fg.app.store.set_stock(&sku("reload-1"), 5).await.unwrap();
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("flashgate.yaml");
 
@@ -293,7 +293,7 @@ mod in_process {
             );
             let sold = async {
                 loop {
-                    let s = fg.app.store.status("reload-1").await.unwrap();
+                    let s = fg.app.store.status(&sku("reload-1")).await.unwrap();
                     if s.units.sold == 1 {
                         return s;
                     }

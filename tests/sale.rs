@@ -805,7 +805,7 @@ mod cases {
             "{ sku: { path_param: sku }, quantity: { query: qty }, per_user_limit: 3 }",
         ))
         .await;
-        fg.app.store.set_stock("qty-1", 10).await.unwrap();
+        fg.app.store.set_stock(&sku("qty-1"), 10).await.unwrap();
         let client = client();
         let buy_qty = |user: &'static str, qty: &'static str| {
             let client = client.clone();
@@ -820,7 +820,10 @@ mod cases {
             assert_rejected(&a, 400, "bad_request");
         }
         assert_eq!(backend.count(), 0);
-        assert_eq!(fg.app.store.get_stock("qty-1").await.unwrap(), Some(10));
+        assert_eq!(
+            fg.app.store.get_stock(&sku("qty-1")).await.unwrap(),
+            Some(10)
+        );
 
         let a = buy_qty("alice", "?qty=2").await;
         assert_eq!(a.status, 200, "{}", a.text());
@@ -841,7 +844,10 @@ mod cases {
             Some("qty=2"),
             "the query is forwarded as sent"
         );
-        assert_eq!(fg.app.store.get_stock("qty-1").await.unwrap(), Some(7));
+        assert_eq!(
+            fg.app.store.get_stock(&sku("qty-1")).await.unwrap(),
+            Some(7)
+        );
         let status = status_until(&fg, "qty-1", |s| s["units"]["sold"] == 3).await;
         assert_eq!(status["buyers"], 1);
         assert_eq!(status["reservations"], counts(0, 2, 0, 0));
@@ -859,7 +865,7 @@ mod cases {
             "{ sku: { json: sku }, max_body: 1KiB }",
         ))
         .await;
-        fg.app.store.set_stock("json-1", 5).await.unwrap();
+        fg.app.store.set_stock(&sku("json-1"), 5).await.unwrap();
         let client = client();
         let post = |user: &'static str, body: Bytes| {
             let client = client.clone();
@@ -953,7 +959,10 @@ mod cases {
         let bodies = bodies.lock().unwrap().clone();
         assert_eq!(bodies[1], exact.as_bytes());
         assert_eq!(bodies[2], &b"{\"sku\":\"json-1\", \"gift\": true}"[..]);
-        assert_eq!(fg.app.store.get_stock("json-1").await.unwrap(), Some(2));
+        assert_eq!(
+            fg.app.store.get_stock(&sku("json-1")).await.unwrap(),
+            Some(2)
+        );
     }
 
     /// Before `start` → 403 `not_started`; after `end` → 403 `ended`; inside the window the
@@ -991,7 +1000,7 @@ mod cases {
             ),
         );
         let fg = Flashgate::start(&yaml).await;
-        fg.app.store.set_stock("win-1", 3).await.unwrap();
+        fg.app.store.set_stock(&sku("win-1"), 3).await.unwrap();
         let client = client();
         let post = |path: &str, user: &'static str| {
             let client = client.clone();
@@ -1006,11 +1015,17 @@ mod cases {
         );
         assert_rejected(&post("/api/late/win-1/buy", "alice").await, 403, "ended");
         assert_eq!(backend.count(), 0);
-        assert_eq!(fg.app.store.get_stock("win-1").await.unwrap(), Some(3));
+        assert_eq!(
+            fg.app.store.get_stock(&sku("win-1")).await.unwrap(),
+            Some(3)
+        );
         let a = post("/api/open/win-1/buy", "alice").await;
         assert_eq!(a.status, 200, "{}", a.text());
         assert_eq!(backend.count(), 1);
-        assert_eq!(fg.app.store.get_stock("win-1").await.unwrap(), Some(2));
+        assert_eq!(
+            fg.app.store.get_stock(&sku("win-1")).await.unwrap(),
+            Some(2)
+        );
     }
 
     /// The backend reads the order, then drops the connection without answering. It may
@@ -1123,9 +1138,12 @@ mod cases {
 
         // Stock raised in the store behind this instance's back (as another instance sharing
         // Redis would): still answered locally until the recheck time.
-        fg.app.store.add_stock("fast-1", 1).await.unwrap();
+        fg.app.store.add_stock(&sku("fast-1"), 1).await.unwrap();
         assert_rejected(&buy(&client, &fg, "fast-1", "carol").await, 410, "sold_out");
-        assert_eq!(fg.app.store.get_stock("fast-1").await.unwrap(), Some(1));
+        assert_eq!(
+            fg.app.store.get_stock(&sku("fast-1")).await.unwrap(),
+            Some(1)
+        );
 
         // Raised through the admin API: the very next buyer asks the store, and wins.
         assert_eq!(add_stock(&fg, "fast-1", 1).await, 2);

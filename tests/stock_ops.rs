@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flashgate::store::{
-    MAX_UNITS, MemoryStore, RedisConfig, RedisStore, ReleaseOutcome, ReserveOutcome,
-    ReserveRequest, Settlement, StockSet, Store, StoreError,
+    MAX_UNITS, MemoryStore, RedisConfig, RedisStore, ReleaseOutcome, ReservationId, ReserveOutcome,
+    ReserveRequest, Settlement, StockSet, Store, StoreError, UserId,
 };
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -85,14 +85,14 @@ async fn store_of(f: &StoreFixture) -> Arc<dyn Store> {
 
 fn req(sku: &str, user: &str) -> ReserveRequest {
     ReserveRequest {
-        sku: sku.into(),
-        user: user.into(),
+        sku: support::sku(sku),
+        user: UserId::parse(user).unwrap(),
         quantity: 1,
         per_user_limit: 1,
     }
 }
 
-async fn win(store: &dyn Store, sku: &str, user: &str) -> String {
+async fn win(store: &dyn Store, sku: &str, user: &str) -> ReservationId {
     match store.reserve(&req(sku, user)).await.unwrap() {
         ReserveOutcome::Won { reservation, .. } => reservation,
         other => panic!("{sku}/{user}: expected Won, got {other:?}"),
@@ -101,7 +101,7 @@ async fn win(store: &dyn Store, sku: &str, user: &str) -> String {
 
 /// `added == stock + held + sold + uncertain`, from the store's own status.
 async fn assert_audit(store: &dyn Store, sku: &str) {
-    let s = store.status(sku).await.unwrap();
+    let s = store.status(&support::sku(sku)).await.unwrap();
     let stock = s.stock.unwrap_or(0);
     let u = &s.units;
     assert_eq!(
@@ -116,34 +116,37 @@ mod store_cases {
     use super::*;
 
     pub async fn compare_and_set(store: Arc<dyn Store>) {
-        store.set_stock("cas-1", 5).await.unwrap();
+        store.set_stock(&sku("cas-1"), 5).await.unwrap();
         assert_eq!(
-            store.set_stock_if("cas-1", 7, Some(4)).await.unwrap(),
+            store.set_stock_if(&sku("cas-1"), 7, Some(4)).await.unwrap(),
             StockSet::Changed { current: Some(5) }
         );
-        assert_eq!(store.get_stock("cas-1").await.unwrap(), Some(5));
+        assert_eq!(store.get_stock(&sku("cas-1")).await.unwrap(), Some(5));
         assert_eq!(
-            store.set_stock_if("cas-1", 7, Some(5)).await.unwrap(),
+            store.set_stock_if(&sku("cas-1"), 7, Some(5)).await.unwrap(),
             StockSet::Set { stock: 7 }
         );
-        assert_eq!(store.get_stock("cas-1").await.unwrap(), Some(7));
+        assert_eq!(store.get_stock(&sku("cas-1")).await.unwrap(), Some(7));
         // A sale nobody configured is never "the expected stock".
         assert_eq!(
-            store.set_stock_if("cas-none", 1, Some(0)).await.unwrap(),
+            store
+                .set_stock_if(&sku("cas-none"), 1, Some(0))
+                .await
+                .unwrap(),
             StockSet::Changed { current: None }
         );
-        assert_eq!(store.get_stock("cas-none").await.unwrap(), None);
+        assert_eq!(store.get_stock(&sku("cas-none")).await.unwrap(), None);
         assert!(matches!(
-            store.set_stock_if("cas-1", 1, Some(TOO_BIG)).await,
+            store.set_stock_if(&sku("cas-1"), 1, Some(TOO_BIG)).await,
             Err(StoreError::Invalid(_))
         ));
-        assert_eq!(store.get_stock("cas-1").await.unwrap(), Some(7));
+        assert_eq!(store.get_stock(&sku("cas-1")).await.unwrap(), Some(7));
     }
 
     pub async fn close_then_release_then_open(store: Arc<dyn Store>) {
-        store.set_stock("close-1", 3).await.unwrap();
+        store.set_stock(&sku("close-1"), 3).await.unwrap();
         let alice = win(&*store, "close-1", "alice").await;
-        store.set_closed("close-1", true).await.unwrap();
+        store.set_closed(&sku("close-1"), true).await.unwrap();
         // Closed comes first: a new buyer and a repeat buyer alike, stock untouched.
         for user in ["bob", "alice"] {
             assert_eq!(
@@ -152,46 +155,46 @@ mod store_cases {
                 "{user}"
             );
         }
-        assert_eq!(store.get_stock("close-1").await.unwrap(), Some(2));
+        assert_eq!(store.get_stock(&sku("close-1")).await.unwrap(), Some(2));
         // A release after the close puts the unit back; the sale stays closed.
         assert_eq!(
-            store.release("close-1", &alice).await.unwrap(),
+            store.release(&sku("close-1"), &alice).await.unwrap(),
             ReleaseOutcome::Released { remaining: 3 }
         );
         assert_eq!(
             store.reserve(&req("close-1", "carol")).await.unwrap(),
             ReserveOutcome::Closed
         );
-        let s = store.status("close-1").await.unwrap();
+        let s = store.status(&sku("close-1")).await.unwrap();
         assert!(s.closed);
         assert_eq!((s.stock, s.units.held, s.units.released), (Some(3), 0, 1));
         assert_audit(&*store, "close-1").await;
 
-        store.set_closed("close-1", false).await.unwrap();
-        assert!(!store.status("close-1").await.unwrap().closed);
+        store.set_closed(&sku("close-1"), false).await.unwrap();
+        assert!(!store.status(&sku("close-1")).await.unwrap().closed);
         win(&*store, "close-1", "carol").await;
 
         // A sale can be closed before it is stocked: stocking it does not open it.
-        store.set_closed("close-2", true).await.unwrap();
-        store.set_stock("close-2", 5).await.unwrap();
+        store.set_closed(&sku("close-2"), true).await.unwrap();
+        store.set_stock(&sku("close-2"), 5).await.unwrap();
         assert_eq!(
             store.reserve(&req("close-2", "dave")).await.unwrap(),
             ReserveOutcome::Closed
         );
         // Reopening a sale that was never closed is a no-op, not an error.
-        store.set_closed("never-closed", false).await.unwrap();
-        assert!(!store.status("never-closed").await.unwrap().closed);
+        store.set_closed(&sku("never-closed"), false).await.unwrap();
+        assert!(!store.status(&sku("never-closed")).await.unwrap().closed);
     }
 
     pub async fn added_is_recorded_by_set_and_add(store: Arc<dyn Store>) {
-        assert_eq!(store.status("add-1").await.unwrap().added, None);
-        store.set_stock("add-1", 5).await.unwrap();
-        assert_eq!(store.status("add-1").await.unwrap().added, Some(5));
-        store.add_stock("add-1", 3).await.unwrap();
-        assert_eq!(store.status("add-1").await.unwrap().added, Some(8));
+        assert_eq!(store.status(&sku("add-1")).await.unwrap().added, None);
+        store.set_stock(&sku("add-1"), 5).await.unwrap();
+        assert_eq!(store.status(&sku("add-1")).await.unwrap().added, Some(5));
+        store.add_stock(&sku("add-1"), 3).await.unwrap();
+        assert_eq!(store.status(&sku("add-1")).await.unwrap().added, Some(8));
         // set: the difference from the previous stock.
-        store.set_stock("add-1", 4).await.unwrap();
-        assert_eq!(store.status("add-1").await.unwrap().added, Some(4));
+        store.set_stock(&sku("add-1"), 4).await.unwrap();
+        assert_eq!(store.status(&sku("add-1")).await.unwrap().added, Some(4));
 
         // A small sale: some sold, one released, one uncertain, one still held.
         let ids = [
@@ -202,23 +205,23 @@ mod store_cases {
         ];
         assert!(
             store
-                .settle("add-1", &ids[0], Settlement::Sold)
+                .settle(&sku("add-1"), &ids[0], Settlement::Sold)
                 .await
                 .unwrap()
         );
         assert!(
             store
-                .settle("add-1", &ids[1], Settlement::Uncertain)
+                .settle(&sku("add-1"), &ids[1], Settlement::Uncertain)
                 .await
                 .unwrap()
         );
-        store.release("add-1", &ids[2]).await.unwrap();
+        store.release(&sku("add-1"), &ids[2]).await.unwrap();
         assert_audit(&*store, "add-1").await;
-        store.add_stock("add-1", 10).await.unwrap();
-        store.set_stock("add-1", 2).await.unwrap();
-        store.add_stock("add-1", -1).await.unwrap();
+        store.add_stock(&sku("add-1"), 10).await.unwrap();
+        store.set_stock(&sku("add-1"), 2).await.unwrap();
+        store.add_stock(&sku("add-1"), -1).await.unwrap();
         assert_audit(&*store, "add-1").await;
-        let s = store.status("add-1").await.unwrap();
+        let s = store.status(&sku("add-1")).await.unwrap();
         assert_eq!(
             (
                 s.stock,
@@ -230,31 +233,31 @@ mod store_cases {
             (Some(1), Some(4), 1, 1, 1)
         );
         // Refused changes record nothing.
-        assert!(store.add_stock("add-1", -2).await.is_err());
-        assert!(store.set_stock_if("add-1", 9, Some(0)).await.is_ok());
-        assert_eq!(store.status("add-1").await.unwrap().added, Some(4));
+        assert!(store.add_stock(&sku("add-1"), -2).await.is_err());
+        assert!(store.set_stock_if(&sku("add-1"), 9, Some(0)).await.is_ok());
+        assert_eq!(store.status(&sku("add-1")).await.unwrap().added, Some(4));
     }
 
     pub async fn caps(store: Arc<dyn Store>) {
         for bad in [TOO_BIG, i64::MAX as u64, u64::MAX] {
             assert!(matches!(
-                store.set_stock("cap-1", bad).await,
+                store.set_stock(&sku("cap-1"), bad).await,
                 Err(StoreError::Invalid(_))
             ));
         }
         let max = MAX_UNITS as i64;
         for bad in [max + 1, -max - 1, i64::MAX, i64::MIN] {
             assert!(matches!(
-                store.add_stock("cap-1", bad).await,
+                store.add_stock(&sku("cap-1"), bad).await,
                 Err(StoreError::Invalid(_))
             ));
         }
-        assert_eq!(store.get_stock("cap-1").await.unwrap(), None);
+        assert_eq!(store.get_stock(&sku("cap-1")).await.unwrap(), None);
 
         // The largest stock works end to end: a buyer wins, nothing is left hanging.
-        store.set_stock("cap-1", MAX_UNITS).await.unwrap();
+        store.set_stock(&sku("cap-1"), MAX_UNITS).await.unwrap();
         assert!(matches!(
-            store.add_stock("cap-1", 1).await,
+            store.add_stock(&sku("cap-1"), 1).await,
             Err(StoreError::Invalid(_))
         ));
         match store.reserve(&req("cap-1", "alice")).await.unwrap() {
@@ -264,14 +267,14 @@ mod store_cases {
         // Stock has room for one more unit, but the held unit could come back: `added`
         // stays within the cap, so no release can ever push stock past it.
         assert!(matches!(
-            store.add_stock("cap-1", 1).await,
+            store.add_stock(&sku("cap-1"), 1).await,
             Err(StoreError::Invalid(_))
         ));
         assert_audit(&*store, "cap-1").await;
         // Set-then-add can never leave a negative stock.
-        assert_eq!(store.add_stock("cap-1", -max + 1).await.unwrap(), 0);
-        assert!(store.add_stock("cap-1", -1).await.is_err());
-        assert_eq!(store.get_stock("cap-1").await.unwrap(), Some(0));
+        assert_eq!(store.add_stock(&sku("cap-1"), -max + 1).await.unwrap(), 0);
+        assert!(store.add_stock(&sku("cap-1"), -1).await.is_err());
+        assert_eq!(store.get_stock(&sku("cap-1")).await.unwrap(), Some(0));
         assert_audit(&*store, "cap-1").await;
     }
 }
@@ -843,9 +846,9 @@ mod redis_only {
                 "res:sold",
                 "3",
             ]);
-            assert_eq!(s.status("old-1").await.unwrap().added, None);
-            s.add_stock("old-1", 2).await.unwrap();
-            assert_eq!(s.status("old-1").await.unwrap().added, Some(15));
+            assert_eq!(s.status(&sku("old-1")).await.unwrap().added, None);
+            s.add_stock(&sku("old-1"), 2).await.unwrap();
+            assert_eq!(s.status(&sku("old-1")).await.unwrap().added, Some(15));
             assert_audit(&*s, "old-1").await;
         })
         .await;

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flashgate::store::{
-    MAX_UNITS, MemoryStore, RedisConfig, RedisStore, ReleaseOutcome, ReserveOutcome,
-    ReserveRequest, Settlement, StateCounts, Store, StoreError,
+    MAX_UNITS, MemoryStore, RedisConfig, RedisStore, ReleaseOutcome, ReservationId, ReserveOutcome,
+    ReserveRequest, Settlement, Sku, StateCounts, Store, StoreError, UserId,
 };
 use redis_support::RedisServer;
 
@@ -49,17 +49,27 @@ fn config(server: &RedisServer) -> RedisConfig {
     }
 }
 
+/// A SKU for the store calls (the store takes only parsed SKUs; see `bad_skus_are_invalid`).
+fn sku(s: &str) -> Sku {
+    Sku::parse(s).unwrap_or_else(|e| panic!("test SKU {s:?}: {e}"))
+}
+
+/// A well-formed reservation id no store ever handed out.
+fn unknown_id() -> ReservationId {
+    ReservationId::parse(&"0".repeat(32)).unwrap()
+}
+
 fn req(sku: &str, user: &str, quantity: u32, per_user_limit: u32) -> ReserveRequest {
     ReserveRequest {
-        sku: sku.into(),
-        user: user.into(),
+        sku: self::sku(sku),
+        user: UserId::parse(user).unwrap(),
         quantity,
         per_user_limit,
     }
 }
 
 /// Reserve and insist on a win; returns the reservation id.
-async fn win(store: &dyn Store, r: &ReserveRequest, remaining: u64) -> String {
+async fn win(store: &dyn Store, r: &ReserveRequest, remaining: u64) -> ReservationId {
     match store.reserve(r).await.unwrap() {
         ReserveOutcome::Won {
             reservation,
@@ -105,17 +115,17 @@ mod cases {
     use super::*;
 
     pub async fn won(store: Arc<dyn Store>) {
-        assert_eq!(store.set_stock("won-1", 3).await.unwrap(), 3);
+        assert_eq!(store.set_stock(&sku("won-1"), 3).await.unwrap(), 3);
         let id = win(&*store, &req("won-1", "alice", 1, 1), 2).await;
-        assert_eq!(id.len(), 32, "128-bit hex id: {id}");
-        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_eq!(store.get_stock("won-1").await.unwrap(), Some(2));
+        assert_eq!(id.as_str().len(), 32, "128-bit hex id: {id}");
+        assert!(id.as_str().chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(store.get_stock(&sku("won-1")).await.unwrap(), Some(2));
         let other = win(&*store, &req("won-1", "bob", 1, 1), 1).await;
         assert_ne!(id, other);
     }
 
     pub async fn sold_out_reports_remaining(store: Arc<dyn Store>) {
-        store.set_stock("so-1", 1).await.unwrap();
+        store.set_stock(&sku("so-1"), 1).await.unwrap();
         win(&*store, &req("so-1", "alice", 1, 1), 0).await;
         assert_eq!(
             store.reserve(&req("so-1", "bob", 1, 1)).await.unwrap(),
@@ -123,46 +133,46 @@ mod cases {
         );
 
         // Not enough for the quantity asked: nothing changes.
-        store.set_stock("so-2", 2).await.unwrap();
+        store.set_stock(&sku("so-2"), 2).await.unwrap();
         assert_eq!(
             store.reserve(&req("so-2", "carol", 3, 3)).await.unwrap(),
             ReserveOutcome::SoldOut { remaining: 2 }
         );
-        assert_eq!(store.get_stock("so-2").await.unwrap(), Some(2));
-        let status = store.status("so-2").await.unwrap();
+        assert_eq!(store.get_stock(&sku("so-2")).await.unwrap(), Some(2));
+        let status = store.status(&sku("so-2")).await.unwrap();
         assert_eq!(status.buyers, 0);
         assert_eq!(status.reservations, StateCounts::default());
     }
 
     pub async fn per_user_limit_one(store: Arc<dyn Store>) {
-        store.set_stock("lim-1", 5).await.unwrap();
+        store.set_stock(&sku("lim-1"), 5).await.unwrap();
         win(&*store, &req("lim-1", "alice", 1, 1), 4).await;
         assert_eq!(
             store.reserve(&req("lim-1", "alice", 1, 1)).await.unwrap(),
             ReserveOutcome::AlreadyPurchased { held: 1 }
         );
-        assert_eq!(store.get_stock("lim-1").await.unwrap(), Some(4));
+        assert_eq!(store.get_stock(&sku("lim-1")).await.unwrap(), Some(4));
         // Other users are not affected.
         win(&*store, &req("lim-1", "bob", 1, 1), 3).await;
     }
 
     pub async fn per_user_limit_three(store: Arc<dyn Store>) {
-        store.set_stock("lim-3", 10).await.unwrap();
+        store.set_stock(&sku("lim-3"), 10).await.unwrap();
         win(&*store, &req("lim-3", "alice", 2, 3), 8).await;
         win(&*store, &req("lim-3", "alice", 1, 3), 7).await;
         assert_eq!(
             store.reserve(&req("lim-3", "alice", 1, 3)).await.unwrap(),
             ReserveOutcome::AlreadyPurchased { held: 3 }
         );
-        assert_eq!(store.get_stock("lim-3").await.unwrap(), Some(7));
-        let status = store.status("lim-3").await.unwrap();
+        assert_eq!(store.get_stock(&sku("lim-3")).await.unwrap(), Some(7));
+        let status = store.status(&sku("lim-3")).await.unwrap();
         assert_eq!(status.buyers, 1);
         assert_eq!(status.units, counts(3, 0, 0, 0));
         assert_eq!(status.reservations, counts(2, 0, 0, 0));
     }
 
     pub async fn repeat_buyer_is_told_even_when_sold_out(store: Arc<dyn Store>) {
-        store.set_stock("dedupe-first", 1).await.unwrap();
+        store.set_stock(&sku("dedupe-first"), 1).await.unwrap();
         win(&*store, &req("dedupe-first", "alice", 1, 1), 0).await;
         assert_eq!(
             store
@@ -180,14 +190,14 @@ mod cases {
                 ReserveOutcome::NotConfigured
             );
         }
-        assert_eq!(store.get_stock("nc-1").await.unwrap(), None);
-        let status = store.status("nc-1").await.unwrap();
+        assert_eq!(store.get_stock(&sku("nc-1")).await.unwrap(), None);
+        let status = store.status(&sku("nc-1")).await.unwrap();
         assert_eq!(status.stock, None);
         assert_eq!(status.buyers, 0);
         assert_eq!(status.reservations, StateCounts::default());
 
         // Zero stock is configured and sold out, not "not configured".
-        store.set_stock("nc-1", 0).await.unwrap();
+        store.set_stock(&sku("nc-1"), 0).await.unwrap();
         assert_eq!(
             store.reserve(&req("nc-1", "alice", 1, 1)).await.unwrap(),
             ReserveOutcome::SoldOut { remaining: 0 }
@@ -195,44 +205,41 @@ mod cases {
     }
 
     pub async fn release_once(store: Arc<dyn Store>) {
-        store.set_stock("rel-1", 1).await.unwrap();
+        store.set_stock(&sku("rel-1"), 1).await.unwrap();
         let id = win(&*store, &req("rel-1", "alice", 1, 1), 0).await;
         assert_eq!(
-            store.release("rel-1", &id).await.unwrap(),
+            store.release(&sku("rel-1"), &id).await.unwrap(),
             ReleaseOutcome::Released { remaining: 1 }
         );
         assert_eq!(
-            store.release("rel-1", &id).await.unwrap(),
+            store.release(&sku("rel-1"), &id).await.unwrap(),
             ReleaseOutcome::NotHeld {
                 state: Some("released".into())
             }
         );
-        assert_eq!(store.get_stock("rel-1").await.unwrap(), Some(1));
+        assert_eq!(store.get_stock(&sku("rel-1")).await.unwrap(), Some(1));
         assert_eq!(
-            store
-                .release("rel-1", "00000000000000000000000000000000")
-                .await
-                .unwrap(),
+            store.release(&sku("rel-1"), &unknown_id()).await.unwrap(),
             ReleaseOutcome::NotHeld { state: None }
         );
         assert_eq!(
-            store.release("rel-unknown-sku", &id).await.unwrap(),
+            store.release(&sku("rel-unknown-sku"), &id).await.unwrap(),
             ReleaseOutcome::NotHeld { state: None }
         );
-        let status = store.status("rel-1").await.unwrap();
+        let status = store.status(&sku("rel-1")).await.unwrap();
         assert_eq!(status.buyers, 0, "release frees the user's slot");
         assert_eq!(status.reservations, counts(0, 0, 1, 0));
         assert_eq!(status.units, counts(0, 0, 1, 0));
     }
 
     pub async fn released_unit_can_be_won_again(store: Arc<dyn Store>) {
-        store.set_stock("again-1", 1).await.unwrap();
+        store.set_stock(&sku("again-1"), 1).await.unwrap();
         let first = win(&*store, &req("again-1", "alice", 1, 1), 0).await;
         assert_eq!(
             store.reserve(&req("again-1", "bob", 1, 1)).await.unwrap(),
             ReserveOutcome::SoldOut { remaining: 0 }
         );
-        store.release("again-1", &first).await.unwrap();
+        store.release(&sku("again-1"), &first).await.unwrap();
         // The same user may win the returned unit...
         let second = win(&*store, &req("again-1", "alice", 1, 1), 0).await;
         assert_ne!(first, second);
@@ -241,20 +248,20 @@ mod cases {
             ReserveOutcome::SoldOut { remaining: 0 }
         );
         // ...and so may someone else.
-        store.release("again-1", &second).await.unwrap();
+        store.release(&sku("again-1"), &second).await.unwrap();
         win(&*store, &req("again-1", "bob", 1, 1), 0).await;
         // Releasing the first reservation again must not add a unit.
         assert_eq!(
-            store.release("again-1", &first).await.unwrap(),
+            store.release(&sku("again-1"), &first).await.unwrap(),
             ReleaseOutcome::NotHeld {
                 state: Some("released".into())
             }
         );
-        assert_eq!(store.get_stock("again-1").await.unwrap(), Some(0));
+        assert_eq!(store.get_stock(&sku("again-1")).await.unwrap(), Some(0));
     }
 
     pub async fn quantity_above_one(store: Arc<dyn Store>) {
-        store.set_stock("qty-1", 5).await.unwrap();
+        store.set_stock(&sku("qty-1"), 5).await.unwrap();
         let a = win(&*store, &req("qty-1", "alice", 3, 3), 2).await;
         assert_eq!(
             store.reserve(&req("qty-1", "bob", 3, 3)).await.unwrap(),
@@ -262,10 +269,10 @@ mod cases {
         );
         win(&*store, &req("qty-1", "bob", 2, 3), 0).await;
         assert_eq!(
-            store.release("qty-1", &a).await.unwrap(),
+            store.release(&sku("qty-1"), &a).await.unwrap(),
             ReleaseOutcome::Released { remaining: 3 }
         );
-        let status = store.status("qty-1").await.unwrap();
+        let status = store.status(&sku("qty-1")).await.unwrap();
         assert_eq!(status.stock, Some(3));
         assert_eq!(status.buyers, 1);
         assert_eq!(status.units, counts(2, 0, 3, 0));
@@ -278,57 +285,72 @@ mod cases {
                 "{bad:?}"
             );
         }
-        assert_eq!(store.get_stock("qty-1").await.unwrap(), Some(3));
+        assert_eq!(store.get_stock(&sku("qty-1")).await.unwrap(), Some(3));
     }
 
     pub async fn settle_and_status(store: Arc<dyn Store>) {
-        store.set_stock("st-1", 10).await.unwrap();
+        store.set_stock(&sku("st-1"), 10).await.unwrap();
         let u1 = win(&*store, &req("st-1", "u1", 1, 2), 9).await;
         let u2 = win(&*store, &req("st-1", "u2", 2, 2), 7).await;
         let u3 = win(&*store, &req("st-1", "u3", 1, 2), 6).await;
         let _u4 = win(&*store, &req("st-1", "u4", 1, 2), 5).await;
 
-        assert!(store.settle("st-1", &u1, Settlement::Sold).await.unwrap());
-        assert!(!store.settle("st-1", &u1, Settlement::Sold).await.unwrap());
+        assert!(
+            store
+                .settle(&sku("st-1"), &u1, Settlement::Sold)
+                .await
+                .unwrap()
+        );
         assert!(
             !store
-                .settle("st-1", &u1, Settlement::Uncertain)
+                .settle(&sku("st-1"), &u1, Settlement::Sold)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .settle(&sku("st-1"), &u1, Settlement::Uncertain)
                 .await
                 .unwrap()
         );
         assert!(
             store
-                .settle("st-1", &u2, Settlement::Uncertain)
+                .settle(&sku("st-1"), &u2, Settlement::Uncertain)
                 .await
                 .unwrap()
         );
         // Sold and uncertain units are kept: release is a no-op.
         assert_eq!(
-            store.release("st-1", &u1).await.unwrap(),
+            store.release(&sku("st-1"), &u1).await.unwrap(),
             ReleaseOutcome::NotHeld {
                 state: Some("sold".into())
             }
         );
         assert_eq!(
-            store.release("st-1", &u2).await.unwrap(),
+            store.release(&sku("st-1"), &u2).await.unwrap(),
             ReleaseOutcome::NotHeld {
                 state: Some("uncertain".into())
             }
         );
         assert_eq!(
-            store.release("st-1", &u3).await.unwrap(),
+            store.release(&sku("st-1"), &u3).await.unwrap(),
             ReleaseOutcome::Released { remaining: 6 }
         );
-        assert!(!store.settle("st-1", &u3, Settlement::Sold).await.unwrap());
         assert!(
             !store
-                .settle("st-1", "no-such-id", Settlement::Sold)
+                .settle(&sku("st-1"), &u3, Settlement::Sold)
                 .await
                 .unwrap()
         );
         assert!(
             !store
-                .settle("st-other", &u1, Settlement::Sold)
+                .settle(&sku("st-1"), &unknown_id(), Settlement::Sold)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .settle(&sku("st-other"), &u1, Settlement::Sold)
                 .await
                 .unwrap()
         );
@@ -339,7 +361,7 @@ mod cases {
             ReserveOutcome::AlreadyPurchased { held: 2 }
         );
 
-        let status = store.status("st-1").await.unwrap();
+        let status = store.status(&sku("st-1")).await.unwrap();
         assert_eq!(status.sku, "st-1");
         assert_eq!(status.stock, Some(6));
         assert_eq!(status.buyers, 3, "u1 (sold), u2 (uncertain), u4 (held)");
@@ -355,79 +377,74 @@ mod cases {
 
     pub async fn stock_admin(store: Arc<dyn Store>) {
         // A missing key counts as 0 for add_stock.
-        assert_eq!(store.add_stock("adm-1", 5).await.unwrap(), 5);
-        assert_eq!(store.add_stock("adm-1", -2).await.unwrap(), 3);
+        assert_eq!(store.add_stock(&sku("adm-1"), 5).await.unwrap(), 5);
+        assert_eq!(store.add_stock(&sku("adm-1"), -2).await.unwrap(), 3);
         assert!(matches!(
-            store.add_stock("adm-1", -4).await,
+            store.add_stock(&sku("adm-1"), -4).await,
             Err(StoreError::Invalid(_))
         ));
-        assert_eq!(store.get_stock("adm-1").await.unwrap(), Some(3));
+        assert_eq!(store.get_stock(&sku("adm-1")).await.unwrap(), Some(3));
         assert!(matches!(
-            store.add_stock("adm-missing", -1).await,
+            store.add_stock(&sku("adm-missing"), -1).await,
             Err(StoreError::Invalid(_))
         ));
-        assert_eq!(store.get_stock("adm-missing").await.unwrap(), None);
-        assert_eq!(store.add_stock("adm-1", -3).await.unwrap(), 0);
+        assert_eq!(store.get_stock(&sku("adm-missing")).await.unwrap(), None);
+        assert_eq!(store.add_stock(&sku("adm-1"), -3).await.unwrap(), 0);
 
-        assert_eq!(store.set_stock("adm-1", 7).await.unwrap(), 7);
-        assert_eq!(store.get_stock("adm-1").await.unwrap(), Some(7));
+        assert_eq!(store.set_stock(&sku("adm-1"), 7).await.unwrap(), 7);
+        assert_eq!(store.get_stock(&sku("adm-1")).await.unwrap(), Some(7));
         // Stock stays within 2^53 - 1 (Lua numbers are doubles), in both stores.
         for too_big in [MAX_UNITS + 1, i64::MAX as u64, u64::MAX] {
             assert!(matches!(
-                store.set_stock("adm-1", too_big).await,
+                store.set_stock(&sku("adm-1"), too_big).await,
                 Err(StoreError::Invalid(_))
             ));
         }
-        assert_eq!(store.get_stock("adm-1").await.unwrap(), Some(7));
-        store.set_stock("adm-1", MAX_UNITS).await.unwrap();
+        assert_eq!(store.get_stock(&sku("adm-1")).await.unwrap(), Some(7));
+        store.set_stock(&sku("adm-1"), MAX_UNITS).await.unwrap();
         assert!(matches!(
-            store.add_stock("adm-1", 1).await,
+            store.add_stock(&sku("adm-1"), 1).await,
             Err(StoreError::Invalid(_))
         ));
-        assert_eq!(store.get_stock("adm-1").await.unwrap(), Some(MAX_UNITS));
+        assert_eq!(
+            store.get_stock(&sku("adm-1")).await.unwrap(),
+            Some(MAX_UNITS)
+        );
     }
 
-    pub async fn bad_skus_are_invalid(store: Arc<dyn Store>) {
-        for sku in ["a{b}", "x}", "{x", "", "a\nb", "tab\there"] {
-            let invalid = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Invalid(_)));
-            assert!(
-                invalid(store.reserve(&req(sku, "u", 1, 1)).await.map(drop)),
-                "{sku:?}"
-            );
-            assert!(invalid(store.set_stock(sku, 1).await.map(drop)), "{sku:?}");
-            assert!(invalid(store.add_stock(sku, 1).await.map(drop)), "{sku:?}");
-            assert!(invalid(store.get_stock(sku).await.map(drop)), "{sku:?}");
-            assert!(invalid(store.release(sku, "id").await.map(drop)), "{sku:?}");
-            assert!(
-                invalid(store.settle(sku, "id", Settlement::Sold).await.map(drop)),
-                "{sku:?}"
-            );
-            assert!(invalid(store.status(sku).await.map(drop)), "{sku:?}");
+    /// The store can no longer be handed a SKU that would break the key layout (`{`/`}` in
+    /// the hash tag), an empty one or one with control characters, nor an empty user id or a
+    /// made-up reservation id: the types refuse them before any store call exists. What the
+    /// store still refuses itself is checked in the other cases.
+    pub async fn bad_skus_are_invalid(_store: Arc<dyn Store>) {
+        for bad in ["a{b}", "x}", "{x", "", "a\nb", "tab\there", "sku-1 blue/XL"] {
+            assert!(Sku::parse(bad).is_err(), "{bad:?}");
         }
-        assert!(matches!(
-            store.reserve(&req("ok-sku", "", 1, 1)).await,
-            Err(StoreError::Invalid(_))
-        ));
+        assert!(UserId::parse("").is_err());
+        assert!(UserId::parse("a\u{7f}").is_err());
+        for bad in ["", "id", "x", &"0".repeat(31), &"A".repeat(32)] {
+            assert!(ReservationId::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     pub async fn users_may_contain_separators(store: Arc<dyn Store>) {
-        store.set_stock("sep-1", 2).await.unwrap();
+        store.set_stock(&sku("sep-1"), 2).await.unwrap();
         let id = win(&*store, &req("sep-1", "a|b|c", 1, 1), 1).await;
         assert_eq!(
             store.reserve(&req("sep-1", "a|b|c", 1, 1)).await.unwrap(),
             ReserveOutcome::AlreadyPurchased { held: 1 }
         );
         assert_eq!(
-            store.release("sep-1", &id).await.unwrap(),
+            store.release(&sku("sep-1"), &id).await.unwrap(),
             ReleaseOutcome::Released { remaining: 2 }
         );
-        assert_eq!(store.status("sep-1").await.unwrap().buyers, 0);
+        assert_eq!(store.status(&sku("sep-1")).await.unwrap().buyers, 0);
         win(&*store, &req("sep-1", "a|b|c", 1, 1), 1).await;
     }
 
     /// 500 buyers race for 50 units: exactly 50 win.
     pub async fn concurrent_buyers_never_oversell(store: Arc<dyn Store>) {
-        store.set_stock("race-1", 50).await.unwrap();
+        store.set_stock(&sku("race-1"), 50).await.unwrap();
         let tasks = buyers_at_once(&store, "race-1", 500);
         let mut ids = HashSet::new();
         let mut sold_out = 0;
@@ -440,8 +457,8 @@ mod cases {
         }
         assert_eq!(ids.len(), 50);
         assert_eq!(sold_out, 450);
-        assert_eq!(store.get_stock("race-1").await.unwrap(), Some(0));
-        let status = store.status("race-1").await.unwrap();
+        assert_eq!(store.get_stock(&sku("race-1")).await.unwrap(), Some(0));
+        let status = store.status(&sku("race-1")).await.unwrap();
         assert_eq!(status.units.held, 50);
         assert_eq!(status.reservations.held, 50);
         assert_eq!(status.buyers, 50);
@@ -451,7 +468,7 @@ mod cases {
     /// 2) on 150 units: the Redis store decides them in batches, and every decision must
     /// still see the ones before it — no user above the limit, no unit sold twice.
     pub async fn buyers_arriving_together_are_decided_in_turn(store: Arc<dyn Store>) {
-        store.set_stock("together-1", 150).await.unwrap();
+        store.set_stock(&sku("together-1"), 150).await.unwrap();
         let tasks: Vec<_> = (0..400u32)
             .map(|i| {
                 let store = Arc::clone(&store);
@@ -482,7 +499,7 @@ mod cases {
             }
         }
         assert!(per_user.values().all(|&units| units <= 2), "{per_user:?}");
-        let status = store.status("together-1").await.unwrap();
+        let status = store.status(&sku("together-1")).await.unwrap();
         assert_eq!(status.stock.unwrap() + units_won, 150);
         assert_eq!(status.units.held, units_won);
         assert_eq!(status.reservations.held, ids.len() as u64);
@@ -494,13 +511,13 @@ mod cases {
     /// 60 settles racing on one SKU (the Redis store batches them): each reservation moves
     /// exactly once, to the state its own caller asked for, and the counters add up.
     pub async fn concurrent_settles_move_each_reservation_once(store: Arc<dyn Store>) {
-        store.set_stock("settle-race", 120).await.unwrap();
+        store.set_stock(&sku("settle-race"), 120).await.unwrap();
         let mut ids = Vec::new();
         for i in 0..60u64 {
             let r = req("settle-race", &format!("s-{i}"), 2, 2);
             ids.push(win(&*store, &r, 120 - 2 * (i + 1)).await);
         }
-        let settle_all = |ids: Vec<String>| {
+        let settle_all = |ids: Vec<ReservationId>| {
             let tasks: Vec<_> = ids
                 .into_iter()
                 .enumerate()
@@ -511,7 +528,9 @@ mod cases {
                     } else {
                         Settlement::Sold
                     };
-                    tokio::spawn(async move { store.settle("settle-race", &id, to).await.unwrap() })
+                    tokio::spawn(async move {
+                        store.settle(&sku("settle-race"), &id, to).await.unwrap()
+                    })
                 })
                 .collect();
             async move {
@@ -524,7 +543,7 @@ mod cases {
         };
         assert_eq!(settle_all(ids.clone()).await, 60);
         assert_eq!(settle_all(ids).await, 0, "a second settle is a no-op");
-        let status = store.status("settle-race").await.unwrap();
+        let status = store.status(&sku("settle-race")).await.unwrap();
         assert_eq!(status.reservations.held, 0);
         assert_eq!(status.reservations.uncertain, 20);
         assert_eq!(status.reservations.sold, 40);
@@ -631,7 +650,7 @@ mod redis_only {
         assert_eq!(store.kind(), "redis");
         store.ping().await.unwrap();
 
-        store.set_stock("abc-1", 3).await.unwrap();
+        store.set_stock(&sku("abc-1"), 3).await.unwrap();
         assert_eq!(server.get("fg:{abc-1}:stock").as_deref(), Some("3"));
         let id = win(&store, &req("abc-1", "al|ice", 2, 2), 1).await;
 
@@ -640,7 +659,7 @@ mod redis_only {
             server.hget("fg:{abc-1}:buyers", "al|ice").as_deref(),
             Some("2")
         );
-        let record = server.hget("fg:{abc-1}:res", &id).unwrap();
+        let record = server.hget("fg:{abc-1}:res", id.as_str()).unwrap();
         let parts: Vec<&str> = record.splitn(4, '|').collect();
         assert_eq!(parts[0], "held");
         assert_eq!(parts[1], "2");
@@ -661,10 +680,10 @@ mod redis_only {
         );
 
         store
-            .settle("abc-1", &id, Settlement::Uncertain)
+            .settle(&sku("abc-1"), &id, Settlement::Uncertain)
             .await
             .unwrap();
-        let record = server.hget("fg:{abc-1}:res", &id).unwrap();
+        let record = server.hget("fg:{abc-1}:res", id.as_str()).unwrap();
         assert!(record.starts_with("uncertain|2|"), "{record}");
 
         // A custom prefix moves every key; braces in it are refused.
@@ -674,9 +693,9 @@ mod redis_only {
         })
         .await
         .unwrap();
-        other.set_stock("abc-1", 9).await.unwrap();
+        other.set_stock(&sku("abc-1"), 9).await.unwrap();
         assert_eq!(server.get("shop7:{abc-1}:stock").as_deref(), Some("9"));
-        assert_eq!(store.get_stock("abc-1").await.unwrap(), Some(1));
+        assert_eq!(store.get_stock(&sku("abc-1")).await.unwrap(), Some(1));
         let bad = RedisStore::connect(&RedisConfig {
             key_prefix: "f{g}".into(),
             ..config(&server)
@@ -695,26 +714,31 @@ mod redis_only {
     async fn script_flush_between_calls_is_handled() {
         let server = RedisServer::start();
         let store = RedisStore::connect(&config(&server)).await.unwrap();
-        store.set_stock("flush-1", 3).await.unwrap();
+        store.set_stock(&sku("flush-1"), 3).await.unwrap();
         let a = win(&store, &req("flush-1", "alice", 1, 1), 2).await;
         server.script_flush();
         let b = win(&store, &req("flush-1", "bob", 1, 1), 1).await;
         server.script_flush();
         assert_eq!(
-            store.release("flush-1", &a).await.unwrap(),
+            store.release(&sku("flush-1"), &a).await.unwrap(),
             ReleaseOutcome::Released { remaining: 2 }
         );
         server.script_flush();
-        assert!(store.settle("flush-1", &b, Settlement::Sold).await.unwrap());
+        assert!(
+            store
+                .settle(&sku("flush-1"), &b, Settlement::Sold)
+                .await
+                .unwrap()
+        );
         server.script_flush();
-        assert_eq!(store.add_stock("flush-1", 1).await.unwrap(), 3);
+        assert_eq!(store.add_stock(&sku("flush-1"), 1).await.unwrap(), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn killed_server_is_unavailable_then_recovers_after_restart() {
         let mut server = RedisServer::start();
         let store = RedisStore::connect(&short_timeouts(&server)).await.unwrap();
-        store.set_stock("kill-1", 10).await.unwrap();
+        store.set_stock(&sku("kill-1"), 10).await.unwrap();
         win(&store, &req("kill-1", "alice", 1, 1), 9).await;
 
         server.kill();
@@ -723,23 +747,26 @@ mod redis_only {
         for i in 0..8 {
             let user = format!("user-{i}");
             assert!(unavailable(store.reserve(&req("kill-1", &user, 1, 1))).await < bound);
-            assert!(unavailable(store.release("kill-1", "x")).await < bound);
-            assert!(unavailable(store.settle("kill-1", "x", Settlement::Sold)).await < bound);
-            assert!(unavailable(store.get_stock("kill-1")).await < bound);
-            assert!(unavailable(store.set_stock("kill-1", 1)).await < bound);
-            assert!(unavailable(store.add_stock("kill-1", 1)).await < bound);
-            assert!(unavailable(store.status("kill-1")).await < bound);
+            assert!(unavailable(store.release(&sku("kill-1"), &unknown_id())).await < bound);
+            assert!(
+                unavailable(store.settle(&sku("kill-1"), &unknown_id(), Settlement::Sold)).await
+                    < bound
+            );
+            assert!(unavailable(store.get_stock(&sku("kill-1"))).await < bound);
+            assert!(unavailable(store.set_stock(&sku("kill-1"), 1)).await < bound);
+            assert!(unavailable(store.add_stock(&sku("kill-1"), 1)).await < bound);
+            assert!(unavailable(store.status(&sku("kill-1"))).await < bound);
         }
 
         // A fresh, empty server on the same socket: no data, no scripts.
         server.restart();
         eventually(Duration::from_secs(5), "store reconnects", || async {
-            store.set_stock("kill-1", 2).await.is_ok()
+            store.set_stock(&sku("kill-1"), 2).await.is_ok()
         })
         .await;
         // Every connection in the pool works again, scripts reload on NOSCRIPT.
         for _ in 0..8 {
-            store.get_stock("kill-1").await.unwrap();
+            store.get_stock(&sku("kill-1")).await.unwrap();
         }
         win(&store, &req("kill-1", "alice", 1, 1), 1).await;
         win(&store, &req("kill-1", "bob", 1, 1), 0).await;
@@ -764,7 +791,7 @@ mod redis_only {
 
         server.restart();
         eventually(Duration::from_secs(5), "store connects", || async {
-            store.set_stock("down-1", 1).await.is_ok()
+            store.set_stock(&sku("down-1"), 1).await.is_ok()
         })
         .await;
         win(&store, &req("down-1", "alice", 1, 1), 0).await;
@@ -774,7 +801,7 @@ mod redis_only {
     async fn frozen_server_times_out_then_recovers() {
         let server = RedisServer::start();
         let store = RedisStore::connect(&short_timeouts(&server)).await.unwrap();
-        store.set_stock("frozen-1", 5).await.unwrap();
+        store.set_stock(&sku("frozen-1"), 5).await.unwrap();
 
         server.pause();
         for i in 0..6 {
@@ -785,12 +812,12 @@ mod redis_only {
         server.resume();
 
         eventually(Duration::from_secs(5), "store answers again", || async {
-            store.get_stock("frozen-1").await.is_ok()
+            store.get_stock(&sku("frozen-1")).await.is_ok()
         })
         .await;
         // Reservations whose answer was lost may have gone through (fail
         // closed: a unit held by nobody, never an oversell). The books balance.
-        let status = store.status("frozen-1").await.unwrap();
+        let status = store.status(&sku("frozen-1")).await.unwrap();
         assert_eq!(status.stock.unwrap() + status.units.held, 5);
         let left = status.stock.unwrap();
         if left > 0 {
@@ -805,7 +832,7 @@ mod redis_only {
     async fn reserves_arriving_together_share_script_calls() {
         let server = RedisServer::start();
         let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&config(&server)).await.unwrap());
-        store.set_stock("batch-1", 100).await.unwrap();
+        store.set_stock(&sku("batch-1"), 100).await.unwrap();
         let before = server.script_calls();
         let tasks = buyers_at_once(&store, "batch-1", 300);
         let mut won = 0;
@@ -816,7 +843,7 @@ mod redis_only {
         }
         let calls = server.script_calls() - before;
         assert_eq!(won, 100);
-        assert_eq!(store.get_stock("batch-1").await.unwrap(), Some(0));
+        assert_eq!(store.get_stock(&sku("batch-1")).await.unwrap(), Some(0));
         // 300 buyers in batches of at most 64: 5 calls, plus a reload if the cache missed.
         assert!(
             calls <= 10,
@@ -831,7 +858,7 @@ mod redis_only {
     async fn buyer_gone_mid_reserve_leaves_no_unit_held() {
         let server = RedisServer::start();
         let store = RedisStore::connect(&config(&server)).await.unwrap();
-        store.set_stock("left-1", 3).await.unwrap();
+        store.set_stock(&sku("left-1"), 3).await.unwrap();
 
         server.pause();
         let gave_up = tokio::time::timeout(
@@ -847,7 +874,7 @@ mod redis_only {
             Duration::from_secs(5),
             "the stranded unit is back",
             || async {
-                let status = store.status("left-1").await.unwrap();
+                let status = store.status(&sku("left-1")).await.unwrap();
                 status.reservations.released == 1
                     && status.stock == Some(3)
                     && status.units.held == 0
@@ -870,7 +897,7 @@ mod redis_only {
                 RedisStore::connect(&config(&server)).await.unwrap(),
             ));
         }
-        stores[0].set_stock("multi-1", 50).await.unwrap();
+        stores[0].set_stock(&sku("multi-1"), 50).await.unwrap();
         let tasks: Vec<_> = (0..600)
             .map(|i| {
                 let store = Arc::clone(&stores[i % stores.len()]);
@@ -889,7 +916,7 @@ mod redis_only {
             }
         }
         assert_eq!(won, 50);
-        let status = stores[1].status("multi-1").await.unwrap();
+        let status = stores[1].status(&sku("multi-1")).await.unwrap();
         assert_eq!(status.stock, Some(0));
         assert_eq!(status.buyers, 50, "each winner is a distinct user");
     }
@@ -900,14 +927,14 @@ mod redis_only {
     async fn release_does_not_recreate_deleted_stock() {
         let server = RedisServer::start();
         let store = RedisStore::connect(&config(&server)).await.unwrap();
-        store.set_stock("gone-1", 1).await.unwrap();
+        store.set_stock(&sku("gone-1"), 1).await.unwrap();
         let id = win(&store, &req("gone-1", "alice", 1, 1), 0).await;
         server.cli(&["DEL", "fg:{gone-1}:stock"]);
         assert_eq!(
-            store.release("gone-1", &id).await.unwrap(),
+            store.release(&sku("gone-1"), &id).await.unwrap(),
             ReleaseOutcome::Released { remaining: 0 }
         );
-        assert_eq!(store.get_stock("gone-1").await.unwrap(), None);
+        assert_eq!(store.get_stock(&sku("gone-1")).await.unwrap(), None);
         assert_eq!(
             store.reserve(&req("gone-1", "bob", 1, 1)).await.unwrap(),
             ReserveOutcome::NotConfigured

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::{
-    BoxFuture, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleStatus, Settlement, StockSet,
-    Store, StoreError,
+    BoxFuture, ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, SaleStatus,
+    Settlement, Sku, StockSet, Store, StoreError,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,16 +161,16 @@ impl<S: Store> Store for Breaker<S> {
 
     fn release<'a>(
         &'a self,
-        sku: &'a str,
-        reservation: &'a str,
+        sku: &'a Sku,
+        reservation: &'a ReservationId,
     ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
         Box::pin(self.guarded(self.store.release(sku, reservation)))
     }
 
     fn settle<'a>(
         &'a self,
-        sku: &'a str,
-        reservation: &'a str,
+        sku: &'a Sku,
+        reservation: &'a ReservationId,
         to: Settlement,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(self.guarded(self.store.settle(sku, reservation, to)))
@@ -178,7 +178,7 @@ impl<S: Store> Store for Breaker<S> {
 
     fn set_stock_if<'a>(
         &'a self,
-        sku: &'a str,
+        sku: &'a Sku,
         units: u64,
         expect: Option<u64>,
     ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
@@ -187,21 +187,21 @@ impl<S: Store> Store for Breaker<S> {
 
     fn set_closed<'a>(
         &'a self,
-        sku: &'a str,
+        sku: &'a Sku,
         closed: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(self.guarded(self.store.set_closed(sku, closed)))
     }
 
-    fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
+    fn add_stock<'a>(&'a self, sku: &'a Sku, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(self.guarded(self.store.add_stock(sku, delta)))
     }
 
-    fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+    fn get_stock<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(self.guarded(self.store.get_stock(sku)))
     }
 
-    fn status<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
+    fn status<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
         Box::pin(self.guarded(self.store.status(sku)))
     }
 }
@@ -230,34 +230,34 @@ mod tests {
         }
         fn release<'a>(
             &'a self,
-            _: &'a str,
-            _: &'a str,
+            _: &'a Sku,
+            _: &'a ReservationId,
         ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
             Box::pin(async { Err(StoreError::Invalid("unused".into())) })
         }
         fn settle<'a>(
             &'a self,
-            _: &'a str,
-            _: &'a str,
+            _: &'a Sku,
+            _: &'a ReservationId,
             _: Settlement,
         ) -> BoxFuture<'a, Result<bool, StoreError>> {
             Box::pin(async { Err(StoreError::Invalid("unused".into())) })
         }
         fn set_stock_if<'a>(
             &'a self,
-            _: &'a str,
+            _: &'a Sku,
             _: u64,
             _: Option<u64>,
         ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
             Box::pin(async { Err(StoreError::Invalid("unused".into())) })
         }
-        fn set_closed<'a>(&'a self, _: &'a str, _: bool) -> BoxFuture<'a, Result<(), StoreError>> {
+        fn set_closed<'a>(&'a self, _: &'a Sku, _: bool) -> BoxFuture<'a, Result<(), StoreError>> {
             Box::pin(async { Err(StoreError::Invalid("unused".into())) })
         }
-        fn add_stock<'a>(&'a self, _: &'a str, _: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
+        fn add_stock<'a>(&'a self, _: &'a Sku, _: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
             Box::pin(async { Err(StoreError::Invalid("unused".into())) })
         }
-        fn get_stock<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        fn get_stock<'a>(&'a self, _: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
             Box::pin(async {
                 self.calls.fetch_add(1, Ordering::SeqCst);
                 if self.down.load(Ordering::SeqCst) {
@@ -267,45 +267,47 @@ mod tests {
                 }
             })
         }
-        fn status<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
+        fn status<'a>(&'a self, _: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
             Box::pin(async { Err(StoreError::Invalid("unused".into())) })
         }
     }
 
     #[tokio::test]
     async fn opens_after_consecutive_failures_then_probes_and_closes() {
+        let a = Sku::parse("a").unwrap();
         let b = Breaker::new(Flaky::default(), 3, Duration::from_millis(50));
         b.store.down.store(true, Ordering::SeqCst);
         for _ in 0..3 {
-            assert!(b.get_stock("a").await.is_err());
+            assert!(b.get_stock(&a).await.is_err());
         }
         assert_eq!(b.state(), BreakerState::Open);
         // Open: fails fast without touching the store.
         for _ in 0..10 {
-            assert!(b.get_stock("a").await.is_err());
+            assert!(b.get_stock(&a).await.is_err());
         }
         assert_eq!(b.store.calls.load(Ordering::SeqCst), 3);
         // After the cooldown one probe goes through; it fails → open again.
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert!(b.get_stock("a").await.is_err());
+        assert!(b.get_stock(&a).await.is_err());
         assert_eq!(b.store.calls.load(Ordering::SeqCst), 4);
         assert_eq!(b.state(), BreakerState::Open);
         // The store comes back: the next probe closes the breaker.
         b.store.down.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(b.get_stock("a").await.unwrap(), Some(1));
+        assert_eq!(b.get_stock(&a).await.unwrap(), Some(1));
         assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[tokio::test]
     async fn a_success_resets_the_count() {
+        let a = Sku::parse("a").unwrap();
         let b = Breaker::new(Flaky::default(), 3, Duration::from_secs(60));
         for _ in 0..5 {
             b.store.down.store(true, Ordering::SeqCst);
-            assert!(b.get_stock("a").await.is_err());
-            assert!(b.get_stock("a").await.is_err());
+            assert!(b.get_stock(&a).await.is_err());
+            assert!(b.get_stock(&a).await.is_err());
             b.store.down.store(false, Ordering::SeqCst);
-            assert!(b.get_stock("a").await.is_ok());
+            assert!(b.get_stock(&a).await.is_ok());
         }
         assert_eq!(b.state(), BreakerState::Closed);
     }

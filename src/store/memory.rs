@@ -14,15 +14,15 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{
-    BoxFuture, MAX_UNITS, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleStatus, Settlement,
-    StateCounts, StockSet, Store, StoreError, new_reservation_id, validate_delta, validate_reserve,
-    validate_sku, validate_units,
+    BoxFuture, MAX_UNITS, ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest,
+    SaleStatus, Settlement, Sku, StateCounts, StockSet, Store, StoreError, UserId,
+    new_reservation_id, validate_delta, validate_reserve, validate_units,
 };
 
 /// In-process [`Store`]; see the module docs.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    sales: Mutex<HashMap<String, Sale>>,
+    sales: Mutex<HashMap<Sku, Sale>>,
 }
 
 /// One SKU's state: the in-memory twin of the four Redis keys.
@@ -31,8 +31,8 @@ struct Sale {
     /// `None` = not configured (the Redis stock key is missing).
     stock: Option<u64>,
     /// user → units held (held + sold + uncertain); zero entries are removed.
-    buyers: HashMap<String, u64>,
-    reservations: HashMap<String, Reservation>,
+    buyers: HashMap<UserId, u64>,
+    reservations: HashMap<ReservationId, Reservation>,
     res_counts: StateCounts,
     unit_counts: StateCounts,
     /// Units ever added, net (see [`SaleStatus::added`]); `None` until stock is first set.
@@ -45,7 +45,7 @@ struct Sale {
 struct Reservation {
     state: State,
     quantity: u64,
-    user: String,
+    user: UserId,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +134,7 @@ impl MemoryStore {
 
     /// Take the lock. A poisoned lock is recovered rather than propagated:
     /// no code below panics between two writes, so the state is consistent.
-    fn sales(&self) -> MutexGuard<'_, HashMap<String, Sale>> {
+    fn sales(&self) -> MutexGuard<'_, HashMap<Sku, Sale>> {
         self.sales.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -184,8 +184,7 @@ impl MemoryStore {
         })
     }
 
-    fn release_now(&self, sku: &str, id: &str) -> Result<ReleaseOutcome, StoreError> {
-        validate_sku(sku)?;
+    fn release_now(&self, sku: &Sku, id: &ReservationId) -> Result<ReleaseOutcome, StoreError> {
         let mut sales = self.sales();
         let Some(sale) = sales.get_mut(sku) else {
             return Ok(ReleaseOutcome::NotHeld { state: None });
@@ -220,8 +219,12 @@ impl MemoryStore {
         Ok(ReleaseOutcome::Released { remaining })
     }
 
-    fn settle_now(&self, sku: &str, id: &str, to: Settlement) -> Result<bool, StoreError> {
-        validate_sku(sku)?;
+    fn settle_now(
+        &self,
+        sku: &Sku,
+        id: &ReservationId,
+        to: Settlement,
+    ) -> Result<bool, StoreError> {
         let mut sales = self.sales();
         let Some(sale) = sales.get_mut(sku) else {
             return Ok(false);
@@ -240,11 +243,10 @@ impl MemoryStore {
 
     fn set_stock_now(
         &self,
-        sku: &str,
+        sku: &Sku,
         units: u64,
         expect: Option<u64>,
     ) -> Result<StockSet, StoreError> {
-        validate_sku(sku)?;
         validate_units("stock", units)?;
         if let Some(expect) = expect {
             validate_units("expect", expect)?;
@@ -254,15 +256,14 @@ impl MemoryStore {
         if expect.is_some() && current != expect {
             return Ok(StockSet::Changed { current });
         }
-        let sale = sales.entry(sku.to_owned()).or_default();
+        let sale = sales.entry(sku.clone()).or_default();
         let added = sale.next_added(i128::from(units) - i128::from(current.unwrap_or(0)))?;
         sale.stock = Some(units);
         sale.added = Some(added);
         Ok(StockSet::Set { stock: units })
     }
 
-    fn add_stock_now(&self, sku: &str, delta: i64) -> Result<u64, StoreError> {
-        validate_sku(sku)?;
+    fn add_stock_now(&self, sku: &Sku, delta: i64) -> Result<u64, StoreError> {
         validate_delta(delta)?;
         let mut sales = self.sales();
         let current = sales.get(sku).and_then(|s| s.stock).unwrap_or(0);
@@ -280,38 +281,35 @@ impl MemoryStore {
                     "stock would exceed {MAX_UNITS} (2^53 - 1): {current} + {delta}"
                 ))
             })?;
-        let sale = sales.entry(sku.to_owned()).or_default();
+        let sale = sales.entry(sku.clone()).or_default();
         let added = sale.next_added(i128::from(delta))?;
         sale.stock = Some(next);
         sale.added = Some(added);
         Ok(next)
     }
 
-    fn set_closed_now(&self, sku: &str, closed: bool) -> Result<(), StoreError> {
-        validate_sku(sku)?;
+    fn set_closed_now(&self, sku: &Sku, closed: bool) -> Result<(), StoreError> {
         let mut sales = self.sales();
         match sales.get_mut(sku) {
             Some(sale) => sale.closed = closed,
             // Reopening a sale nobody closed creates nothing.
             None if !closed => {}
             None => {
-                sales.entry(sku.to_owned()).or_default().closed = true;
+                sales.entry(sku.clone()).or_default().closed = true;
             }
         }
         Ok(())
     }
 
-    fn get_stock_now(&self, sku: &str) -> Result<Option<u64>, StoreError> {
-        validate_sku(sku)?;
+    fn get_stock_now(&self, sku: &Sku) -> Result<Option<u64>, StoreError> {
         Ok(self.sales().get(sku).and_then(|s| s.stock))
     }
 
-    fn status_now(&self, sku: &str) -> Result<SaleStatus, StoreError> {
-        validate_sku(sku)?;
+    fn status_now(&self, sku: &Sku) -> Result<SaleStatus, StoreError> {
         let sales = self.sales();
         let status = match sales.get(sku) {
             Some(sale) => SaleStatus {
-                sku: sku.to_owned(),
+                sku: sku.clone(),
                 stock: sale.stock,
                 added: sale.added,
                 closed: sale.closed,
@@ -320,7 +318,7 @@ impl MemoryStore {
                 units: sale.unit_counts.clone(),
             },
             None => SaleStatus {
-                sku: sku.to_owned(),
+                sku: sku.clone(),
                 stock: None,
                 added: None,
                 closed: false,
@@ -349,16 +347,16 @@ impl Store for MemoryStore {
 
     fn release<'a>(
         &'a self,
-        sku: &'a str,
-        reservation: &'a str,
+        sku: &'a Sku,
+        reservation: &'a ReservationId,
     ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
         Box::pin(async move { self.release_now(sku, reservation) })
     }
 
     fn settle<'a>(
         &'a self,
-        sku: &'a str,
-        reservation: &'a str,
+        sku: &'a Sku,
+        reservation: &'a ReservationId,
         to: Settlement,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move { self.settle_now(sku, reservation, to) })
@@ -366,7 +364,7 @@ impl Store for MemoryStore {
 
     fn set_stock_if<'a>(
         &'a self,
-        sku: &'a str,
+        sku: &'a Sku,
         units: u64,
         expect: Option<u64>,
     ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
@@ -375,21 +373,21 @@ impl Store for MemoryStore {
 
     fn set_closed<'a>(
         &'a self,
-        sku: &'a str,
+        sku: &'a Sku,
         closed: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move { self.set_closed_now(sku, closed) })
     }
 
-    fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
+    fn add_stock<'a>(&'a self, sku: &'a Sku, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move { self.add_stock_now(sku, delta) })
     }
 
-    fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+    fn get_stock<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(async move { self.get_stock_now(sku) })
     }
 
-    fn status<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
+    fn status<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
         Box::pin(async move { self.status_now(sku) })
     }
 }

@@ -15,7 +15,9 @@
 //! # Data model (Redis)
 //!
 //! Every key is built by [`key`] and carries the hash tag `{sku}`, so all keys
-//! one script touches hash to the same Redis Cluster slot:
+//! one script touches hash to the same Redis Cluster slot. The store takes the
+//! SKU, user and reservation id as [`Sku`], [`UserId`] and [`ReservationId`]
+//! (`crate::ids`), parsed once at the edge: it does not check them again.
 //!
 //! | key | type | meaning |
 //! |---|---|---|
@@ -36,6 +38,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use crate::ids::{MAX_SKU_LEN, ReservationId, Sku, UserId};
+
 pub mod breaker;
 pub mod memory;
 pub mod redis;
@@ -49,8 +53,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// One buyer asking for `quantity` units of `sku`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReserveRequest {
-    pub sku: String,
-    pub user: String,
+    pub sku: Sku,
+    pub user: UserId,
     /// Units wanted; must be in `1..=per_user_limit` (otherwise [`StoreError::Invalid`]).
     pub quantity: u32,
     /// Most units this user may hold of this SKU at once (held + sold + uncertain).
@@ -61,7 +65,10 @@ pub struct ReserveRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReserveOutcome {
     /// The units are now held under `reservation`; forward the request.
-    Won { reservation: String, remaining: u64 },
+    Won {
+        reservation: ReservationId,
+        remaining: u64,
+    },
     /// Stock is below the quantity asked for (nothing changed).
     SoldOut { remaining: u64 },
     /// The user's units + quantity would exceed the per-user limit (nothing changed).
@@ -126,7 +133,7 @@ pub struct StateCounts {
 /// (`added == stock + units.held + units.sold + units.uncertain`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SaleStatus {
-    pub sku: String,
+    pub sku: Sku,
     /// Units left; `None` when the sale is not configured.
     pub stock: Option<u64>,
     /// Units ever added, net: every stock set adds its difference from the previous stock,
@@ -147,7 +154,8 @@ pub enum StoreError {
     /// Connect / IO / timeout / transient server state: answer 503 `unavailable`.
     #[error("store unavailable: {0}")]
     Unavailable(String),
-    /// The caller passed something the store refuses (bad SKU, stock below zero, ...).
+    /// The caller passed something the store refuses (stock below zero, a quantity past the
+    /// per-user limit, ...).
     #[error("invalid argument: {0}")]
     Invalid(String),
     /// The store answered something we do not understand (a bug or tampered data).
@@ -172,15 +180,15 @@ pub trait Store: Send + Sync + 'static {
     /// Return a `held` reservation's units and the user's slot, at most once.
     fn release<'a>(
         &'a self,
-        sku: &'a str,
-        reservation: &'a str,
+        sku: &'a Sku,
+        reservation: &'a ReservationId,
     ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>>;
 
     /// held → sold or held → uncertain; returns false (no-op) if the reservation is not `held`.
     fn settle<'a>(
         &'a self,
-        sku: &'a str,
-        reservation: &'a str,
+        sku: &'a Sku,
+        reservation: &'a ReservationId,
         to: Settlement,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
@@ -189,13 +197,13 @@ pub trait Store: Send + Sync + 'static {
     /// `added` that would pass it, is [`StoreError::Invalid`] and changes nothing.
     fn set_stock_if<'a>(
         &'a self,
-        sku: &'a str,
+        sku: &'a Sku,
         units: u64,
         expect: Option<u64>,
     ) -> BoxFuture<'a, Result<StockSet, StoreError>>;
 
     /// Set the units left, whatever they were. Returns the new stock.
-    fn set_stock<'a>(&'a self, sku: &'a str, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
+    fn set_stock<'a>(&'a self, sku: &'a Sku, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
             match self.set_stock_if(sku, units, None).await? {
                 StockSet::Set { stock } => Ok(stock),
@@ -209,7 +217,7 @@ pub trait Store: Send + Sync + 'static {
     /// Add `delta` units (negative removes), recording it in `added`. A missing key counts
     /// as 0; a result below zero or above [`MAX_UNITS`] (stock or `added`), or a `delta`
     /// beyond ±[`MAX_UNITS`], is [`StoreError::Invalid`] and changes nothing.
-    fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>>;
+    fn add_stock<'a>(&'a self, sku: &'a Sku, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>>;
 
     /// Close (`true`) or reopen (`false`) a sale: a closed sale answers every buyer
     /// [`ReserveOutcome::Closed`]. Stock, holds and releases are untouched (a release after
@@ -217,15 +225,15 @@ pub trait Store: Send + Sync + 'static {
     /// stock yet, so a sale can be closed before it is stocked.
     fn set_closed<'a>(
         &'a self,
-        sku: &'a str,
+        sku: &'a Sku,
         closed: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Units left, or `None` when the sale is not configured.
-    fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
+    fn get_stock<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
 
     /// Stock, buyers and per-state counters of one sale.
-    fn status<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<SaleStatus, StoreError>>;
+    fn status<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>>;
 }
 
 /// How long [`record_retrying`] keeps trying while the store is unavailable.
@@ -251,8 +259,8 @@ pub enum Record {
 /// repeat. Run it off the response path.
 pub async fn record_retrying(
     store: &dyn Store,
-    sku: &str,
-    reservation: &str,
+    sku: &Sku,
+    reservation: &ReservationId,
     what: Record,
 ) -> Result<(), StoreError> {
     retry_while_unavailable(|| async move {
@@ -285,9 +293,6 @@ where
     }
 }
 
-/// Longest SKU accepted, in bytes. Keeps keys (and logs) bounded.
-pub const MAX_SKU_LEN: usize = 128;
-
 /// The parts of one sale's keyspace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyPart {
@@ -315,37 +320,14 @@ impl KeyPart {
 ///
 /// The braces are a Redis Cluster hash tag: only `sku` is hashed, so every
 /// key of a sale lands on the same slot and one script may touch them all.
-/// Callers must have checked `sku` with [`validate_sku`] (a brace inside it
-/// would break the tag); [`SaleKeys::new`] does both.
-pub fn key(prefix: &str, sku: &str, part: KeyPart) -> String {
+/// A [`Sku`] cannot hold a brace (or anything else that would break the tag).
+pub fn key(prefix: &str, sku: &Sku, part: KeyPart) -> String {
     format!("{prefix}:{{{sku}}}:{}", part.suffix())
 }
 
-/// Reject SKUs that would break the key layout or logs: empty, too long,
-/// containing `{`/`}` (hash tag) or control characters.
-pub fn validate_sku(sku: &str) -> Result<(), StoreError> {
-    if sku.is_empty() {
-        return Err(StoreError::Invalid("empty SKU".into()));
-    }
-    if sku.len() > MAX_SKU_LEN {
-        return Err(StoreError::Invalid(format!(
-            "SKU longer than {MAX_SKU_LEN} bytes"
-        )));
-    }
-    if sku.chars().any(|c| c == '{' || c == '}' || c.is_control()) {
-        return Err(StoreError::Invalid(format!(
-            "SKU {sku:?} contains '{{', '}}' or a control character"
-        )));
-    }
-    Ok(())
-}
-
-/// Checks shared by both stores, so they refuse exactly the same requests.
+/// Checks shared by both stores, so they refuse exactly the same requests. (SKU and user are
+/// typed: only the quantity is left to check.)
 pub(crate) fn validate_reserve(req: &ReserveRequest) -> Result<(), StoreError> {
-    validate_sku(&req.sku)?;
-    if req.user.is_empty() {
-        return Err(StoreError::Invalid("empty user id".into()));
-    }
     if req.quantity == 0 {
         return Err(StoreError::Invalid("quantity must be at least 1".into()));
     }
@@ -382,7 +364,7 @@ pub(crate) fn validate_delta(delta: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// All keys of one sale, validated once.
+/// All keys of one sale.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SaleKeys {
     pub stock: String,
@@ -392,15 +374,14 @@ pub struct SaleKeys {
 }
 
 impl SaleKeys {
-    /// Validate `sku` and build its keys with [`key`].
-    pub fn new(prefix: &str, sku: &str) -> Result<Self, StoreError> {
-        validate_sku(sku)?;
-        Ok(SaleKeys {
+    /// Build the keys of `sku` with [`key`].
+    pub fn new(prefix: &str, sku: &Sku) -> Self {
+        SaleKeys {
             stock: key(prefix, sku, KeyPart::Stock),
             buyers: key(prefix, sku, KeyPart::Buyers),
             reservations: key(prefix, sku, KeyPart::Reservations),
             stats: key(prefix, sku, KeyPart::Stats),
-        })
+        }
     }
 
     /// The keys in the order every script expects them as `KEYS[1..4]`.
@@ -409,10 +390,10 @@ impl SaleKeys {
     }
 }
 
-/// A fresh reservation id: 128 random bits as 32 hex chars. Generated by the
-/// caller (not the script) so Lua stays deterministic apart from `TIME`.
-pub fn new_reservation_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+/// A fresh reservation id: 128 random bits as 32 hex chars ([`ReservationId::random`]).
+/// Generated by the caller (not the script) so Lua stays deterministic apart from `TIME`.
+pub fn new_reservation_id() -> ReservationId {
+    ReservationId::random()
 }
 
 #[cfg(test)]
@@ -421,8 +402,9 @@ mod tests {
 
     #[test]
     fn keys_carry_the_hash_tag() {
-        assert_eq!(key("fg", "abc-1", KeyPart::Stock), "fg:{abc-1}:stock");
-        let k = SaleKeys::new("fg", "abc-1").unwrap();
+        let sku = |s| Sku::parse(s).unwrap();
+        assert_eq!(key("fg", &sku("abc-1"), KeyPart::Stock), "fg:{abc-1}:stock");
+        let k = SaleKeys::new("fg", &sku("abc-1"));
         assert_eq!(
             k.script_keys(),
             [
@@ -432,32 +414,14 @@ mod tests {
                 "fg:{abc-1}:stats"
             ]
         );
-        assert_eq!(key("fg", "x", KeyPart::Events), "fg:{x}:events");
-    }
-
-    #[test]
-    fn bad_skus_are_refused() {
-        for sku in [
-            "",
-            "a{b",
-            "a}b",
-            "a\nb",
-            "a\u{7f}b",
-            &"x".repeat(MAX_SKU_LEN + 1),
-        ] {
-            assert!(
-                matches!(validate_sku(sku), Err(StoreError::Invalid(_))),
-                "{sku:?}"
-            );
-        }
-        assert!(validate_sku("sku-1 blue/XL").is_ok());
+        assert_eq!(key("fg", &sku("x"), KeyPart::Events), "fg:{x}:events");
     }
 
     #[test]
     fn reservation_ids_are_128_bit_hex() {
         let a = new_reservation_id();
-        assert_eq!(a.len(), 32);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a.as_str().len(), 32);
+        assert!(a.as_str().chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, new_reservation_id());
     }
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use flashgate::body::{self, Body};
 use flashgate::state::App;
+use flashgate::store::Sku;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -318,4 +319,9 @@ pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> boo
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A SKU for a test's store calls (the store takes only parsed SKUs).
+pub fn sku(s: &str) -> Sku {
+    Sku::parse(s).unwrap_or_else(|e| panic!("test SKU {s:?}: {e}"))
 }

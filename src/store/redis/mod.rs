@@ -41,8 +41,9 @@ use self::reserve::ReserveWaiter;
 use self::scripts::LuaScript;
 use self::settle::SettleQueues;
 use super::{
-    BoxFuture, MAX_UNITS, ReleaseOutcome, ReserveOutcome, ReserveRequest, SaleKeys, SaleStatus,
-    Settlement, StateCounts, StockSet, Store, StoreError, validate_delta, validate_units,
+    BoxFuture, MAX_UNITS, ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, SaleKeys,
+    SaleStatus, Settlement, Sku, StateCounts, StockSet, Store, StoreError, validate_delta,
+    validate_units,
 };
 
 /// How to reach Redis and how long to wait for it.
@@ -182,23 +183,23 @@ impl Shared {
         }
     }
 
-    fn keys(&self, sku: &str) -> Result<SaleKeys, StoreError> {
+    fn keys(&self, sku: &Sku) -> SaleKeys {
         SaleKeys::new(&self.prefix, sku)
     }
 
     async fn release_inner(
         &self,
-        sku: &str,
-        id: &str,
+        sku: &Sku,
+        id: &ReservationId,
         mode: Mode,
     ) -> Result<ReleaseOutcome, StoreError> {
-        let keys = self.keys(sku)?;
+        let keys = self.keys(sku);
         let mode: &[u8] = match mode {
             Mode::Release => b"release",
             Mode::Cancel => b"cancel",
         };
         let reply = self
-            .run_script(&self.release, &keys, &[id.as_bytes(), mode])
+            .run_script(&self.release, &keys, &[id.as_str().as_bytes(), mode])
             .await?;
         let (status, rest) = split_reply(reply, "release")?;
         match (status.as_str(), rest.as_slice()) {
@@ -215,11 +216,11 @@ impl Shared {
 
     async fn set_stock_inner(
         &self,
-        sku: &str,
+        sku: &Sku,
         units: u64,
         expect: Option<u64>,
     ) -> Result<StockSet, StoreError> {
-        let keys = self.keys(sku)?;
+        let keys = self.keys(sku);
         validate_units("stock", units)?;
         let units_arg = units.to_string();
         let expect_arg = match expect {
@@ -247,8 +248,8 @@ impl Shared {
         }
     }
 
-    async fn add_stock_inner(&self, sku: &str, delta: i64) -> Result<u64, StoreError> {
-        let keys = self.keys(sku)?;
+    async fn add_stock_inner(&self, sku: &Sku, delta: i64) -> Result<u64, StoreError> {
+        let keys = self.keys(sku);
         validate_delta(delta)?;
         let delta_arg = delta.to_string();
         let reply = self
@@ -276,8 +277,8 @@ impl Shared {
 
     /// The flag is a field of the stats hash, which `reserve.lua` already reads: closing
     /// costs a buyer no extra key and no extra round trip.
-    async fn set_closed_inner(&self, sku: &str, closed: bool) -> Result<(), StoreError> {
-        let keys = self.keys(sku)?;
+    async fn set_closed_inner(&self, sku: &Sku, closed: bool) -> Result<(), StoreError> {
+        let keys = self.keys(sku);
         let stats = keys.stats;
         self.with_conn(|mut c| async move {
             let cmd = if closed {
@@ -294,8 +295,8 @@ impl Shared {
         .await
     }
 
-    async fn get_stock_inner(&self, sku: &str) -> Result<Option<u64>, StoreError> {
-        let keys = self.keys(sku)?;
+    async fn get_stock_inner(&self, sku: &Sku) -> Result<Option<u64>, StoreError> {
+        let keys = self.keys(sku);
         let stock = keys.stock;
         let reply = self
             .with_conn(|mut c| async move {
@@ -309,8 +310,8 @@ impl Shared {
         raw.map(stock_value).transpose()
     }
 
-    async fn status_inner(&self, sku: &str) -> Result<SaleStatus, StoreError> {
-        let keys = self.keys(sku)?;
+    async fn status_inner(&self, sku: &Sku) -> Result<SaleStatus, StoreError> {
+        let keys = self.keys(sku);
         // MULTI/EXEC so stock, buyers and counters come from one instant.
         let mut pipe = redis::pipe();
         pipe.atomic()
@@ -338,7 +339,7 @@ impl Shared {
             uncertain: count(&format!("{kind}:uncertain")),
         };
         Ok(SaleStatus {
-            sku: sku.to_owned(),
+            sku: sku.clone(),
             stock: stock.map(stock_value).transpose()?,
             added: stats.get("added").and_then(|v| u64::try_from(*v).ok()),
             closed: stats.get("closed") == Some(&1),
@@ -363,16 +364,16 @@ impl Store for RedisStore {
 
     fn release<'a>(
         &'a self,
-        sku: &'a str,
-        reservation: &'a str,
+        sku: &'a Sku,
+        reservation: &'a ReservationId,
     ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
         Box::pin(self.shared.release_inner(sku, reservation, Mode::Release))
     }
 
     fn settle<'a>(
         &'a self,
-        sku: &'a str,
-        reservation: &'a str,
+        sku: &'a Sku,
+        reservation: &'a ReservationId,
         to: Settlement,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(self.shared.settle_inner(sku, reservation, to))
@@ -380,7 +381,7 @@ impl Store for RedisStore {
 
     fn set_stock_if<'a>(
         &'a self,
-        sku: &'a str,
+        sku: &'a Sku,
         units: u64,
         expect: Option<u64>,
     ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
@@ -389,21 +390,21 @@ impl Store for RedisStore {
 
     fn set_closed<'a>(
         &'a self,
-        sku: &'a str,
+        sku: &'a Sku,
         closed: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(self.shared.set_closed_inner(sku, closed))
     }
 
-    fn add_stock<'a>(&'a self, sku: &'a str, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
+    fn add_stock<'a>(&'a self, sku: &'a Sku, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(self.shared.add_stock_inner(sku, delta))
     }
 
-    fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+    fn get_stock<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(self.shared.get_stock_inner(sku))
     }
 
-    fn status<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
+    fn status<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
         Box::pin(self.shared.status_inner(sku))
     }
 }

@@ -4,12 +4,12 @@
 
 use redis::{FromRedisValue, Value};
 
-use crate::store::{MAX_UNITS, ReserveOutcome, StoreError};
+use crate::store::{MAX_UNITS, ReservationId, ReserveOutcome, StoreError};
 
 /// One buyer's reply from `reserve.lua`. Matched in place: this runs once per buyer.
 pub(super) fn reserve_outcome(
     reply: Value,
-    reservation: String,
+    reservation: ReservationId,
 ) -> Result<ReserveOutcome, StoreError> {
     let unexpected = |reply: &Value| StoreError::Protocol(format!("reserve answered {reply:?}"));
     let Value::Array(items) = &reply else {
@@ -116,7 +116,7 @@ mod tests {
             (
                 vec![bulk("won"), Value::Int(9)],
                 Some(ReserveOutcome::Won {
-                    reservation: "r1".into(),
+                    reservation: ReservationId::from_number(1),
                     remaining: 9,
                 }),
             ),
@@ -146,14 +146,14 @@ mod tests {
             (vec![], None),
         ];
         for (items, expected) in cases {
-            let got = reserve_outcome(Value::Array(items.clone()), "r1".into());
+            let got = reserve_outcome(Value::Array(items.clone()), ReservationId::from_number(1));
             match expected {
                 Some(outcome) => assert_eq!(got.unwrap(), outcome, "{items:?}"),
                 None => assert!(matches!(got, Err(StoreError::Protocol(_))), "{items:?}"),
             }
         }
         assert!(matches!(
-            reserve_outcome(Value::Int(1), "r1".into()),
+            reserve_outcome(Value::Int(1), ReservationId::from_number(1)),
             Err(StoreError::Protocol(_))
         ));
     }

@@ -24,8 +24,8 @@ use super::reply::reserve_outcome;
 use super::scripts::script_cmd;
 use super::{Mode, Shared};
 use crate::store::{
-    ReleaseOutcome, ReserveOutcome, ReserveRequest, StoreError, new_reservation_id,
-    retry_while_unavailable, validate_reserve,
+    ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, Sku, StoreError, UserId,
+    new_reservation_id, retry_while_unavailable, validate_reserve,
 };
 
 /// Most buyers decided in one `reserve.lua` call. Bounds how long one script holds Redis
@@ -60,31 +60,28 @@ impl Shared {
             shared.cancel_later(&sku, &id, "buyer left as the reservation was answered");
         });
         let queue = Arc::clone(self.reserves.get_or_default());
-        if queue.push(&req.sku, waiter) {
+        if queue.push(req.sku.as_str(), waiter) {
             spawn_reserve_batch(Arc::clone(self), queue, req.sku.clone());
         }
         reply.recv().await
     }
 
     /// One `reserve.lua` call for up to [`RESERVE_BATCH_MAX`] buyers.
-    async fn reserve_call(self: &Arc<Self>, sku: &str, mut waiters: Vec<ReserveWaiter>) {
+    async fn reserve_call(self: &Arc<Self>, sku: &Sku, mut waiters: Vec<ReserveWaiter>) {
         // A buyer who left before the batch went out is not reserved for at all.
         waiters.retain(|w| !w.tx.is_closed());
         if waiters.is_empty() {
             return;
         }
-        let keys = match self.keys(sku) {
-            Ok(keys) => keys,
-            Err(e) => return self.fail_batch(sku, waiters, &e, false),
-        };
+        let keys = self.keys(sku);
         // One buffer for the whole command; integers are written in place.
-        let bytes = waiters.iter().map(|w| w.user.len() + 48).sum();
+        let bytes = waiters.iter().map(|w| w.user.as_str().len() + 48).sum();
         let mut cmd = script_cmd(&self.reserve, &keys, waiters.len() * 4, bytes);
         for w in &waiters {
-            cmd.arg(w.user.as_bytes())
+            cmd.arg(w.user.as_str().as_bytes())
                 .arg(w.quantity)
                 .arg(w.per_user_limit)
-                .arg(w.reservation.as_bytes());
+                .arg(w.reservation.as_str().as_bytes());
         }
         let sent = AtomicBool::new(false);
         let reply = self.run_script_tracked(&self.reserve, cmd, &sent).await;
@@ -121,7 +118,7 @@ impl Shared {
 
     fn fail_batch(
         self: &Arc<Self>,
-        sku: &str,
+        sku: &Sku,
         waiters: Vec<ReserveWaiter>,
         e: &StoreError,
         cancel: bool,
@@ -137,9 +134,9 @@ impl Shared {
     /// A reserve sent with reservation `id` failed without a reply: the buyer is told 503
     /// and never forwarded, so whatever that reserve did (or will do, if it is still queued
     /// in a stalled server) must be undone. Retries in the background until Redis answers.
-    fn cancel_later(self: &Arc<Self>, sku: &str, id: &str, why: &'static str) {
+    fn cancel_later(self: &Arc<Self>, sku: &Sku, id: &ReservationId, why: &'static str) {
         let store = Arc::clone(self);
-        let (sku, id) = (sku.to_owned(), id.to_owned());
+        let (sku, id) = (sku.clone(), id.clone());
         tracing::warn!(%sku, reservation = %id, why, "cancelling a reservation in the background");
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(%sku, reservation = %id, "no runtime left to cancel the reservation: it stays held");
@@ -170,13 +167,13 @@ impl Shared {
 struct Reply {
     rx: Option<ReplyReceiver>,
     /// Cancels a reservation won for nobody (by id); runs at most once.
-    on_unread: Option<Box<dyn FnOnce(String) + Send>>,
+    on_unread: Option<Box<dyn FnOnce(ReservationId) + Send>>,
 }
 
 type ReplyReceiver = tokio::sync::oneshot::Receiver<Result<ReserveOutcome, StoreError>>;
 
 impl Reply {
-    fn new(rx: ReplyReceiver, on_unread: impl FnOnce(String) + Send + 'static) -> Reply {
+    fn new(rx: ReplyReceiver, on_unread: impl FnOnce(ReservationId) + Send + 'static) -> Reply {
         Reply {
             rx: Some(rx),
             on_unread: Some(Box::new(on_unread)),
@@ -214,20 +211,20 @@ impl Drop for Reply {
 
 /// One buyer waiting in a reserve batch.
 pub(super) struct ReserveWaiter {
-    user: String,
+    user: UserId,
     quantity: u32,
     per_user_limit: u32,
     /// Chosen before the call, so a batch whose reply is lost can be cancelled by id.
-    reservation: String,
+    reservation: ReservationId,
     tx: tokio::sync::oneshot::Sender<Result<ReserveOutcome, StoreError>>,
 }
 
 /// The task that sends one batch: it waits one scheduler turn so the requests that are
 /// ready join, then takes the batch (leaving a successor for what does not fit) and sends it.
-fn spawn_reserve_batch(store: Arc<Shared>, queue: Arc<Batches<ReserveWaiter>>, sku: String) {
+fn spawn_reserve_batch(store: Arc<Shared>, queue: Arc<Batches<ReserveWaiter>>, sku: Sku) {
     tokio::spawn(async move {
         tokio::task::yield_now().await;
-        let (waiters, more) = queue.take(&sku, RESERVE_BATCH_MAX);
+        let (waiters, more) = queue.take(sku.as_str(), RESERVE_BATCH_MAX);
         if more {
             spawn_reserve_batch(Arc::clone(&store), queue, sku.clone());
         }
@@ -245,9 +242,17 @@ mod tests {
     use super::super::RedisConfig;
     use super::super::pool::Pool;
 
-    fn won(id: &str) -> Result<ReserveOutcome, StoreError> {
+    fn rid(n: u128) -> ReservationId {
+        ReservationId::from_number(n)
+    }
+
+    fn tee() -> Sku {
+        Sku::parse("tee").unwrap()
+    }
+
+    fn won(n: u128) -> Result<ReserveOutcome, StoreError> {
         Ok(ReserveOutcome::Won {
-            reservation: id.to_owned(),
+            reservation: rid(n),
             remaining: 0,
         })
     }
@@ -255,7 +260,7 @@ mod tests {
     /// A `Reply` whose cancellations are written down instead of sent to Redis.
     type Sender = tokio::sync::oneshot::Sender<Result<ReserveOutcome, StoreError>>;
 
-    fn reply() -> (Sender, Reply, Arc<Mutex<Vec<String>>>) {
+    fn reply() -> (Sender, Reply, Arc<Mutex<Vec<ReservationId>>>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let cancelled = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&cancelled);
@@ -266,18 +271,18 @@ mod tests {
     #[tokio::test]
     async fn a_won_reply_delivered_but_never_read_is_cancelled() {
         let (tx, reply, cancelled) = reply();
-        assert!(tx.send(won("r1")).is_ok(), "the batch's send succeeds");
+        assert!(tx.send(won(1)).is_ok(), "the batch's send succeeds");
         drop(reply);
-        assert_eq!(*cancelled.lock().unwrap(), ["r1"]);
+        assert_eq!(*cancelled.lock().unwrap(), [rid(1)]);
     }
 
     #[tokio::test]
     async fn after_the_buyer_left_the_batch_send_fails_and_hands_the_unit_back() {
         let (tx, reply, cancelled) = reply();
         drop(reply);
-        let back = tx.send(won("r2"));
+        let back = tx.send(won(2));
         assert!(
-            matches!(back, Err(Ok(ReserveOutcome::Won { ref reservation, .. })) if reservation == "r2"),
+            matches!(back, Err(Ok(ReserveOutcome::Won { ref reservation, .. })) if *reservation == rid(2)),
             "the batch gets the unit back to cancel it itself"
         );
         assert!(cancelled.lock().unwrap().is_empty());
@@ -286,7 +291,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_reply_or_a_loss_cancels_nothing() {
         let (tx, mut reply, cancelled) = reply();
-        tx.send(won("r3")).unwrap();
+        tx.send(won(3)).unwrap();
         assert!(matches!(reply.recv().await, Ok(ReserveOutcome::Won { .. })));
         drop(reply);
 
@@ -306,13 +311,13 @@ mod tests {
         Arc::new(Shared::new(pool, &cfg))
     }
 
-    fn waiter(id: &str) -> (ReserveWaiter, ReplyReceiver) {
+    fn waiter(n: u128) -> (ReserveWaiter, ReplyReceiver) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let waiter = ReserveWaiter {
-            user: format!("buyer-{id}"),
+            user: UserId::parse(&format!("buyer-{n}")).unwrap(),
             quantity: 1,
             per_user_limit: 1,
-            reservation: id.to_owned(),
+            reservation: rid(n),
             tx,
         };
         (waiter, rx)
@@ -321,7 +326,7 @@ mod tests {
     #[tokio::test]
     async fn a_reply_is_read_once() {
         let (tx, mut reply, _) = reply();
-        tx.send(won("r4")).unwrap();
+        tx.send(won(4)).unwrap();
         assert!(reply.recv().await.is_ok());
         assert!(
             matches!(reply.recv().await, Err(StoreError::Unavailable(m)) if m.contains("already read"))
@@ -343,7 +348,7 @@ mod tests {
         let queue = Batches::default();
         let mut receivers = Vec::new();
         for n in 0..=RESERVE_BATCH_MAX {
-            let (w, rx) = waiter(&format!("r{n}"));
+            let (w, rx) = waiter(n as u128);
             assert_eq!(
                 queue.push("tee", w),
                 n == 0,
@@ -354,21 +359,21 @@ mod tests {
         let (first, more) = queue.take("tee", RESERVE_BATCH_MAX);
         assert!(more, "one buyer is left for the next batch");
         let ids: Vec<_> = first.iter().map(|w| w.reservation.clone()).collect();
-        let expected: Vec<_> = (0..RESERVE_BATCH_MAX).map(|n| format!("r{n}")).collect();
+        let expected: Vec<_> = (0..RESERVE_BATCH_MAX).map(|n| rid(n as u128)).collect();
         assert_eq!(ids, expected, "the oldest go first");
         let (rest, more) = queue.take("tee", RESERVE_BATCH_MAX);
         assert!(!more);
         assert_eq!(rest.len(), 1);
-        assert_eq!(rest[0].reservation, format!("r{RESERVE_BATCH_MAX}"));
+        assert_eq!(rest[0].reservation, rid(RESERVE_BATCH_MAX as u128));
     }
 
     #[tokio::test]
     async fn buyers_who_left_before_the_batch_went_out_are_not_reserved_for() {
         let store = offline_store();
-        let (a, rx_a) = waiter("r5");
-        let (b, rx_b) = waiter("r6");
+        let (a, rx_a) = waiter(5);
+        let (b, rx_b) = waiter(6);
         drop((rx_a, rx_b));
-        store.reserve_call("tee", vec![a, b]).await;
+        store.reserve_call(&tee(), vec![a, b]).await;
         assert!(
             !store.pool.opened_on_this_thread(),
             "a batch of buyers who are all gone never reaches for Redis"
@@ -378,10 +383,10 @@ mod tests {
     #[tokio::test]
     async fn a_failed_batch_tells_every_buyer_the_same_error() {
         let store = offline_store();
-        let (a, rx_a) = waiter("r7");
-        let (b, rx_b) = waiter("r8");
+        let (a, rx_a) = waiter(7);
+        let (b, rx_b) = waiter(8);
         let e = StoreError::Protocol("reserve answered nonsense".into());
-        store.fail_batch("tee", vec![a, b], &e, false);
+        store.fail_batch(&tee(), vec![a, b], &e, false);
         for rx in [rx_a, rx_b] {
             assert!(
                 matches!(rx.await, Ok(Err(StoreError::Protocol(m))) if m == "reserve answered nonsense")

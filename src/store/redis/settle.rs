@@ -7,7 +7,7 @@ use redis::Value;
 
 use super::Shared;
 use super::batch::{Batches, same_error};
-use crate::store::{Settlement, StoreError, validate_sku};
+use crate::store::{ReservationId, Settlement, Sku, StoreError};
 
 impl Shared {
     /// Settles are batched: the first settle of a SKU on this thread waits one scheduler turn
@@ -17,24 +17,23 @@ impl Shared {
     /// settle call per batch instead of one per order.
     pub(super) async fn settle_inner(
         &self,
-        sku: &str,
-        id: &str,
+        sku: &Sku,
+        id: &ReservationId,
         to: Settlement,
     ) -> Result<bool, StoreError> {
-        validate_sku(sku)?;
         let queue = self.settles.get_or_default().to(to);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if queue.push(sku, (id.to_owned(), tx)) {
+        if queue.push(sku.as_str(), (id.clone(), tx)) {
             let mut batch = Batch {
                 queue,
-                sku: Some(sku),
+                sku: Some(sku.as_str()),
             };
             tokio::task::yield_now().await;
             let waiters = batch.take();
-            let keys = self.keys(sku)?;
+            let keys = self.keys(sku);
             let mut args: Vec<&[u8]> = Vec::with_capacity(waiters.len() + 1);
             args.push(to.as_str().as_bytes());
-            args.extend(waiters.iter().map(|(id, _)| id.as_bytes()));
+            args.extend(waiters.iter().map(|(id, _)| id.as_str().as_bytes()));
             let reply = self.run_script(&self.settle, &keys, &args).await;
             deliver(reply, waiters);
         }
@@ -47,7 +46,7 @@ impl Shared {
 }
 
 type SettleWaiter = (
-    String,
+    ReservationId,
     tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
 );
 
@@ -126,15 +125,19 @@ mod tests {
 
     type Receiver = tokio::sync::oneshot::Receiver<Result<bool, StoreError>>;
 
-    fn waiter(id: &str) -> (SettleWaiter, Receiver) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        ((id.to_owned(), tx), rx)
+    fn rid(n: u128) -> ReservationId {
+        ReservationId::from_number(n)
     }
 
-    fn queued(queue: &Batches<SettleWaiter>, sku: &str, ids: &[&str]) -> Vec<Receiver> {
+    fn waiter(n: u128) -> (SettleWaiter, Receiver) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        ((rid(n), tx), rx)
+    }
+
+    fn queued(queue: &Batches<SettleWaiter>, sku: &str, ids: &[u128]) -> Vec<Receiver> {
         ids.iter()
-            .map(|id| {
-                let (w, rx) = waiter(id);
+            .map(|&n| {
+                let (w, rx) = waiter(n);
                 queue.push(sku, w);
                 rx
             })
@@ -144,8 +147,8 @@ mod tests {
     #[test]
     fn sold_and_uncertain_settles_wait_in_separate_batches() {
         let queues = SettleQueues::default();
-        let (sold, _rx1) = waiter("r1");
-        let (uncertain, _rx2) = waiter("r2");
+        let (sold, _rx1) = waiter(1);
+        let (uncertain, _rx2) = waiter(2);
         assert!(queues.to(Settlement::Sold).push("tee", sold));
         assert!(
             queues.to(Settlement::Uncertain).push("tee", uncertain),
@@ -153,13 +156,13 @@ mod tests {
         );
         let taken = queues.to(Settlement::Sold).take("tee", usize::MAX).0;
         assert_eq!(taken.len(), 1);
-        assert_eq!(taken[0].0, "r1");
+        assert_eq!(taken[0].0, rid(1));
     }
 
     #[tokio::test]
     async fn a_leader_dropped_before_sending_releases_its_followers() {
         let queue = Batches::default();
-        let receivers = queued(&queue, "tee", &["r1", "r2", "r3"]);
+        let receivers = queued(&queue, "tee", &[1, 2, 3]);
         let batch = Batch {
             queue: &queue,
             sku: Some("tee"),
@@ -168,21 +171,21 @@ mod tests {
         for rx in receivers {
             assert!(rx.await.is_err(), "the follower is told, not left waiting");
         }
-        let (w, _rx) = waiter("r4");
+        let (w, _rx) = waiter(4);
         assert!(queue.push("tee", w), "the next settle leads a new batch");
     }
 
     #[test]
     fn a_leader_takes_its_batch_once() {
         let queue = Batches::default();
-        let _receivers = queued(&queue, "tee", &["r1", "r2"]);
+        let _receivers = queued(&queue, "tee", &[1, 2]);
         let mut batch = Batch {
             queue: &queue,
             sku: Some("tee"),
         };
         let ids: Vec<_> = batch.take().into_iter().map(|(id, _)| id).collect();
-        assert_eq!(ids, ["r1", "r2"]);
-        let _late = queued(&queue, "tee", &["r3"]);
+        assert_eq!(ids, [rid(1), rid(2)]);
+        let _late = queued(&queue, "tee", &[3]);
         assert!(
             batch.take().is_empty(),
             "a later batch is not this leader's"
@@ -197,9 +200,9 @@ mod tests {
 
     #[tokio::test]
     async fn deliver_hands_each_waiter_its_own_result() {
-        let (a, rx_a) = waiter("r1");
-        let (b, rx_b) = waiter("r2");
-        let (c, rx_c) = waiter("r3");
+        let (a, rx_a) = waiter(1);
+        let (b, rx_b) = waiter(2);
+        let (c, rx_c) = waiter(3);
         let reply = Value::Array(vec![
             Value::Int(1),
             Value::Int(0),
@@ -208,13 +211,15 @@ mod tests {
         deliver(Ok(reply), vec![a, b, c]);
         assert!(matches!(rx_a.await, Ok(Ok(true))));
         assert!(matches!(rx_b.await, Ok(Ok(false))));
-        assert!(matches!(rx_c.await, Ok(Err(StoreError::Protocol(m))) if m.contains("r3")));
+        assert!(
+            matches!(rx_c.await, Ok(Err(StoreError::Protocol(m))) if m.contains(rid(3).as_str()))
+        );
     }
 
     #[tokio::test]
     async fn a_reply_of_the_wrong_length_fails_every_waiter() {
-        let (a, rx_a) = waiter("r1");
-        let (b, rx_b) = waiter("r2");
+        let (a, rx_a) = waiter(1);
+        let (b, rx_b) = waiter(2);
         deliver(Ok(Value::Array(vec![Value::Int(1)])), vec![a, b]);
         for rx in [rx_a, rx_b] {
             assert!(matches!(rx.await, Ok(Err(StoreError::Protocol(_)))));
@@ -223,8 +228,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_call_fails_every_waiter_with_its_error() {
-        let (a, rx_a) = waiter("r1");
-        let (b, rx_b) = waiter("r2");
+        let (a, rx_a) = waiter(1);
+        let (b, rx_b) = waiter(2);
         deliver(Err(StoreError::Unavailable("down".into())), vec![a, b]);
         for rx in [rx_a, rx_b] {
             assert!(matches!(rx.await, Ok(Err(StoreError::Unavailable(m))) if m == "down"));
