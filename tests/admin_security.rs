@@ -59,7 +59,7 @@ async fn the_read_only_token_reads_but_cannot_change_anything() {
         );
         assert_eq!(a.json()["error"], "forbidden");
     }
-    let status = fg.app.store.status("tee").await.unwrap();
+    let status = fg.app.store.status(&sku("tee")).await.unwrap();
     assert_eq!(
         (status.stock, status.closed),
         (Some(5), false),
