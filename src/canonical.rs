@@ -169,8 +169,24 @@ pub fn folds_to_itself(canonical: &str) -> bool {
 /// The most lenient reading a common framework gives `canonical`: every escape decoded,
 /// `\` read as `/`, each segment cut at `;` and trimmed of surrounding whitespace, control
 /// characters and trailing dots, dot segments resolved after that (so `..;` climbs), lower
-/// case, no trailing slash. Only ever compared with sale-route templates folded alike.
+/// case, no trailing slash — and all of that again until nothing changes, for servers that
+/// decode twice (`%2562` → `%62` → `b`). Only ever compared with sale-route templates
+/// folded alike.
 pub fn fold(canonical: &str) -> String {
+    /// Rounds until a fixed point; each round decodes at least one level of escapes.
+    const MAX_ROUNDS: usize = 8;
+    let mut folded = fold_once(canonical);
+    for _ in 0..MAX_ROUNDS {
+        let again = fold_once(&folded);
+        if again == folded {
+            break;
+        }
+        folded = again;
+    }
+    folded
+}
+
+fn fold_once(canonical: &str) -> String {
     let decoded = percent_encoding::percent_decode_str(canonical).decode_utf8_lossy();
     // Upper then lower case: `ſ` (long s) and `K` (Kelvin) fold to `s` and `k`, as .NET's
     // invariant upper-casing and Go's EqualFold do.

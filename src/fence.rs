@@ -184,6 +184,9 @@ mod tests {
         ("POST", "/api/flash/tee/buy..", Some(400)),
         ("POST", "/zz/..;/api/flash/tee/buy", Some(400)),
         ("POST", "/api/flash/tee%2fbuy", Some(400)),
+        // Servers that decode twice read `%2562` as `b`.
+        ("POST", "/api/flash/tee/%2562uy", Some(400)),
+        ("POST", "/api/flash/tee%252fbuy", Some(400)),
         ("GET", "/api/flash/tee", None),
         ("GET", "/api/flash/tee/buy/more", None),
         ("GET", "/static/app.js", None),
