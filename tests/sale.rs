@@ -1398,9 +1398,10 @@ mod redis_only {
 
     /// DESIGN step 6: an instance answers sold out locally "until stock is raised again
     /// (admin/API or event)". Raising it through A's admin API should reach B at once via the
-    /// `fg:{sku}:events` channel; until that exists B waits out `sold_out_recheck`.
+    /// a stock-event channel (Redis pub/sub; not built yet, so no key is reserved for it);
+    /// until that exists B waits out `sold_out_recheck`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "stock events (fg:{sku}:events) are not implemented: B waits sold_out_recheck"]
+    #[ignore = "stock events across instances are not implemented: B waits sold_out_recheck"]
     async fn stock_raised_elsewhere_reaches_every_instance_at_once() {
         bounded(async {
             let server = RedisServer::start();

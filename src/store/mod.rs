@@ -25,7 +25,6 @@
 //! | `fg:{sku}:buyers` | hash user → units | units each user holds (held + sold + uncertain): the per-user limit |
 //! | `fg:{sku}:res` | hash id → `state\|qty\|unix_ms\|user` | every reservation; `unix_ms` is the reservation time from the Redis clock |
 //! | `fg:{sku}:stats` | hash | `res:<state>` / `units:<state>` counters, kept by the scripts; `added` (units ever added, net); `closed` (`1` while the operator has closed the sale) |
-//! | `fg:{sku}:events` | pub/sub channel | reserved for stock / sold-out events |
 //!
 //! Reservation states: `held` → `sold` | `uncertain` (settle), or `held` →
 //! `released` (release, which returns the units and the user's slot). A
@@ -148,8 +147,9 @@ pub struct SaleStatus {
     pub units: StateCounts,
 }
 
-/// Why a store call failed. The proxy maps these to responses in one place.
-#[derive(Debug, thiserror::Error)]
+/// Why a store call failed. The proxy maps these to responses in one place. `Clone`: a
+/// batch's one failure is every waiter's answer.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// Connect / IO / timeout / transient server state: answer 503 `unavailable`.
     #[error("store unavailable: {0}")]
@@ -300,7 +300,6 @@ pub enum KeyPart {
     Buyers,
     Reservations,
     Stats,
-    Events,
 }
 
 impl KeyPart {
@@ -310,7 +309,6 @@ impl KeyPart {
             KeyPart::Buyers => "buyers",
             KeyPart::Reservations => "res",
             KeyPart::Stats => "stats",
-            KeyPart::Events => "events",
         }
     }
 }
@@ -414,7 +412,6 @@ mod tests {
                 "fg:{abc-1}:stats"
             ]
         );
-        assert_eq!(key("fg", &sku("x"), KeyPart::Events), "fg:{x}:events");
     }
 
     #[test]

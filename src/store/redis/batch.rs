@@ -1,11 +1,9 @@
 //! The queue every batch waits in: calls of one thread, by SKU ([`Batches`]), shared by
-//! reserve batches ([`super::reserve`]) and settle batches ([`super::settle`]), and
-//! [`same_error`], which hands one failure to every waiter of a batch.
+//! reserve batches ([`super::reserve`]) and settle batches ([`super::settle`]).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::store::StoreError;
 
 /// Calls of one thread waiting to be sent together, by SKU (reserves and settles alike).
 pub(super) struct Batches<W> {
@@ -53,15 +51,6 @@ impl<W> Batches<W> {
             return (all, false);
         }
         (waiters.drain(..max).collect(), true)
-    }
-}
-
-/// A copy of `e` for each waiter of a failed batch (`StoreError` is not `Clone`).
-pub(super) fn same_error(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-        StoreError::Invalid(m) => StoreError::Invalid(m.clone()),
-        StoreError::Protocol(m) => StoreError::Protocol(m.clone()),
     }
 }
 
@@ -132,17 +121,5 @@ mod tests {
         }
         assert_eq!(q.take("tee", 3), (vec![0, 1, 2], false));
         assert!(q.push("tee", 3), "nothing was left, so this call leads");
-    }
-
-    #[test]
-    fn same_error_keeps_the_kind_and_the_message() {
-        for e in [
-            StoreError::Unavailable("down".into()),
-            StoreError::Invalid("bad".into()),
-            StoreError::Protocol("odd".into()),
-        ] {
-            let copy = same_error(&e);
-            assert_eq!(format!("{copy:?}"), format!("{e:?}"));
-        }
     }
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use redis::Value;
 
-use super::batch::{Batches, same_error};
+use super::batch::Batches;
 use super::reply::reserve_outcome;
 use super::scripts::script_cmd;
 use super::{Mode, Shared};
@@ -127,7 +127,7 @@ impl Shared {
             if cancel {
                 self.cancel_later(sku, &w.reservation, "reserve got no usable reply");
             }
-            let _ = w.tx.send(Err(same_error(e)));
+            let _ = w.tx.send(Err(e.clone()));
         }
     }
 

@@ -6,7 +6,7 @@
 use redis::Value;
 
 use super::Shared;
-use super::batch::{Batches, same_error};
+use super::batch::Batches;
 use crate::store::{ReservationId, Settlement, Sku, StoreError};
 
 impl Shared {
@@ -102,7 +102,7 @@ fn deliver(reply: Result<Value, StoreError>, waiters: Vec<SettleWaiter>) {
         }
         Err(e) => {
             for (_, tx) in waiters {
-                let _ = tx.send(Err(same_error(&e)));
+                let _ = tx.send(Err(e.clone()));
             }
             return;
         }
