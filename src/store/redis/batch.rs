@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-
 /// Calls of one thread waiting to be sent together, by SKU (reserves and settles alike).
 pub(super) struct Batches<W> {
     // A std mutex: held for a push or a take, never across `.await`.
