@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::{
-    BoxFuture, ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, SaleStatus,
-    Settlement, Sku, StockSet, Store, StoreError,
+    ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, SaleStatus, Settlement, Sku,
+    StockSet, Store, StoreError, StoreImpl,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,62 +147,56 @@ impl<S: Store> Drop for Pending<'_, S> {
     }
 }
 
-impl<S: Store> Store for Breaker<S> {
+impl<S: Store> StoreImpl for Breaker<S> {
     fn kind(&self) -> &'static str {
         self.store.kind()
     }
 
-    fn reserve<'a>(
-        &'a self,
-        req: &'a ReserveRequest,
-    ) -> BoxFuture<'a, Result<ReserveOutcome, StoreError>> {
-        Box::pin(self.guarded(self.store.reserve(req)))
+    async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+        self.guarded(self.store.reserve(req)).await
     }
 
-    fn release<'a>(
-        &'a self,
-        sku: &'a Sku,
-        reservation: &'a ReservationId,
-    ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
-        Box::pin(self.guarded(self.store.release(sku, reservation)))
+    async fn release(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        self.guarded(self.store.release(sku, reservation)).await
     }
 
-    fn settle<'a>(
-        &'a self,
-        sku: &'a Sku,
-        reservation: &'a ReservationId,
+    async fn settle(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
         to: Settlement,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.guarded(self.store.settle(sku, reservation, to)))
+    ) -> Result<bool, StoreError> {
+        self.guarded(self.store.settle(sku, reservation, to)).await
     }
 
-    fn set_stock_if<'a>(
-        &'a self,
-        sku: &'a Sku,
+    async fn set_stock_if(
+        &self,
+        sku: &Sku,
         units: u64,
         expect: Option<u64>,
-    ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
-        Box::pin(self.guarded(self.store.set_stock_if(sku, units, expect)))
+    ) -> Result<StockSet, StoreError> {
+        self.guarded(self.store.set_stock_if(sku, units, expect))
+            .await
     }
 
-    fn set_closed<'a>(
-        &'a self,
-        sku: &'a Sku,
-        closed: bool,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.guarded(self.store.set_closed(sku, closed)))
+    async fn set_closed(&self, sku: &Sku, closed: bool) -> Result<(), StoreError> {
+        self.guarded(self.store.set_closed(sku, closed)).await
     }
 
-    fn add_stock<'a>(&'a self, sku: &'a Sku, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(self.guarded(self.store.add_stock(sku, delta)))
+    async fn add_stock(&self, sku: &Sku, delta: i64) -> Result<u64, StoreError> {
+        self.guarded(self.store.add_stock(sku, delta)).await
     }
 
-    fn get_stock<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
-        Box::pin(self.guarded(self.store.get_stock(sku)))
+    async fn get_stock(&self, sku: &Sku) -> Result<Option<u64>, StoreError> {
+        self.guarded(self.store.get_stock(sku)).await
     }
 
-    fn status<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
-        Box::pin(self.guarded(self.store.status(sku)))
+    async fn status(&self, sku: &Sku) -> Result<SaleStatus, StoreError> {
+        self.guarded(self.store.status(sku)).await
     }
 }
 
@@ -218,57 +212,48 @@ mod tests {
         calls: AtomicU32,
     }
 
-    impl Store for Flaky {
+    impl StoreImpl for Flaky {
         fn kind(&self) -> &'static str {
             "flaky"
         }
-        fn reserve<'a>(
-            &'a self,
-            _: &'a ReserveRequest,
-        ) -> BoxFuture<'a, Result<ReserveOutcome, StoreError>> {
-            Box::pin(async { Err(StoreError::Invalid("unused".into())) })
+        async fn reserve(&self, _: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+            Err(StoreError::Invalid("unused".into()))
         }
-        fn release<'a>(
-            &'a self,
-            _: &'a Sku,
-            _: &'a ReservationId,
-        ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
-            Box::pin(async { Err(StoreError::Invalid("unused".into())) })
+        async fn release(&self, _: &Sku, _: &ReservationId) -> Result<ReleaseOutcome, StoreError> {
+            Err(StoreError::Invalid("unused".into()))
         }
-        fn settle<'a>(
-            &'a self,
-            _: &'a Sku,
-            _: &'a ReservationId,
+        async fn settle(
+            &self,
+            _: &Sku,
+            _: &ReservationId,
             _: Settlement,
-        ) -> BoxFuture<'a, Result<bool, StoreError>> {
-            Box::pin(async { Err(StoreError::Invalid("unused".into())) })
+        ) -> Result<bool, StoreError> {
+            Err(StoreError::Invalid("unused".into()))
         }
-        fn set_stock_if<'a>(
-            &'a self,
-            _: &'a Sku,
+        async fn set_stock_if(
+            &self,
+            _: &Sku,
             _: u64,
             _: Option<u64>,
-        ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
-            Box::pin(async { Err(StoreError::Invalid("unused".into())) })
+        ) -> Result<StockSet, StoreError> {
+            Err(StoreError::Invalid("unused".into()))
         }
-        fn set_closed<'a>(&'a self, _: &'a Sku, _: bool) -> BoxFuture<'a, Result<(), StoreError>> {
-            Box::pin(async { Err(StoreError::Invalid("unused".into())) })
+        async fn set_closed(&self, _: &Sku, _: bool) -> Result<(), StoreError> {
+            Err(StoreError::Invalid("unused".into()))
         }
-        fn add_stock<'a>(&'a self, _: &'a Sku, _: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
-            Box::pin(async { Err(StoreError::Invalid("unused".into())) })
+        async fn add_stock(&self, _: &Sku, _: i64) -> Result<u64, StoreError> {
+            Err(StoreError::Invalid("unused".into()))
         }
-        fn get_stock<'a>(&'a self, _: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
-            Box::pin(async {
-                self.calls.fetch_add(1, Ordering::SeqCst);
-                if self.down.load(Ordering::SeqCst) {
-                    Err(StoreError::Unavailable("down".into()))
-                } else {
-                    Ok(Some(1))
-                }
-            })
+        async fn get_stock(&self, _: &Sku) -> Result<Option<u64>, StoreError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                Err(StoreError::Unavailable("down".into()))
+            } else {
+                Ok(Some(1))
+            }
         }
-        fn status<'a>(&'a self, _: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
-            Box::pin(async { Err(StoreError::Invalid("unused".into())) })
+        async fn status(&self, _: &Sku) -> Result<SaleStatus, StoreError> {
+            Err(StoreError::Invalid("unused".into()))
         }
     }
 
@@ -278,23 +263,23 @@ mod tests {
         let b = Breaker::new(Flaky::default(), 3, Duration::from_millis(50));
         b.store.down.store(true, Ordering::SeqCst);
         for _ in 0..3 {
-            assert!(b.get_stock(&a).await.is_err());
+            assert!(Store::get_stock(&b, &a).await.is_err());
         }
         assert_eq!(b.state(), BreakerState::Open);
         // Open: fails fast without touching the store.
         for _ in 0..10 {
-            assert!(b.get_stock(&a).await.is_err());
+            assert!(Store::get_stock(&b, &a).await.is_err());
         }
         assert_eq!(b.store.calls.load(Ordering::SeqCst), 3);
         // After the cooldown one probe goes through; it fails → open again.
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert!(b.get_stock(&a).await.is_err());
+        assert!(Store::get_stock(&b, &a).await.is_err());
         assert_eq!(b.store.calls.load(Ordering::SeqCst), 4);
         assert_eq!(b.state(), BreakerState::Open);
         // The store comes back: the next probe closes the breaker.
         b.store.down.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(b.get_stock(&a).await.unwrap(), Some(1));
+        assert_eq!(Store::get_stock(&b, &a).await.unwrap(), Some(1));
         assert_eq!(b.state(), BreakerState::Closed);
     }
 
@@ -304,10 +289,10 @@ mod tests {
         let b = Breaker::new(Flaky::default(), 3, Duration::from_secs(60));
         for _ in 0..5 {
             b.store.down.store(true, Ordering::SeqCst);
-            assert!(b.get_stock(&a).await.is_err());
-            assert!(b.get_stock(&a).await.is_err());
+            assert!(Store::get_stock(&b, &a).await.is_err());
+            assert!(Store::get_stock(&b, &a).await.is_err());
             b.store.down.store(false, Ordering::SeqCst);
-            assert!(b.get_stock(&a).await.is_ok());
+            assert!(Store::get_stock(&b, &a).await.is_ok());
         }
         assert_eq!(b.state(), BreakerState::Closed);
     }

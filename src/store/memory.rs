@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::{
-    BoxFuture, MAX_UNITS, ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest,
-    SaleStatus, Settlement, Sku, StateCounts, StockSet, Store, StoreError, UserId,
-    new_reservation_id, validate_delta, validate_reserve, validate_units,
+    MAX_UNITS, ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, SaleStatus,
+    Settlement, Sku, StateCounts, StockSet, StoreError, StoreImpl, UserId, new_reservation_id,
+    validate_delta, validate_reserve, validate_units,
 };
 
 /// In-process [`Store`]; see the module docs.
@@ -333,61 +333,54 @@ impl MemoryStore {
 
 // Each method does its work inside the future (lazily, like the Redis store)
 // and never awaits while holding the lock.
-impl Store for MemoryStore {
+impl StoreImpl for MemoryStore {
     fn kind(&self) -> &'static str {
         "memory"
     }
 
-    fn reserve<'a>(
-        &'a self,
-        req: &'a ReserveRequest,
-    ) -> BoxFuture<'a, Result<ReserveOutcome, StoreError>> {
-        Box::pin(async move { self.reserve_now(req) })
+    async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+        self.reserve_now(req)
     }
 
-    fn release<'a>(
-        &'a self,
-        sku: &'a Sku,
-        reservation: &'a ReservationId,
-    ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
-        Box::pin(async move { self.release_now(sku, reservation) })
+    async fn release(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        self.release_now(sku, reservation)
     }
 
-    fn settle<'a>(
-        &'a self,
-        sku: &'a Sku,
-        reservation: &'a ReservationId,
+    async fn settle(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
         to: Settlement,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move { self.settle_now(sku, reservation, to) })
+    ) -> Result<bool, StoreError> {
+        self.settle_now(sku, reservation, to)
     }
 
-    fn set_stock_if<'a>(
-        &'a self,
-        sku: &'a Sku,
+    async fn set_stock_if(
+        &self,
+        sku: &Sku,
         units: u64,
         expect: Option<u64>,
-    ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
-        Box::pin(async move { self.set_stock_now(sku, units, expect) })
+    ) -> Result<StockSet, StoreError> {
+        self.set_stock_now(sku, units, expect)
     }
 
-    fn set_closed<'a>(
-        &'a self,
-        sku: &'a Sku,
-        closed: bool,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move { self.set_closed_now(sku, closed) })
+    async fn set_closed(&self, sku: &Sku, closed: bool) -> Result<(), StoreError> {
+        self.set_closed_now(sku, closed)
     }
 
-    fn add_stock<'a>(&'a self, sku: &'a Sku, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(async move { self.add_stock_now(sku, delta) })
+    async fn add_stock(&self, sku: &Sku, delta: i64) -> Result<u64, StoreError> {
+        self.add_stock_now(sku, delta)
     }
 
-    fn get_stock<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
-        Box::pin(async move { self.get_stock_now(sku) })
+    async fn get_stock(&self, sku: &Sku) -> Result<Option<u64>, StoreError> {
+        self.get_stock_now(sku)
     }
 
-    fn status<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
-        Box::pin(async move { self.status_now(sku) })
+    async fn status(&self, sku: &Sku) -> Result<SaleStatus, StoreError> {
+        self.status_now(sku)
     }
 }

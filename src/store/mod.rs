@@ -163,44 +163,43 @@ pub enum StoreError {
     Protocol(String),
 }
 
-/// The stock store behind flash-sale admission.
+/// The stock store behind flash-sale admission, as the proxy holds it (`Arc<dyn Store>`).
 ///
 /// Every method is one atomic step on the store; callers never combine two
-/// calls into a check-then-set.
+/// calls into a check-then-set. A store implements [`StoreImpl`] (plain futures); this
+/// object-safe face, with its boxed futures, comes from the one blanket impl below.
 pub trait Store: Send + Sync + 'static {
     /// `"memory"` or `"redis"`, for logs and metrics.
     fn kind(&self) -> &'static str;
-
-    /// Atomically: per-user limit check, stock check, decrement, record.
     fn reserve<'a>(
         &'a self,
         req: &'a ReserveRequest,
     ) -> BoxFuture<'a, Result<ReserveOutcome, StoreError>>;
-
-    /// Return a `held` reservation's units and the user's slot, at most once.
     fn release<'a>(
         &'a self,
         sku: &'a Sku,
         reservation: &'a ReservationId,
     ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>>;
-
-    /// held → sold or held → uncertain; returns false (no-op) if the reservation is not `held`.
     fn settle<'a>(
         &'a self,
         sku: &'a Sku,
         reservation: &'a ReservationId,
         to: Settlement,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
-
-    /// Set the units left (creates the sale) if the stock is still `expect` (`None`: whatever
-    /// it is), recording the difference in `added`. `units` above [`MAX_UNITS`], or an
-    /// `added` that would pass it, is [`StoreError::Invalid`] and changes nothing.
     fn set_stock_if<'a>(
         &'a self,
         sku: &'a Sku,
         units: u64,
         expect: Option<u64>,
     ) -> BoxFuture<'a, Result<StockSet, StoreError>>;
+    fn add_stock<'a>(&'a self, sku: &'a Sku, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>>;
+    fn set_closed<'a>(
+        &'a self,
+        sku: &'a Sku,
+        closed: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn get_stock<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
+    fn status<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>>;
 
     /// Set the units left, whatever they were. Returns the new stock.
     fn set_stock<'a>(&'a self, sku: &'a Sku, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
@@ -213,27 +212,120 @@ pub trait Store: Send + Sync + 'static {
             }
         })
     }
+}
+
+/// What a stock store implements: one method per atomic step, each returning a `Send`
+/// future (write them as `async` blocks or return an inner future). [`Store`] follows.
+pub trait StoreImpl: Send + Sync + 'static {
+    /// `"memory"` or `"redis"`, for logs and metrics.
+    fn kind(&self) -> &'static str;
+
+    /// Atomically: per-user limit check, stock check, decrement, record.
+    fn reserve(
+        &self,
+        req: &ReserveRequest,
+    ) -> impl Future<Output = Result<ReserveOutcome, StoreError>> + Send;
+
+    /// Return a `held` reservation's units and the user's slot, at most once.
+    fn release(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
+    ) -> impl Future<Output = Result<ReleaseOutcome, StoreError>> + Send;
+
+    /// held → sold or held → uncertain; returns false (no-op) if the reservation is not `held`.
+    fn settle(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
+        to: Settlement,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Set the units left (creates the sale) if the stock is still `expect` (`None`: whatever
+    /// it is), recording the difference in `added`. `units` above [`MAX_UNITS`], or an
+    /// `added` that would pass it, is [`StoreError::Invalid`] and changes nothing.
+    fn set_stock_if(
+        &self,
+        sku: &Sku,
+        units: u64,
+        expect: Option<u64>,
+    ) -> impl Future<Output = Result<StockSet, StoreError>> + Send;
 
     /// Add `delta` units (negative removes), recording it in `added`. A missing key counts
     /// as 0; a result below zero or above [`MAX_UNITS`] (stock or `added`), or a `delta`
     /// beyond ±[`MAX_UNITS`], is [`StoreError::Invalid`] and changes nothing.
-    fn add_stock<'a>(&'a self, sku: &'a Sku, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>>;
+    fn add_stock(
+        &self,
+        sku: &Sku,
+        delta: i64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Close (`true`) or reopen (`false`) a sale: a closed sale answers every buyer
     /// [`ReserveOutcome::Closed`]. Stock, holds and releases are untouched (a release after
     /// a close puts the unit back in stock; the sale stays closed). Works on a SKU with no
     /// stock yet, so a sale can be closed before it is stocked.
+    fn set_closed(
+        &self,
+        sku: &Sku,
+        closed: bool,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Units left, or `None` when the sale is not configured.
+    fn get_stock(&self, sku: &Sku) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
+
+    /// Stock, buyers and per-state counters of one sale.
+    fn status(&self, sku: &Sku) -> impl Future<Output = Result<SaleStatus, StoreError>> + Send;
+}
+
+impl<T: StoreImpl> Store for T {
+    fn kind(&self) -> &'static str {
+        StoreImpl::kind(self)
+    }
+    fn reserve<'a>(
+        &'a self,
+        req: &'a ReserveRequest,
+    ) -> BoxFuture<'a, Result<ReserveOutcome, StoreError>> {
+        Box::pin(StoreImpl::reserve(self, req))
+    }
+    fn release<'a>(
+        &'a self,
+        sku: &'a Sku,
+        reservation: &'a ReservationId,
+    ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
+        Box::pin(StoreImpl::release(self, sku, reservation))
+    }
+    fn settle<'a>(
+        &'a self,
+        sku: &'a Sku,
+        reservation: &'a ReservationId,
+        to: Settlement,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(StoreImpl::settle(self, sku, reservation, to))
+    }
+    fn set_stock_if<'a>(
+        &'a self,
+        sku: &'a Sku,
+        units: u64,
+        expect: Option<u64>,
+    ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
+        Box::pin(StoreImpl::set_stock_if(self, sku, units, expect))
+    }
+    fn add_stock<'a>(&'a self, sku: &'a Sku, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(StoreImpl::add_stock(self, sku, delta))
+    }
     fn set_closed<'a>(
         &'a self,
         sku: &'a Sku,
         closed: bool,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
-
-    /// Units left, or `None` when the sale is not configured.
-    fn get_stock<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
-
-    /// Stock, buyers and per-state counters of one sale.
-    fn status<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>>;
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(StoreImpl::set_closed(self, sku, closed))
+    }
+    fn get_stock<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(StoreImpl::get_stock(self, sku))
+    }
+    fn status<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
+        Box::pin(StoreImpl::status(self, sku))
+    }
 }
 
 /// How long [`record_retrying`] keeps trying while the store is unavailable.

@@ -41,9 +41,8 @@ use self::reserve::ReserveWaiter;
 use self::scripts::LuaScript;
 use self::settle::SettleQueues;
 use super::{
-    BoxFuture, MAX_UNITS, ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, SaleKeys,
-    SaleStatus, Settlement, Sku, StateCounts, StockSet, Store, StoreError, validate_delta,
-    validate_units,
+    MAX_UNITS, ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, SaleKeys, SaleStatus,
+    Settlement, Sku, StateCounts, StockSet, StoreError, StoreImpl, validate_delta, validate_units,
 };
 
 /// How to reach Redis and how long to wait for it.
@@ -350,62 +349,66 @@ impl Shared {
     }
 }
 
-impl Store for RedisStore {
+impl StoreImpl for RedisStore {
     fn kind(&self) -> &'static str {
         "redis"
     }
 
-    fn reserve<'a>(
-        &'a self,
-        req: &'a ReserveRequest,
-    ) -> BoxFuture<'a, Result<ReserveOutcome, StoreError>> {
-        Box::pin(self.shared.reserve_inner(req))
+    fn reserve(
+        &self,
+        req: &ReserveRequest,
+    ) -> impl Future<Output = Result<ReserveOutcome, StoreError>> + Send {
+        self.shared.reserve_inner(req)
     }
 
-    fn release<'a>(
-        &'a self,
-        sku: &'a Sku,
-        reservation: &'a ReservationId,
-    ) -> BoxFuture<'a, Result<ReleaseOutcome, StoreError>> {
-        Box::pin(self.shared.release_inner(sku, reservation, Mode::Release))
+    fn release(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
+    ) -> impl Future<Output = Result<ReleaseOutcome, StoreError>> + Send {
+        self.shared.release_inner(sku, reservation, Mode::Release)
     }
 
-    fn settle<'a>(
-        &'a self,
-        sku: &'a Sku,
-        reservation: &'a ReservationId,
+    fn settle(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
         to: Settlement,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.shared.settle_inner(sku, reservation, to))
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.shared.settle_inner(sku, reservation, to)
     }
 
-    fn set_stock_if<'a>(
-        &'a self,
-        sku: &'a Sku,
+    fn set_stock_if(
+        &self,
+        sku: &Sku,
         units: u64,
         expect: Option<u64>,
-    ) -> BoxFuture<'a, Result<StockSet, StoreError>> {
-        Box::pin(self.shared.set_stock_inner(sku, units, expect))
+    ) -> impl Future<Output = Result<StockSet, StoreError>> + Send {
+        self.shared.set_stock_inner(sku, units, expect)
     }
 
-    fn set_closed<'a>(
-        &'a self,
-        sku: &'a Sku,
+    fn set_closed(
+        &self,
+        sku: &Sku,
         closed: bool,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.shared.set_closed_inner(sku, closed))
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.shared.set_closed_inner(sku, closed)
     }
 
-    fn add_stock<'a>(&'a self, sku: &'a Sku, delta: i64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        Box::pin(self.shared.add_stock_inner(sku, delta))
+    fn add_stock(
+        &self,
+        sku: &Sku,
+        delta: i64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        self.shared.add_stock_inner(sku, delta)
     }
 
-    fn get_stock<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
-        Box::pin(self.shared.get_stock_inner(sku))
+    fn get_stock(&self, sku: &Sku) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send {
+        self.shared.get_stock_inner(sku)
     }
 
-    fn status<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
-        Box::pin(self.shared.status_inner(sku))
+    fn status(&self, sku: &Sku) -> impl Future<Output = Result<SaleStatus, StoreError>> + Send {
+        self.shared.status_inner(sku)
     }
 }
 
