@@ -1,10 +1,13 @@
 //! Who the buyer is: a user id from a header set by a trusted auth layer, or from a cookie.
 //! Kept as a step of its own so a JWT source can slot in beside these.
 
+use std::borrow::Cow;
+
 use http::HeaderMap;
 use http::header::COOKIE;
+use unicode_normalization::UnicodeNormalization;
 
-use crate::config::{Identity, IdentitySource};
+use crate::config::{Identity, IdentitySource, Normalize};
 use crate::ids::UserId;
 use crate::reject::Reject;
 
@@ -27,11 +30,22 @@ pub fn user_id(identity: &Identity, headers: &HeaderMap) -> Result<UserId, Rejec
     let raw =
         raw.ok_or_else(|| Reject::Unauthenticated("no user identity on the request".into()))?;
     let user = std::str::from_utf8(raw)
-        .map_err(|_| Reject::BadRequest("user id is not valid UTF-8".into()))?
-        .trim();
-    if user.is_empty() {
+        .map_err(|_| Reject::BadRequest("user id is not valid UTF-8".into()))?;
+    if user.trim().is_empty() {
         return Err(Reject::Unauthenticated("empty user identity".into()));
     }
+    // ` alice` and `alice` would count apart here and maybe not in the backend: refused.
+    if user.trim() != user {
+        return Err(Reject::BadRequest(
+            "user id has leading or trailing whitespace".into(),
+        ));
+    }
+    let normalized: Cow<'_, str> = match identity.normalize {
+        Normalize::None => Cow::Borrowed(user),
+        Normalize::Nfc => Cow::Owned(user.nfc().collect()),
+        Normalize::Lowercase => Cow::Owned(user.nfc().flat_map(char::to_lowercase).nfc().collect()),
+    };
+    let user = normalized.as_ref();
     if user.len() > identity.max_length {
         return Err(Reject::BadRequest(format!(
             "user id longer than {} bytes",
@@ -83,7 +97,36 @@ mod tests {
         Identity {
             source: IdentitySource::Header(HeaderName::from_static("x-user-id")),
             max_length: 8,
+            normalize: Normalize::None,
         }
+    }
+
+    #[test]
+    fn whitespace_around_an_id_is_refused_and_normalization_is_opt_in() {
+        let mut id = header_identity();
+        id.max_length = 64;
+        let read = |id: &Identity, v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-user-id", HeaderValue::from_str(v).unwrap());
+            user_id(id, &h).map(|u| u.as_str().to_owned())
+        };
+        for v in ["alice\u{a0}", "\u{3000}alice", "alice\u{2028}"] {
+            assert_eq!(read(&id, v).unwrap_err().reason(), "bad_request", "{v:?}");
+        }
+        let composed = "jos\u{e9}";
+        let decomposed = "jose\u{301}";
+        assert_eq!(read(&id, "Alice").unwrap(), "Alice", "none: as sent");
+        assert_eq!(read(&id, decomposed).unwrap(), decomposed);
+        id.normalize = Normalize::Nfc;
+        assert_eq!(read(&id, decomposed).unwrap(), composed);
+        assert_eq!(read(&id, "Alice").unwrap(), "Alice");
+        id.normalize = Normalize::Lowercase;
+        assert_eq!(read(&id, "ALICE").unwrap(), "alice");
+        assert_eq!(read(&id, "Jose\u{301}").unwrap(), composed);
+        // The length limit applies to the id as counted.
+        id.max_length = 5;
+        assert!(read(&id, "ALICE").is_ok());
+        assert!(read(&id, "ALICES").is_err());
     }
 
     #[test]
@@ -109,6 +152,7 @@ mod tests {
         let id = Identity {
             source: IdentitySource::Cookie("uid".into()),
             max_length: 64,
+            normalize: Normalize::None,
         };
         let mut h = HeaderMap::new();
         h.insert(

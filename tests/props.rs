@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use flashgate::canonical::{PathPolicy, canonicalize, fold, match_form};
-use flashgate::config::{Identity, IdentitySource};
+use flashgate::config::{Identity, IdentitySource, Normalize};
 use flashgate::ids::{MAX_SKU_LEN, Sku};
 use flashgate::reject::Reject;
 use flashgate::sale::parse_quantity;
@@ -246,7 +246,11 @@ proptest! {
 // User id
 
 fn identity(source: IdentitySource, max_length: usize) -> Identity {
-    Identity { source, max_length }
+    Identity {
+        source,
+        max_length,
+        normalize: Normalize::None,
+    }
 }
 
 /// Header value bytes a client can put on the wire: visible ASCII, space, tab and obs-text.
@@ -281,6 +285,7 @@ proptest! {
         let expected: Result<&str, &str> = match std::str::from_utf8(&raw) {
             Err(_) => Err("bad_request"),
             Ok(s) if s.trim().is_empty() => Err("unauthenticated"),
+            Ok(s) if s.trim() != s => Err("bad_request"),
             Ok(s) if s.trim().len() > max_length => Err("bad_request"),
             Ok(s) if s.trim().chars().any(char::is_control) => Err("bad_request"),
             Ok(s) => Ok(s.trim()),

@@ -160,6 +160,21 @@ pub enum IdentitySource {
 pub struct Identity {
     pub source: IdentitySource,
     pub max_length: usize,
+    pub normalize: Normalize,
+}
+
+/// How a user id is made canonical before it is counted (and forwarded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    /// Counted as sent: `Alice` and `alice` are two buyers.
+    #[default]
+    None,
+    /// Unicode NFC: a composed and a decomposed `é` are one buyer.
+    Nfc,
+    /// NFC, then lower case: `Alice`, `ALICE` and `alice` are one buyer (for shops whose
+    /// ids are case-insensitive).
+    Lowercase,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -428,6 +443,7 @@ fn compile_route(
                     header,
                     cookie,
                     max_length,
+                    normalize,
                 },
             referenced,
             ..
@@ -453,6 +469,7 @@ fn compile_route(
             Some(Identity {
                 source,
                 max_length: max_length.get(),
+                normalize,
             })
         }
     };

@@ -421,6 +421,8 @@ pub struct RawIdentity {
     pub cookie: Option<String>,
     #[serde(default = "default_max_user_len")]
     pub max_length: NonZeroUsize,
+    #[serde(default)]
+    pub normalize: super::Normalize,
 }
 
 fn default_max_user_len() -> NonZeroUsize {
