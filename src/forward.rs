@@ -80,6 +80,12 @@ impl Upstream {
         }
     }
 
+    /// The path and query the backend receives for `path_and_query` (with the upstream's
+    /// path prefix).
+    pub fn forwarded_path(&self, path_and_query: &str) -> String {
+        format!("{}{path_and_query}", self.cfg.url.path_prefix)
+    }
+
     fn client(&self) -> &Client<HttpConnector, Body> {
         self.clients.get_or(|| {
             let mut http = HttpConnector::new();

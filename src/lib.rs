@@ -42,5 +42,6 @@ pub mod reload;
 pub mod request_line;
 pub mod sale;
 pub mod server;
+pub mod signing;
 pub mod state;
 pub mod store;

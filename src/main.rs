@@ -66,6 +66,28 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Check an `X-Flashgate-Signature` by hand: the request as the backend received it, and
+    /// the key from an environment variable. Exit 0 when it holds (for debugging a backend).
+    Verify {
+        /// Environment variable holding the signing key.
+        #[arg(long, default_value = "FLASHGATE_SIGNING_KEY")]
+        key_env: String,
+        /// The key's id (`signing.key_id`).
+        #[arg(long, default_value = "k1")]
+        key_id: String,
+        /// The request's method, e.g. POST.
+        #[arg(long)]
+        method: String,
+        /// The request target as received: path and `?query`.
+        #[arg(long)]
+        path: String,
+        /// A header line as received, `Name: value`; repeat for each `X-Flashgate-*` header.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// Refuse signatures older than this many seconds.
+        #[arg(long, default_value_t = 60)]
+        max_age: u64,
+    },
     /// A stand-in shop backend for trying flashgate out (NOT for production).
     DemoUpstream {
         #[arg(long, default_value = "127.0.0.1:3000")]
@@ -170,6 +192,14 @@ fn main() -> ExitCode {
             };
             admin_call(&admin, op, &sku)
         }
+        Command::Verify {
+            key_env,
+            key_id,
+            method,
+            path,
+            headers,
+            max_age,
+        } => verify(&key_env, &key_id, &method, &path, &headers, max_age),
         Command::DemoUpstream { listen } => run_async(async move {
             match flashgate::demo::run(listen).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -424,6 +454,61 @@ fn human_error(status: http::StatusCode, sku: &str, v: &Value) -> String {
     }
 }
 
+fn verify(
+    key_env: &str,
+    key_id: &str,
+    method: &str,
+    path: &str,
+    headers: &[String],
+    max_age: u64,
+) -> ExitCode {
+    let key = match flashgate::signing::Key::from_env(key_id, key_env) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let header = |name: &str| {
+        headers
+            .iter()
+            .filter_map(|h| h.split_once(':'))
+            .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+            .map_or("", |(_, v)| v.trim())
+    };
+    let Ok(quantity) = header("x-flashgate-quantity").parse() else {
+        eprintln!("no valid X-Flashgate-Quantity header given (-H 'X-Flashgate-Quantity: 1')");
+        return ExitCode::from(2);
+    };
+    let admission = flashgate::signing::Admission {
+        method,
+        path_and_query: path,
+        reservation: header("x-flashgate-reservation"),
+        sku: header("x-flashgate-sku"),
+        user: header("x-flashgate-user"),
+        quantity,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match flashgate::signing::verify(
+        header("x-flashgate-signature"),
+        &[key],
+        &admission,
+        now,
+        max_age,
+    ) {
+        Ok(()) => {
+            println!("ok: signed by flashgate");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("refused: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(cfg) => {
@@ -460,7 +545,7 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> ExitCo
         let app = match App::build(cfg).await {
             Ok(app) => app,
             Err(e) => {
-                error!(error = %e, "cannot set up the stock store");
+                error!(error = %e, "cannot start");
                 return ExitCode::FAILURE;
             }
         };

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::body::Body;
 use crate::forward::{ForwardError, Peer, Upstream};
 use crate::ids::{ReservationId, Sku, UserId};
+use crate::signing::Admission;
 use crate::state::App;
 use crate::store::{Record, Settlement, Store, record_retrying};
 
@@ -24,6 +25,7 @@ const X_RESERVATION: HeaderName = HeaderName::from_static("x-flashgate-reservati
 const X_SKU: HeaderName = HeaderName::from_static("x-flashgate-sku");
 const X_USER: HeaderName = HeaderName::from_static("x-flashgate-user");
 const X_QUANTITY: HeaderName = HeaderName::from_static("x-flashgate-quantity");
+const X_SIGNATURE: HeaderName = HeaderName::from_static("x-flashgate-signature");
 
 /// A buyer who won a reservation, on the way to the backend.
 pub(crate) struct Won {
@@ -74,6 +76,26 @@ impl Won {
             }
         }
         h.insert(X_QUANTITY, HeaderValue::from(quantity));
+        if let Some(key) = &app.signer {
+            let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+            let path_and_query = upstream.forwarded_path(pq);
+            let method = req.method().as_str().to_owned();
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let signature = key.sign(
+                t,
+                &Admission {
+                    method: &method,
+                    path_and_query: &path_and_query,
+                    reservation: reservation.as_str(),
+                    sku: sku.as_str(),
+                    user: user.as_str(),
+                    quantity,
+                },
+            );
+            req.headers_mut().insert(X_SIGNATURE, signature);
+        }
         let result = upstream.forward(req, peer).await;
 
         // 9. Outcome: sold, released (the backend certainly did not take it) or uncertain.

@@ -18,7 +18,7 @@ use crate::hygiene;
 use crate::limit::RouteGuards;
 use crate::sale::SoldOut;
 use crate::store::breaker::Breaker;
-use crate::store::{MemoryStore, RedisConfig, RedisStore, Store, StoreError};
+use crate::store::{MemoryStore, RedisConfig, RedisStore, Store};
 
 /// How often keyed limiters forget keys whose bucket has refilled.
 const EVICT_EVERY: Duration = Duration::from_secs(10);
@@ -35,6 +35,8 @@ pub struct App {
     /// graceful shutdown waits for them after the drain, or an order answered during the
     /// drain would stay `held`.
     pub bookkeeping: TaskTracker,
+    /// Signs forwarded winners (`signing` in the config); read once at start.
+    pub signer: Option<crate::signing::Key>,
 }
 
 pub struct Snapshot {
@@ -140,7 +142,12 @@ impl App {
     /// Builds the app: connects the store (Redis, or the embedded one when the config has no
     /// `store`) and starts housekeeping. Needs a tokio runtime. Redis being down is not an
     /// error here: flash routes answer 503 until it is back.
-    pub async fn build(config: Config) -> Result<Arc<App>, StoreError> {
+    pub async fn build(config: Config) -> Result<Arc<App>, String> {
+        // The key first: a sale must not start unsigned when signing was asked for.
+        let signer = match &config.signing {
+            Some(s) => Some(crate::signing::Key::from_env(&s.key_id, &s.key_env)?),
+            None => None,
+        };
         let store: Arc<dyn Store> = match &config.store {
             None => Arc::new(MemoryStore::new()),
             Some(s) => {
@@ -151,7 +158,8 @@ impl App {
                     response_timeout: s.response_timeout,
                     key_prefix: s.key_prefix.clone(),
                 })
-                .await?;
+                .await
+                .map_err(|e| format!("cannot set up the stock store: {e}"))?;
                 Arc::new(Breaker::new(redis, s.breaker_failures, s.breaker_cooldown))
             }
         };
@@ -163,6 +171,7 @@ impl App {
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             bookkeeping: TaskTracker::new(),
+            signer,
         });
         tokio::spawn(evict_idle_keys(Arc::downgrade(&app)));
         Ok(app)

@@ -49,6 +49,8 @@ pub struct Config {
     pub admin: Option<Admin>,
     /// `None`: the embedded in-memory store.
     pub store: Option<StoreConfig>,
+    /// Sign forwarded winners: the key's id and the variable holding it.
+    pub signing: Option<Signing>,
     pub routes: Vec<Route>,
 }
 
@@ -58,6 +60,12 @@ pub struct Admin {
     pub token_env: String,
     /// The read-only token's variable: status and stock reads, no writes.
     pub read_token_env: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signing {
+    pub key_env: String,
+    pub key_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -417,6 +425,10 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             key_prefix: s.key_prefix,
             breaker_failures: s.breaker_failures.get(),
             breaker_cooldown: s.breaker_cooldown.0,
+        }),
+        signing: raw.signing.map(|s| Signing {
+            key_env: s.key_env,
+            key_id: s.key_id,
         }),
         routes,
     })

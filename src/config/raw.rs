@@ -40,6 +40,8 @@ pub struct RawConfig {
     pub admin: Option<RawAdmin>,
     pub store: Option<RawStore>,
     #[serde(default)]
+    pub signing: Option<RawSigning>,
+    #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
 }
 
@@ -58,6 +60,16 @@ pub struct RawAdmin {
 
 fn default_token_env() -> String {
     "FLASHGATE_ADMIN_TOKEN".to_owned()
+}
+
+/// `signing: { key_env, key_id }`: sign every forwarded winner (see `signing.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSigning {
+    /// Name of the environment variable holding the HMAC key (at least 32 bytes).
+    pub key_env: String,
+    /// Sent as `kid=`, so a backend can hold two keys while rotating.
+    pub key_id: String,
 }
 
 /// Where stock lives. Omit `store` for the embedded in-memory store (one instance only).
