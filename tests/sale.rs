@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{Value, json};
+use support::raw;
 use support::redis::RedisServer;
 use support::shop::*;
 use support::*;
@@ -622,14 +623,15 @@ mod cases {
         // A chunked body (no length known up front): read chunk by chunk, still bounded, and
         // forwarded as the bytes the client sent.
         let head = "POST /api/flash/buy HTTP/1.1\r\nhost: shop\r\nx-user-id: dave\r\ncontent-type: application/json\r\n";
-        let answer = raw_exchange(
+        let answer = raw::exchange_text(
             fg.addr,
             &chunked(head, &[b"{\"sku\":", b"\"json-1\",", b" \"gift\": true}"]),
+            RAW_TIMEOUT,
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
         let pad = "z".repeat(600);
-        let answer = raw_exchange(
+        let answer = raw::exchange_text(
             fg.addr,
             &chunked(
                 &head.replace("dave", "erin"),
@@ -639,6 +641,7 @@ mod cases {
                     format!("\"b\":\"{pad}\"}}").as_bytes(),
                 ],
             ),
+            RAW_TIMEOUT,
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
@@ -864,17 +867,8 @@ async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
-/// Sends raw bytes (a request with `connection: close`) and returns the whole answer.
-async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(request).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
-        .await
-        .expect("no answer within 10s")
-        .unwrap();
-    String::from_utf8_lossy(&answer).into_owned()
-}
+/// Bound on one raw exchange (`connection: close`, read to the end).
+const RAW_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A chunked request body, `chunks` as the chunks.
 fn chunked(head: &str, chunks: &[&[u8]]) -> Vec<u8> {
