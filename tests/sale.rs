@@ -25,6 +25,17 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// The headers flashgate stamps on an admitted order, one each: `user`, `sku`, quantity 1,
+/// and a well-formed reservation id, which it returns.
+fn assert_stamped<'a>(seen: &'a Seen, user: &str, sku: &str) -> &'a str {
+    assert_eq!(one_header(seen, "x-flashgate-user"), user);
+    assert_eq!(one_header(seen, "x-flashgate-sku"), sku);
+    assert_eq!(one_header(seen, "x-flashgate-quantity"), "1");
+    let id = one_header(seen, "x-flashgate-reservation");
+    assert!(is_reservation_id(id), "{id}");
+    id
+}
+
 // ---------------------------------------------------------------------------
 // The cases, each run against both stores
 
@@ -370,28 +381,26 @@ mod cases {
             ("x-flashgate-signature", "forged"),
         ];
         let client = client();
+        let alice_spoofing: Vec<_> = [("x-user-id", "alice")]
+            .into_iter()
+            .chain(spoofed)
+            .collect();
 
         // A flash route.
-        let mut headers = vec![("x-user-id", "alice")];
-        headers.extend(spoofed);
         let a = send(
             &client,
             "POST",
             &fg.url("/api/flash/real-1/buy"),
-            &headers,
+            &alice_spoofing,
             Bytes::new(),
         )
         .await;
         assert_eq!(a.status, 200, "{}", a.text());
         let seen = flash_seen(&backend, "real-1");
         assert_eq!(seen.len(), 1);
-        let s = &seen[0];
-        assert_eq!(one_header(s, "x-flashgate-user"), "alice");
-        assert_eq!(one_header(s, "x-flashgate-sku"), "real-1");
-        assert_eq!(one_header(s, "x-flashgate-quantity"), "1");
-        let id = one_header(s, "x-flashgate-reservation");
-        assert!(is_reservation_id(id) && id != spoofed[0].1, "{id}");
-        assert!(!s.headers.contains_key("x-flashgate-signature"));
+        let id = assert_stamped(&seen[0], "alice", "real-1");
+        assert_ne!(id, spoofed[0].1, "{id}");
+        assert!(!seen[0].headers.contains_key("x-flashgate-signature"));
 
         // Nominating flashgate's headers as hop-by-hop must not strip them either.
         let a = send(
@@ -409,20 +418,14 @@ mod cases {
         assert_eq!(a.status, 200, "{}", a.text());
         let seen = flash_seen(&backend, "real-1");
         assert_eq!(seen.len(), 2);
-        let s = &seen[1];
-        assert_eq!(one_header(s, "x-flashgate-user"), "bob");
-        assert_eq!(one_header(s, "x-flashgate-sku"), "real-1");
-        assert_eq!(one_header(s, "x-flashgate-quantity"), "1");
-        assert!(is_reservation_id(one_header(s, "x-flashgate-reservation")));
+        assert_stamped(&seen[1], "bob", "real-1");
 
         // An ordinary route: flashgate adds nothing and passes none of them on.
-        let mut headers = vec![("x-user-id", "alice")];
-        headers.extend(spoofed);
         let a = send(
             &client,
             "GET",
             &fg.url("/catalog?page=2"),
-            &headers,
+            &alice_spoofing,
             Bytes::new(),
         )
         .await;
@@ -623,25 +626,22 @@ mod cases {
         // A chunked body (no length known up front): read chunk by chunk, still bounded, and
         // forwarded as the bytes the client sent.
         let head = "POST /api/flash/buy HTTP/1.1\r\nhost: shop\r\nx-user-id: dave\r\ncontent-type: application/json\r\n";
-        let answer = raw::exchange_text(
-            fg.addr,
-            &chunked(head, &[b"{\"sku\":", b"\"json-1\",", b" \"gift\": true}"]),
-            RAW_TIMEOUT,
+        let answer = send_chunked(
+            &fg,
+            head,
+            &[b"{\"sku\":", b"\"json-1\",", b" \"gift\": true}"],
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
         let pad = "z".repeat(600);
-        let answer = raw::exchange_text(
-            fg.addr,
-            &chunked(
-                &head.replace("dave", "erin"),
-                &[
-                    b"{\"sku\":\"json-1\",",
-                    format!("\"a\":\"{pad}\",").as_bytes(),
-                    format!("\"b\":\"{pad}\"}}").as_bytes(),
-                ],
-            ),
-            RAW_TIMEOUT,
+        let answer = send_chunked(
+            &fg,
+            &head.replace("dave", "erin"),
+            &[
+                b"{\"sku\":\"json-1\",",
+                format!("\"a\":\"{pad}\",").as_bytes(),
+                format!("\"b\":\"{pad}\"}}").as_bytes(),
+            ],
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
@@ -867,8 +867,11 @@ async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
-/// Bound on one raw exchange (`connection: close`, read to the end).
-const RAW_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sends `head` with a chunked body (`chunks` as the chunks, `connection: close`) on a raw
+/// connection and returns the whole answer as text, within 10 s.
+async fn send_chunked(fg: &Flashgate, head: &str, chunks: &[&[u8]]) -> String {
+    raw::exchange_text(fg.addr, &chunked(head, chunks), Duration::from_secs(10)).await
+}
 
 /// A chunked request body, `chunks` as the chunks.
 fn chunked(head: &str, chunks: &[&[u8]]) -> Vec<u8> {
