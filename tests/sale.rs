@@ -559,21 +559,7 @@ mod cases {
         ))
         .await;
         fg.app.store.set_stock(&sku("json-1"), 5).await.unwrap();
-        let client = client();
-        let post = |user: &'static str, body: Bytes| {
-            let client = client.clone();
-            let url = fg.url("/api/flash/buy");
-            async move {
-                send(
-                    &client,
-                    "POST",
-                    &url,
-                    &[("x-user-id", user), ("content-type", "application/json")],
-                    body,
-                )
-                .await
-            }
-        };
+        let post = |user, body| post_json(&fg, user, body);
 
         // Odd spacing, unicode and nested values: the backend must get these exact bytes.
         let order = Bytes::from_static(
@@ -592,22 +578,16 @@ mod cases {
             order.len().to_string().as_str()
         );
 
-        let bad: [(&str, Bytes); 6] = [
-            ("invalid JSON", Bytes::from_static(b"{\"sku\": \"json-1\"")),
-            ("not an object", Bytes::from_static(b"[\"json-1\"]")),
-            ("a string", Bytes::from_static(b"\"json-1\"")),
-            (
-                "no sku field",
-                Bytes::from_static(b"{\"item\": \"json-1\"}"),
-            ),
-            (
-                "sku not a string",
-                Bytes::from_static(b"{\"sku\": {\"id\": 1}}"),
-            ),
-            ("empty body", Bytes::new()),
+        let bad: [(&str, &'static [u8]); 6] = [
+            ("invalid JSON", b"{\"sku\": \"json-1\""),
+            ("not an object", b"[\"json-1\"]"),
+            ("a string", b"\"json-1\""),
+            ("no sku field", b"{\"item\": \"json-1\"}"),
+            ("sku not a string", b"{\"sku\": {\"id\": 1}}"),
+            ("empty body", b""),
         ];
         for (what, body) in bad {
-            let a = post("bob", body).await;
+            let a = post("bob", Bytes::from_static(body)).await;
             assert_eq!(a.status, 400, "{what}: {}", a.text());
             assert_eq!(a.json()["error"], "bad_request", "{what}");
         }
@@ -865,6 +845,12 @@ async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
         }
     }
     String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A JSON order from `user` to the flash route that takes its SKU from the body.
+async fn post_json(fg: &Flashgate, user: &str, body: Bytes) -> Answer {
+    let headers = [("x-user-id", user), ("content-type", "application/json")];
+    send(&client(), "POST", &fg.url("/api/flash/buy"), &headers, body).await
 }
 
 /// Sends `head` with a chunked body (`chunks` as the chunks, `connection: close`) on a raw
