@@ -18,52 +18,16 @@ use flashgate::store::{
 };
 use http::StatusCode;
 use serde_json::{Value, json};
-use support::redis::RedisServer;
+use support::shop::{StoreFixture, bounded, memory, redis, shop};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Bound on one whole test.
-const TEST_DEADLINE: Duration = Duration::from_secs(60);
 /// 2^53: the first value every cap refuses.
 const TOO_BIG: u64 = MAX_UNITS + 1;
 
-async fn bounded(fut: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(TEST_DEADLINE, fut)
-        .await
-        .expect("test did not finish within its deadline");
-}
-
 // ---------------------------------------------------------------------------
 // The store under test
-
-/// Which store flashgate uses, as a YAML snippet, plus the Redis server behind it.
-struct StoreFixture {
-    yaml: String,
-    redis: Option<RedisServer>,
-}
-
-fn memory() -> StoreFixture {
-    StoreFixture {
-        yaml: String::new(),
-        redis: None,
-    }
-}
-
-fn redis() -> StoreFixture {
-    let server = RedisServer::start();
-    StoreFixture {
-        yaml: redis_yaml(&server),
-        redis: Some(server),
-    }
-}
-
-fn redis_yaml(server: &RedisServer) -> String {
-    format!(
-        "store: {{ redis: \"{}\", connect_timeout: 2s, response_timeout: 5s }}\n",
-        server.url()
-    )
-}
 
 /// A store object for the store-level cases, plus the server it needs.
 async fn store_of(f: &StoreFixture) -> Arc<dyn Store> {
@@ -319,11 +283,6 @@ fn sale_config(upstream: &str, store: &str, request_timeout: &str, extra: &str) 
 
 async fn start(backend: &Backend, store: &StoreFixture) -> Flashgate {
     Flashgate::start(&sale_config(&backend.url(), &store.yaml, "5s", "")).await
-}
-
-/// A backend that takes every order.
-async fn shop() -> Backend {
-    Backend::start(|_req| async { json_response(StatusCode::OK, r#"{"order":"accepted"}"#) }).await
 }
 
 async fn buy(fg: &Flashgate, sku: &str, user: &str) -> Answer {
