@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use support::raw;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -216,12 +217,11 @@ async fn bad_quantities_from_a_header_or_json_are_400() {
     assert_eq!(backend.seen()[0].headers["x-flashgate-quantity"], "3");
 }
 
-/// Writes `request` and reads one response: (status, body as text), within 5 s.
+/// Writes `request` on a fresh connection and reads one answer: (status, body as text),
+/// within 5 s.
 async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let (status, body, _) = read_response(&mut s).await;
-    (status, body)
+    let r = raw::answer(addr, request, Duration::from_secs(5)).await;
+    (r.status, r.text())
 }
 
 /// Reads one response (head + `Content-Length` body); returns status, body and head.

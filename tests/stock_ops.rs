@@ -1,7 +1,7 @@
 //! Stock operations, told as the operator's story: change stock only if nobody else did
 //! (`stock set --expect`), close and reopen a sale, prove the audit
 //! `added == stock + held + sold + uncertain`, and the 2^53 − 1 caps. Then the admin
-//! listener's limits, and the CLI that must never silently do nothing.
+//! listener's limits. (The CLI that must never silently do nothing is `tests/cli.rs`.)
 //!
 //! Store-level cases (`store_cases`) and end-to-end cases (`sale_cases`) run on the embedded
 //! store AND on a real, private `redis-server`; `redis_only` adds what needs Redis itself
@@ -18,52 +18,16 @@ use flashgate::store::{
 };
 use http::StatusCode;
 use serde_json::{Value, json};
-use support::redis::RedisServer;
+use support::shop::{StoreFixture, bounded, memory, redis, shop};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-/// Bound on one whole test.
-const TEST_DEADLINE: Duration = Duration::from_secs(60);
 /// 2^53: the first value every cap refuses.
 const TOO_BIG: u64 = MAX_UNITS + 1;
 
-async fn bounded(fut: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(TEST_DEADLINE, fut)
-        .await
-        .expect("test did not finish within its deadline");
-}
-
 // ---------------------------------------------------------------------------
 // The store under test
-
-/// Which store flashgate uses, as a YAML snippet, plus the Redis server behind it.
-struct StoreFixture {
-    yaml: String,
-    redis: Option<RedisServer>,
-}
-
-fn memory() -> StoreFixture {
-    StoreFixture {
-        yaml: String::new(),
-        redis: None,
-    }
-}
-
-fn redis() -> StoreFixture {
-    let server = RedisServer::start();
-    StoreFixture {
-        yaml: redis_yaml(&server),
-        redis: Some(server),
-    }
-}
-
-fn redis_yaml(server: &RedisServer) -> String {
-    format!(
-        "store: {{ redis: \"{}\", connect_timeout: 2s, response_timeout: 5s }}\n",
-        server.url()
-    )
-}
 
 /// A store object for the store-level cases, plus the server it needs.
 async fn store_of(f: &StoreFixture) -> Arc<dyn Store> {
@@ -319,11 +283,6 @@ fn sale_config(upstream: &str, store: &str, request_timeout: &str, extra: &str) 
 
 async fn start(backend: &Backend, store: &StoreFixture) -> Flashgate {
     Flashgate::start(&sale_config(&backend.url(), &store.yaml, "5s", "")).await
-}
-
-/// A backend that takes every order.
-async fn shop() -> Backend {
-    Backend::start(|_req| async { json_response(StatusCode::OK, r#"{"order":"accepted"}"#) }).await
 }
 
 async fn buy(fg: &Flashgate, sku: &str, user: &str) -> Answer {
@@ -928,215 +887,6 @@ async fn admin_refuses_an_oversized_header() {
         assert!(got.is_empty() || text.starts_with("HTTP/1.1 431"), "{text}");
     })
     .await;
-}
-
-// ---------------------------------------------------------------------------
-// The CLI: the real binary
-
-/// Runs `flashgate args…` with no token in the environment; exit code, stdout, stderr.
-async fn flashgate(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_flashgate"))
-            .args(args)
-            .env_remove("FLASHGATE_ADMIN_TOKEN")
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("flashgate CLI did not finish")
-    .expect("run flashgate");
-    (
-        out.status.code().expect("exited, not killed"),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
-
-/// `flashgate cmd… --admin URL --token T [more…]`.
-async fn cli(url: &str, cmd: &[&str]) -> (i32, String, String) {
-    let mut args: Vec<&str> = cmd.to_vec();
-    args.extend(["--admin", url, "--token", ADMIN_TOKEN]);
-    flashgate(&args).await
-}
-
-mod cli {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn human_output_by_default_json_on_request() {
-        bounded(async {
-            let backend = shop().await;
-            let fg = start(&backend, &memory()).await;
-            let url = fg.admin_url();
-
-            let (code, out, err) = cli(&url, &["stock", "set", "tee-42", "5"]).await;
-            assert_eq!((code, out.trim()), (0, "tee-42: stock set to 5"), "{err}");
-            let (code, out, err) = cli(&url, &["stock", "add", "tee-42", "-2"]).await;
-            assert_eq!((code, out.trim()), (0, "tee-42: stock 3 (-2)"), "{err}");
-            let (code, out, err) = cli(&url, &["stock", "get", "tee-42"]).await;
-            assert_eq!((code, out.trim()), (0, "tee-42: 3 units left"), "{err}");
-            let (code, out, err) =
-                cli(&url, &["stock", "set", "tee-42", "4", "--expect", "3"]).await;
-            assert_eq!(
-                (code, out.trim()),
-                (0, "tee-42: stock set to 4 (was 3)"),
-                "{err}"
-            );
-
-            // Compare-and-set lost: the current value is printed, nothing changes, exit 1.
-            let (code, out, err) =
-                cli(&url, &["stock", "set", "tee-42", "9", "--expect", "3"]).await;
-            assert_eq!(code, 1);
-            assert!(out.is_empty(), "{out}");
-            assert!(
-                err.contains("stock changed: it is 4, not 3; nothing was set"),
-                "{err}"
-            );
-            let (code, out, _) = cli(
-                &url,
-                &["stock", "set", "tee-42", "9", "--expect", "3", "--json"],
-            )
-            .await;
-            assert_eq!(code, 1);
-            let v: Value = serde_json::from_str(out.trim()).unwrap();
-            assert_eq!(
-                (&v["error"], &v["stock"]),
-                (&json!("stock_changed"), &json!(4))
-            );
-
-            let (code, out, err) = cli(&url, &["sale", "close", "tee-42"]).await;
-            assert_eq!(code, 0, "{err}");
-            assert!(out.starts_with("tee-42: sale closed"), "{out}");
-            assert_rejected(&buy(&fg, "tee-42", "alice").await, 410, "closed");
-            let (code, out, err) = cli(&url, &["sale", "status", "tee-42"]).await;
-            assert_eq!(code, 0, "{err}");
-            let lines: Vec<&str> = out.lines().map(str::trim).collect();
-            assert_eq!(
-                lines,
-                [
-                    "sale tee-42: closed",
-                    "stock         4",
-                    "added         4",
-                    "buyers        0",
-                    "units         held 0, sold 0, released 0, uncertain 0",
-                    "reservations  held 0, sold 0, released 0, uncertain 0",
-                    "audit         ok: added 4 = stock 4 + held 0 + sold 0 + uncertain 0",
-                ],
-                "{out}"
-            );
-            let (code, out, err) = cli(&url, &["sale", "open", "tee-42"]).await;
-            assert_eq!((code, out.trim()), (0, "tee-42: sale open"), "{err}");
-            assert_eq!(buy(&fg, "tee-42", "alice").await.status, 200);
-
-            let (code, out, err) = cli(&url, &["sale", "status", "tee-42", "--json"]).await;
-            assert_eq!(code, 0, "{err}");
-            let v: Value = serde_json::from_str(out.trim()).unwrap();
-            assert_eq!((&v["added"], &v["closed"]), (&json!(4), &json!(false)));
-
-            // An error, for people: status, reason, message.
-            let (code, out, err) = cli(&url, &["stock", "add", "tee-42", "-10"]).await;
-            assert_eq!(code, 1);
-            assert!(out.is_empty(), "{out}");
-            assert!(
-                err.contains("400") && err.contains("bad_request") && err.contains("negative"),
-                "{err}"
-            );
-        })
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn values_past_the_cap_and_bad_skus_are_refused_before_sending() {
-        bounded(async {
-            // Nothing listens here: a refusal that is not about the connection was decided
-            // before anything was sent.
-            let port = {
-                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                l.local_addr().unwrap().port()
-            };
-            let url = format!("http://127.0.0.1:{port}");
-            for args in [
-                &["stock", "set", "sku-1", "9007199254740992"][..],
-                &["stock", "set", "sku-1", "-1"],
-                &["stock", "set", "sku-1", "5", "--expect", "9007199254740992"],
-                &["stock", "add", "sku-1", "9007199254740992"],
-                &["stock", "add", "sku-1", "-9007199254740992"],
-            ] {
-                let (code, _, err) = cli(&url, args).await;
-                // clap's usage error (exit 2): `invalid value … not in 0..=9007199254740991`,
-                // or `-1` not taken as a value at all.
-                assert_eq!(code, 2, "{args:?}: {err}");
-                assert!(
-                    err.contains("9007199254740991") || err.contains("'-1'"),
-                    "{args:?}: {err}"
-                );
-            }
-            for sku in ["a b", "a/b", "x{y}", ""] {
-                let (code, _, err) = cli(&url, &["stock", "get", sku]).await;
-                assert_eq!(code, 1, "{sku:?}: {err}");
-                assert!(err.contains("invalid SKU"), "{sku:?}: {err}");
-                assert!(!err.contains("refused"), "{sku:?}: {err}");
-            }
-        })
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_answer_from_something_else_is_refused() {
-        bounded(async {
-            // A plain HTTP server that answers 200 to anything: the classic wrong port.
-            let other = Backend::start(|_req| async {
-                let mut r = json_response(StatusCode::OK, r#"{"ok":true}"#);
-                r.headers_mut().insert(
-                    "server",
-                    http::HeaderValue::from_static("not-flashgate/1.0"),
-                );
-                r
-            })
-            .await;
-            let (code, out, err) = cli(&other.url(), &["stock", "set", "tee-42", "5"]).await;
-            assert_eq!(code, 1, "{out}");
-            assert!(out.is_empty(), "{out}");
-            assert!(
-                err.contains("not flashgate's admin API")
-                    && err.contains("200")
-                    && err.contains("not-flashgate/1.0")
-                    && err.contains("--admin"),
-                "{err}"
-            );
-            // Even with --json, nothing from it is passed off as an answer.
-            let (code, out, _) = cli(&other.url(), &["stock", "get", "tee-42", "--json"]).await;
-            assert_eq!((code, out.as_str()), (1, ""));
-        })
-        .await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_refused_connection_names_the_address() {
-        bounded(async {
-            let addr = {
-                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                l.local_addr().unwrap()
-            };
-            let (code, out, err) =
-                cli(&format!("http://{addr}"), &["sale", "status", "tee-42"]).await;
-            assert_eq!(code, 1);
-            assert!(out.is_empty(), "{out}");
-            assert!(
-                err.contains("connection refused")
-                    && err.contains(&addr.to_string())
-                    && err.contains("admin.listen")
-                    && err.contains("--admin"),
-                "{err}"
-            );
-            let (code, _, err) = cli("127.0.0.1:9", &["stock", "get", "tee-42"]).await;
-            assert_eq!(code, 1);
-            assert!(err.contains("http://host:port"), "{err}");
-        })
-        .await;
-    }
 }
 
 // Config: `quantity` / `per_user_limit` past 2^53 − 1 are refused at load with file, line and

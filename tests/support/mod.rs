@@ -4,6 +4,7 @@
 
 pub mod raw;
 pub mod redis;
+pub mod shop;
 pub mod storm;
 
 use std::convert::Infallible;

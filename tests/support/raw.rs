@@ -75,6 +75,30 @@ pub async fn exchange(
     .map_err(|_| RawError::Timeout)?
 }
 
+/// [`exchange`] for a test that expects an answer: panics, saying why, if none could be read
+/// within `timeout`.
+pub async fn answer(addr: SocketAddr, request: &[u8], timeout: Duration) -> RawResponse {
+    exchange(addr, request, false, timeout)
+        .await
+        .unwrap_or_else(|e| panic!("no answer from {addr}: {e}"))
+}
+
+/// Sends `request` (one with `connection: close`) and returns everything read until the peer
+/// closes — status line, head and body — as text; panics if that takes over `timeout`.
+pub async fn exchange_text(addr: SocketAddr, request: &[u8], timeout: Duration) -> String {
+    let read_all = async {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        answer
+    };
+    let answer = tokio::time::timeout(timeout, read_all)
+        .await
+        .unwrap_or_else(|_| panic!("no answer within {timeout:?}"));
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 async fn read_response(stream: &mut TcpStream, head_only: bool) -> Result<RawResponse, RawError> {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
