@@ -23,7 +23,8 @@ use std::collections::{HashMap, VecDeque};
 use http::Method;
 use serde_saphyr::Location;
 
-use super::{ConfigError, ErrFn, PathTemplate, Route};
+use super::route::ErrFn;
+use super::{ConfigError, PathTemplate, Route};
 
 /// Refuses the first sale route that an earlier route (sale or not) shadows. `at[i]` is where
 /// route `i` is defined; the error is reported at the earlier route, and names both lines.
