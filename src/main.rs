@@ -343,7 +343,7 @@ fn admin_call(admin: &AdminArgs, op: AdminOp, sku: &str) -> ExitCode {
             println!("{}", human(op, sku, &v));
             ExitCode::SUCCESS
         } else {
-            eprintln!("{}", human_error(answer.status, sku, &v));
+            eprintln!("{}", client::human_error(answer.status, sku, &v));
             ExitCode::FAILURE
         }
     })
@@ -364,93 +364,7 @@ fn human(op: AdminOp, sku: &str, v: &Value) -> String {
              (reopen with `flashgate sale open {sku}`)"
         ),
         AdminOp::Open => format!("{sku}: sale open"),
-        AdminOp::Status => sale_status(sku, v),
-    }
-}
-
-/// `flashgate sale status`, for people, with the audit checked.
-fn sale_status(sku: &str, v: &Value) -> String {
-    let counts = |kind: &str| {
-        let c = &v[kind];
-        let n = |s: &str| c[s].as_u64().unwrap_or(0);
-        format!(
-            "held {}, sold {}, released {}, uncertain {}",
-            n("held"),
-            n("sold"),
-            n("released"),
-            n("uncertain")
-        )
-    };
-    let state = if v["closed"] == true {
-        "closed"
-    } else {
-        "open"
-    };
-    let stock = v["stock"].as_u64();
-    let added = v["added"].as_u64();
-    let units = &v["units"];
-    let u = |s: &str| units[s].as_u64().unwrap_or(0);
-    let audit = match (added, stock) {
-        (Some(added), Some(stock)) => {
-            let total = u128::from(stock)
-                + u128::from(u("held"))
-                + u128::from(u("sold"))
-                + u128::from(u("uncertain"));
-            let verdict = if u128::from(added) == total {
-                "ok"
-            } else {
-                "MISMATCH"
-            };
-            format!(
-                "{verdict}: added {added} {} stock {stock} + held {} + sold {} + uncertain {}{}",
-                if verdict == "ok" { "=" } else { "!=" },
-                u("held"),
-                u("sold"),
-                u("uncertain"),
-                if verdict == "ok" {
-                    String::new()
-                } else {
-                    format!(" (= {total}); reconcile `uncertain` orders and check Redis")
-                },
-            )
-        }
-        (None, Some(_)) => "not recorded yet: the next stock set or add starts it".to_owned(),
-        _ => "n/a (not configured)".to_owned(),
-    };
-    format!(
-        "sale {sku}: {state}\n\
-         \x20 stock         {}\n\
-         \x20 added         {}\n\
-         \x20 buyers        {}\n\
-         \x20 units         {}\n\
-         \x20 reservations  {}\n\
-         \x20 audit         {audit}",
-        stock.map_or("not configured".to_owned(), |s| s.to_string()),
-        added.map_or("not recorded".to_owned(), |a| a.to_string()),
-        v["buyers"].as_u64().unwrap_or(0),
-        counts("units"),
-        counts("reservations"),
-    )
-}
-
-/// A refusal from the admin API, for people: the status, the reason, what to do.
-fn human_error(status: http::StatusCode, sku: &str, v: &Value) -> String {
-    let reason = v["error"].as_str().unwrap_or("error");
-    let message = v["message"].as_str().unwrap_or("");
-    if reason == "stock_changed" {
-        let current = v["stock"]
-            .as_u64()
-            .map_or("not configured".to_owned(), |c| c.to_string());
-        let expected = v["expected"]
-            .as_u64()
-            .map_or("?".to_owned(), |e| e.to_string());
-        return format!(
-            "{sku}: stock changed: it is {current}, not {expected}; nothing was set ({status} {reason})"
-        );
-    }
-    match v["field"].as_str() {
-        Some(field) => format!("{status} {reason}: {field}: {message}"),
-        None => format!("{status} {reason}: {message}"),
+        AdminOp::Status => client::sale_status(sku, v),
     }
 }
 
