@@ -21,7 +21,6 @@
 //! Configuration is parsed, validated and compiled once by [`config`].
 
 pub mod admin;
-pub mod admin_auth;
 pub mod body;
 pub mod canonical;
 pub mod client_ip;

@@ -473,7 +473,7 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> ExitCo
             match env_token(&admin.token_env) {
                 Some(token) => {
                     let read = admin.read_token_env.as_deref().and_then(env_token);
-                    let tokens = flashgate::admin_auth::Tokens::new(token, read);
+                    let tokens = flashgate::admin::auth::Tokens::new(token, read);
                     if let Err(e) = tokens.check_for(admin.listen) {
                         error!(listen = %admin.listen, "admin API refused: {e}");
                         return ExitCode::FAILURE;

@@ -72,7 +72,7 @@ async fn wrong_tokens_are_throttled_per_address() {
     let (_backend, fg) = admin_flashgate().await;
     let c = client();
     let url = format!("{}/v1/stock/tee", fg.admin_url());
-    let max = flashgate::admin_auth::MAX_FAILURES;
+    let max = flashgate::admin::auth::MAX_FAILURES;
     for n in 0..max {
         let guess = bearer(&format!("guess-{n}"));
         let a = send(&c, "GET", &url, &[("authorization", &guess)], Bytes::new()).await;

@@ -39,7 +39,7 @@ use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::admin_auth::{Access, Throttle, Tokens};
+use crate::admin::auth::{Access, Throttle, Tokens};
 use crate::body::{self, Body};
 use crate::ids::Sku;
 use crate::reject::Reject;
@@ -447,4 +447,5 @@ fn error(status: StatusCode, reason: &str, message: &str) -> Response<Body> {
     reply(status, json!({"error": reason, "message": message}))
 }
 
+pub mod auth;
 pub mod client;

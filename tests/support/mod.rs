@@ -56,7 +56,7 @@ impl Flashgate {
         let admin = if has_admin {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let a = l.local_addr().unwrap();
-            let tokens = flashgate::admin_auth::Tokens::new(
+            let tokens = flashgate::admin::auth::Tokens::new(
                 ADMIN_TOKEN.to_owned(),
                 Some(ADMIN_READ_TOKEN.to_owned()),
             );
