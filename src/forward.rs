@@ -153,7 +153,7 @@ impl Upstream {
             Some(pq) if self.cfg.url.path_prefix.is_empty() => pq.clone(),
             pq => {
                 let path = pq.map_or("/", PathAndQuery::as_str);
-                PathAndQuery::try_from(format!("{}{}", self.cfg.url.path_prefix, path))
+                PathAndQuery::try_from(self.forwarded_path(path))
                     .map_err(|e| ForwardError::Failed(format!("cannot build upstream URI: {e}")))?
             }
         };

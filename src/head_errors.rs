@@ -9,6 +9,10 @@
 //! recognizes exactly that answer (`connection: close`, `content-length: 0`, `date`, nothing
 //! else) and adds the body.
 
+/// hyper's own answers are a short status line and three fields: anything longer is not one
+/// (and is not copied to be looked at).
+pub const MAX_OWN_ANSWER: usize = 256;
+
 /// The same answer with a JSON body, if `bytes` is hyper's own bodiless answer to a head it
 /// refused; `None` for anything else (which then goes out unchanged).
 pub fn with_json_body(bytes: &[u8]) -> Option<Vec<u8>> {

@@ -94,13 +94,18 @@ enum FormKind {
     Multipart,
 }
 
-fn form_kind(parts: &Parts) -> Option<FormKind> {
+/// The request's media type (`Content-Type` without its parameters).
+fn media_type(parts: &Parts) -> Option<&str> {
     let ct = parts
         .headers
         .get(http::header::CONTENT_TYPE)?
         .to_str()
         .ok()?;
-    let essence = ct.split(';').next().unwrap_or("").trim();
+    Some(ct.split(';').next().unwrap_or("").trim())
+}
+
+fn form_kind(parts: &Parts) -> Option<FormKind> {
+    let essence = media_type(parts)?;
     if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
         Some(FormKind::UrlEncoded)
     } else if essence.eq_ignore_ascii_case("multipart/form-data") {
@@ -111,12 +116,7 @@ fn form_kind(parts: &Parts) -> Option<FormKind> {
 }
 
 fn is_json(parts: &Parts) -> bool {
-    parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|ct| ct.split(';').next())
-        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+    media_type(parts).is_some_and(|essence| essence.eq_ignore_ascii_case("application/json"))
 }
 
 /// The query keys the sale reads its values from.

@@ -337,19 +337,12 @@ async fn content_length_with_transfer_encoding_is_refused_with_400() {
 async fn pipelined_request_with_two_framings_is_refused_too() {
     let backend = Backend::start_echo().await;
     let fg = Flashgate::start(&config(&backend)).await;
-    let mut s = TcpStream::connect(fg.addr).await.unwrap();
     let request = format!(
         "GET /catalog HTTP/1.1\r\nhost: shop\r\n\r\n\
          POST /catalog HTTP/1.1\r\nhost: shop\r\n{CL_FIRST}\r\n0\r\n\r\n"
     );
-    s.write_all(request.as_bytes()).await.unwrap();
     // Both answers may arrive in one read: take everything up to the close.
-    let mut all = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
-        .await
-        .expect("closed within 5s")
-        .unwrap();
-    let all = String::from_utf8_lossy(&all);
+    let all = raw::exchange_text(fg.addr, request.as_bytes(), Duration::from_secs(5)).await;
     let statuses: Vec<&str> = all
         .match_indices("HTTP/1.1 ")
         .map(|(i, _)| &all[i + 9..i + 12])

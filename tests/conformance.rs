@@ -171,15 +171,8 @@ async fn large_backend_heads_pass_up_to_the_limit_then_get_a_clear_502() {
 
 /// Sends `request` raw on its own connection and returns every answer read until the close.
 async fn answers(fg: &Flashgate, request: &[u8]) -> Vec<support::raw::RawResponse> {
-    let mut all = Vec::new();
-    let mut stream = tokio::net::TcpStream::connect(fg.addr).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream.write_all(request).await.unwrap();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut all))
-        .await
-        .expect("flashgate closed the connection")
-        .unwrap();
-    support::raw::parse_all(&all)
+    let all = support::raw::exchange_text(fg.addr, request, WAIT).await;
+    support::raw::parse_all(all.as_bytes())
 }
 
 async fn backend_count(

@@ -125,7 +125,10 @@ impl Watched {
     /// hyper writing while a head is pending without a request is hyper answering a head it
     /// refused: that answer goes out with a JSON body instead. `Some(len)`: taken over.
     fn take_over_own_answer(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Option<usize> {
-        if !self.may_park || !self.activity.head_without_request() {
+        if bytes.len() > head_errors::MAX_OWN_ANSWER
+            || !self.may_park
+            || !self.activity.head_without_request()
+        {
             return None;
         }
         self.owed = head_errors::with_json_body(bytes)?;
@@ -185,8 +188,12 @@ impl AsyncWrite for Watched {
         let this = self.get_mut();
         this.flushed = false;
         ready!(this.poll_owed(cx))?;
-        if this.may_park && this.activity.head_without_request() {
-            // Rare (an answer to a refused head): one contiguous copy to look at.
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if len <= head_errors::MAX_OWN_ANSWER
+            && this.may_park
+            && this.activity.head_without_request()
+        {
+            // Rare (an answer to a refused head, a short bodiless head): one small copy.
             let bytes: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
             if let Some(n) = this.take_over_own_answer(cx, &bytes) {
                 return Poll::Ready(Ok(n));
