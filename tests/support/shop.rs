@@ -1,7 +1,7 @@
 //! The flash-sale operator's kit for integration tests: which store flashgate runs on
 //! (embedded or a private `redis-server`), a sale config with one flash route, shop backends
-//! that take every order, buyers (one, or many at once), and the admin API calls an operator
-//! makes (set stock, read the sale status until settle has landed).
+//! (taking every order, slowly, or refusing some), buyers (one, or many at once), and the admin
+//! API calls an operator makes (set stock, read the sale status until settle has landed).
 
 use std::collections::HashMap;
 use std::future::Future;
