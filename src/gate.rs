@@ -25,11 +25,12 @@ use crate::forward::{ForwardError, Peer};
 use crate::identity;
 use crate::ids::UserId;
 use crate::interim::Outbox;
-use crate::metrics::{self, InFlight, RouteMetrics};
+use crate::observe::{self, Asked, Seen};
 use crate::reject::Reject;
 use crate::sale;
 use crate::state::{App, Snapshot};
 use crate::store::{ReserveOutcome, ReserveRequest, StoreError};
+use crate::trace::{TRACEPARENT, Trace};
 use crate::{canonical, fence, hygiene};
 
 /// Marks a request whose head declared both `Content-Length` and `Transfer-Encoding`
@@ -47,14 +48,17 @@ pub async fn handle(
     app: Arc<App>,
     peer: SocketAddr,
     hints: Option<Arc<Outbox>>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let snapshot = app.snapshot();
-    // For the log line of a reject; cloning the URI shares its bytes rather than copying them.
+    // The trace the request came with, or a new one; the backend gets flashgate's hop.
+    let trace = Trace::from_headers(req.headers());
+    req.headers_mut().insert(TRACEPARENT, trace.header());
+    // For the log lines; cloning the URI shares its bytes rather than copying them.
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let mut seen = Seen::default();
+    let mut seen = Seen::new(peer.ip());
     // Boxed as `Send` here, where every lifetime is concrete: rustc cannot prove the
     // higher-ranked `Send` bound hyper asks for through the store's boxed futures otherwise.
     let path_future: Pin<Box<dyn Future<Output = Result<Response<Body>, Reject>> + Send + '_>> =
@@ -66,36 +70,21 @@ pub async fn handle(
             &mut seen,
         ));
     let result = path_future.await;
-    let route = seen.route.unwrap_or(&snapshot.unmatched);
-    let status = match &result {
-        Ok(resp) => resp.status(),
-        Err(reject) => reject.status(),
+    let asked = Asked {
+        method: &method,
+        uri: &uri,
+        started,
+        trace: &trace,
     };
-    route.answered(status.as_u16(), started.elapsed());
-    if seen.route.is_some() {
-        route.admission(match &result {
-            Err(reject) if !seen.won => metrics::outcome_of(reject),
-            _ => "won",
-        });
-    }
+    observe::finish(&app, &snapshot, &seen, &result, &asked);
     Ok(match result {
         Ok(resp) => resp,
         Err(reject) => {
-            debug!(%method, path = uri.path(), status = status.as_u16(), reason = reject.reason(), "answered by flashgate");
-            reject.into_response()
+            let trace_id = trace.id();
+            debug!(%method, path = uri.path(), status = reject.status().as_u16(), reason = reject.reason(), trace_id, "answered by flashgate");
+            reject.into_response_traced(Some(&trace_id))
         }
     })
-}
-
-/// What the request path learned that the metrics need once the answer is known.
-#[derive(Default)]
-struct Seen<'s> {
-    /// The matched route's metrics.
-    route: Option<&'s RouteMetrics>,
-    /// Counted in `flashgate_in_flight` until the answer's head.
-    _in_flight: Option<InFlight>,
-    /// A sale route's request won a unit (whatever the backend then answered).
-    won: bool,
 }
 
 async fn admit_and_forward<'s>(
@@ -150,8 +139,8 @@ async fn admit_and_forward<'s>(
     // First match wins; then the fence: no other spelling of a sale path gets through.
     let matched = snap.route_for(req.method(), canonical::match_form(&path));
     if let Some(m) = &matched {
-        seen.route = Some(&m.route.metrics);
-        seen._in_flight = Some(m.route.metrics.enter());
+        seen.route = Some((&m.route.route.name, &m.route.metrics));
+        seen.in_flight = Some(m.route.metrics.enter());
     }
     let on_sale = matched
         .as_ref()
@@ -186,7 +175,10 @@ async fn admit_and_forward<'s>(
         return match cfg.unmatched {
             Unmatched::Proxy => {
                 let (req, limit) = body::limit_request(req, cfg.server.max_body)?;
-                forward(snap, req, peer, limit).await
+                let asked = Instant::now();
+                let result = forward(snap, req, peer, limit).await;
+                seen.upstream(asked, &result);
+                result
             }
             Unmatched::NotFound => Err(Reject::NoRoute),
         };
@@ -202,17 +194,15 @@ async fn admit_and_forward<'s>(
     //    then the shared route bucket, so a client rejected for its own excess spends no token
     //    that other clients need. See `limit.rs` for the full argument.
     let slot = guards.enter()?;
-    guards.check_ip(client_ip::client_ip(
-        peer.ip,
-        req.headers(),
-        &cfg.trusted_proxies,
-    ))?;
+    seen.client_ip = client_ip::client_ip(peer.ip, req.headers(), &cfg.trusted_proxies);
+    guards.check_ip(seen.client_ip)?;
     // 4. Identity (needed by the per-user bucket, so it sits between the buckets).
     let user = match &route.route.identity {
         Some(identity) => Some(identity::user_id(identity, req.headers())?),
         None => None,
     };
     if let Some(user) = &user {
+        seen.user = Some(user.clone());
         guards.check_user(user.as_str())?;
     }
     guards.check_route()?;
@@ -221,11 +211,22 @@ async fn admit_and_forward<'s>(
     let resp = if let Some(sale) = route.route.sale.as_ref() {
         // 5–9. A flash-sale route: only a request that wins stock is forwarded.
         let user = user.ok_or_else(|| Reject::Unauthenticated("no user identity".into()))?;
-        let order = (req, limit, &mut seen.won);
-        admit_sale(app, snap, sale, user, &matched.params, order, peer).await?
+        admit_sale(
+            app,
+            snap,
+            sale,
+            user,
+            &matched.params,
+            (req, limit, seen),
+            peer,
+        )
+        .await?
     } else {
         // An ordinary route: forward untouched.
-        forward(snap, req, peer, limit).await?
+        let asked = Instant::now();
+        let result = forward(snap, req, peer, limit).await;
+        seen.upstream(asked, &result);
+        result?
     };
     // The in-flight slot is held until the response body has been sent.
     Ok(match slot {
@@ -241,7 +242,7 @@ async fn admit_sale(
     sale: &Sale,
     user: UserId,
     params: &matchit::Params<'_, '_>,
-    (req, limit, won): (Request<Body>, body::BodyLimit, &mut bool),
+    (req, limit, seen): (Request<Body>, body::BodyLimit, &mut Seen<'_>),
     peer: Peer,
 ) -> Result<Response<Body>, Reject> {
     let (parts, body) = req.into_parts();
@@ -262,7 +263,7 @@ async fn admit_sale(
     };
     let reservation = match app.store.reserve(&request).await {
         Ok(ReserveOutcome::Won { reservation, .. }) => {
-            *won = true;
+            seen.won = true;
             app.metrics.saw_sku(&order.sku);
             reservation
         }
@@ -304,17 +305,20 @@ async fn admit_sale(
         quantity: order.quantity,
         reservation,
     };
+    let asked = Instant::now();
     let exchange = app
         .bookkeeping
         .spawn(won.forward(Request::from_parts(parts, body), peer));
-    match exchange.await {
+    let result = match exchange.await {
         Ok(result) => result.map_err(|e| forward_error(e, &limit)),
         // The task panicked: its `Pending` guard has recorded the unit as uncertain.
         Err(e) => {
             warn!(error = %e, "winner's exchange with the backend failed");
             Err(Reject::BadGateway)
         }
-    }
+    };
+    seen.upstream(asked, &result);
+    result
 }
 
 /// Replaces the request's path with its canonical form, keeping the query.

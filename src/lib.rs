@@ -21,6 +21,7 @@
 //!
 //! Configuration is parsed, validated and compiled once by [`config`].
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod canonical;
@@ -38,6 +39,7 @@ pub mod ids;
 pub mod interim;
 pub mod limit;
 pub mod metrics;
+pub mod observe;
 pub mod order;
 pub mod reject;
 pub mod reload;
@@ -47,3 +49,4 @@ pub mod server;
 pub mod signing;
 pub mod state;
 pub mod store;
+pub mod trace;

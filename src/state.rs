@@ -11,6 +11,7 @@ use http::Method;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::access_log::AccessLog;
 use crate::config::{Config, Identity, IdentitySource, Quantity, Route, Source};
 use crate::fence::Fence;
 use crate::forward::Upstream;
@@ -40,6 +41,8 @@ pub struct App {
     /// Signs forwarded winners (`signing` in the config); read once at start.
     pub signer: Option<crate::signing::Key>,
     pub metrics: Arc<Metrics>,
+    /// The access log, when `access_log.enabled` (opened at start; a reload keeps it).
+    pub access_log: Option<AccessLog>,
 }
 
 pub struct Snapshot {
@@ -157,6 +160,11 @@ impl App {
             None => None,
         };
         let metrics = Metrics::new();
+        let access_log = config
+            .access_log
+            .as_ref()
+            .map(AccessLog::open)
+            .transpose()?;
         let store: Arc<dyn Store> = match &config.store {
             None => Arc::new(Observed::new(MemoryStore::new(), metrics.clone())),
             Some(s) => {
@@ -184,6 +192,7 @@ impl App {
             bookkeeping: TaskTracker::new(),
             signer,
             metrics,
+            access_log,
         });
         tokio::spawn(evict_idle_keys(Arc::downgrade(&app)));
         Ok(app)

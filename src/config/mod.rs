@@ -53,7 +53,20 @@ pub struct Config {
     pub store: Option<StoreConfig>,
     /// Sign forwarded winners: the key's id and the variable holding it.
     pub signing: Option<Signing>,
+    /// One JSON line per request (sampled), when enabled.
+    pub access_log: Option<AccessLog>,
     pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLog {
+    /// The share of requests logged, 0.0 to 1.0 (by trace id, so one trace is logged
+    /// on every instance or on none).
+    pub sample: f64,
+    /// Log user ids as they are; otherwise a hash of each.
+    pub log_user_ids: bool,
+    /// Append here; stdout when `None`.
+    pub path: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -348,6 +361,15 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             return Err(err(&url.referenced, "store.redis".into(), message));
         }
     }
+    if let Some(sample) = raw.access_log.as_ref().map(|a| &a.sample)
+        && !(0.0..=1.0).contains(&sample.value)
+    {
+        return Err(err(
+            &sample.referenced,
+            "access_log.sample".into(),
+            "must be between 0.0 and 1.0".into(),
+        ));
+    }
     let head = &raw.upstream.max_response_head_bytes;
     if head.value.0 < MIN_HEADER_BYTES {
         return Err(err(
@@ -438,6 +460,11 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
         signing: raw.signing.map(|s| Signing {
             key_env: s.key_env,
             key_id: s.key_id,
+        }),
+        access_log: raw.access_log.filter(|a| a.enabled).map(|a| AccessLog {
+            sample: a.sample.value,
+            log_user_ids: a.log_user_ids,
+            path: a.path,
         }),
         routes,
     })

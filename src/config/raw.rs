@@ -42,7 +42,28 @@ pub struct RawConfig {
     #[serde(default)]
     pub signing: Option<RawSigning>,
     #[serde(default)]
+    pub access_log: Option<RawAccessLog>,
+    #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
+}
+
+/// `access_log: { enabled, sample, log_user_ids, path }` (see `access_log.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_sample")]
+    pub sample: Spanned<f64>,
+    #[serde(default)]
+    pub log_user_ids: bool,
+    /// A file to append to; stdout when absent.
+    #[serde(default)]
+    pub path: Option<std::path::PathBuf>,
+}
+
+fn default_sample() -> Spanned<f64> {
+    Spanned::new(1.0, Location::UNKNOWN, Location::UNKNOWN)
 }
 
 /// The admin API listener (stock, sale status). Omit to disable it.
