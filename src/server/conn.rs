@@ -149,30 +149,18 @@ pub(super) async fn serve_connection(
             })
         };
         // Boxed: the connection task keeps only a pointer while the connection is parked.
+        let watch = Watch {
+            activity: &activity,
+            stop: &mut stop,
+            peer,
+            timeouts,
+        };
         let ended = if is_h2 {
             let conn = Box::pin(protocols.h2.serve_connection(io, service));
-            drive(
-                conn,
-                |c| c.graceful_shutdown(),
-                &activity,
-                &mut stop,
-                peer,
-                timeouts,
-                false,
-            )
-            .await
+            drive(conn, |c| c.graceful_shutdown(), watch, false).await
         } else {
             let conn = Box::pin(protocols.h1.serve_connection(io, service).with_upgrades());
-            drive(
-                conn,
-                |c| c.graceful_shutdown(),
-                &activity,
-                &mut stop,
-                peer,
-                timeouts,
-                true,
-            )
-            .await
+            drive(conn, |c| c.graceful_shutdown(), watch, true).await
         };
         match ended {
             Ended::Closed => return,
@@ -225,21 +213,33 @@ async fn wait_for_bytes(
     }
 }
 
+/// What [`drive`] watches besides hyper's connection.
+struct Watch<'a> {
+    activity: &'a Activity,
+    stop: &'a mut watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+    /// Header and idle timeouts.
+    timeouts: (Duration, Duration),
+}
+
 /// Serves one connection with hyper until it closes, or until hyper lets go of it while it is
 /// idle (HTTP/1.1 only, see [`Activity::try_park`]); meanwhile applies the header and idle
 /// timeouts and the graceful shutdown.
 async fn drive<C>(
     mut conn: Pin<Box<C>>,
     graceful_shutdown: fn(Pin<&mut C>),
-    activity: &Activity,
-    stop: &mut watch::Receiver<bool>,
-    peer: std::net::SocketAddr,
-    (header_timeout, idle_timeout): (Duration, Duration),
+    watch: Watch<'_>,
     may_park: bool,
 ) -> Ended
 where
     C: Future<Output = hyper::Result<()>>,
 {
+    let Watch {
+        activity,
+        stop,
+        peer,
+        timeouts: (header_timeout, idle_timeout),
+    } = watch;
     let park_after = may_park.then_some(PARK_AFTER);
     let mut graceful = false;
     loop {
