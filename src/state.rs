@@ -174,6 +174,7 @@ impl App {
                     connect_timeout: s.connect_timeout,
                     response_timeout: s.response_timeout,
                     key_prefix: s.key_prefix.clone(),
+                    tls: s.tls.clone(),
                 })
                 .await
                 .map_err(|e| format!("cannot set up the stock store: {e}"))?;

@@ -8,6 +8,7 @@ mod describe;
 mod raw;
 mod route;
 mod shadow;
+mod store;
 pub mod values;
 
 use std::cell::RefCell;
@@ -21,13 +22,14 @@ use http::{HeaderName, Method};
 use ipnet::IpNet;
 use serde_saphyr::Location;
 
-pub use describe::describe;
+pub use describe::{describe, mask_password};
 pub use raw::Unmatched;
 
 use crate::canonical::PathPolicy;
 use raw::RawConfig;
 use route::compile_route;
 pub use shadow::templates_overlap;
+pub use store::RedisTls;
 pub use values::{PathTemplate, UpstreamUrl};
 
 /// hyper refuses header buffers below this size.
@@ -94,6 +96,8 @@ pub struct StoreConfig {
     pub key_prefix: String,
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
+    /// With `rediss://`: the CA and client certificate files' contents.
+    pub tls: Option<RedisTls>,
 }
 
 /// A flash-sale route's admission rules.
@@ -342,25 +346,10 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             format!("must be at least {MIN_HEADER_BYTES} bytes"),
         ));
     }
-    if let Some(store) = &raw.store {
-        let url = &store.redis;
-        let scheme = url.value.split("://").next().unwrap_or("");
-        let message = match scheme {
-            "redis" | "redis+unix" | "unix" if url.value.contains("://") => None,
-            "rediss" => Some(
-                "TLS (`rediss://`) is not built into flashgate: reach Redis over a private network \
-                 or a unix socket (`redis+unix:///path`)"
-                    .to_owned(),
-            ),
-            _ => Some(format!(
-                "`{}` is not a Redis URL: use redis://host:port/db or redis+unix:///path",
-                describe::mask_password(&url.value)
-            )),
-        };
-        if let Some(message) = message {
-            return Err(err(&url.referenced, "store.redis".into(), message));
-        }
-    }
+    let store = raw
+        .store
+        .map(|s| store::compile_store(s, &err))
+        .transpose()?;
     if let Some(sample) = raw.access_log.as_ref().map(|a| &a.sample)
         && !(0.0..=1.0).contains(&sample.value)
     {
@@ -448,15 +437,7 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             read_token_env: a.read_token_env,
             metrics_open: a.metrics_open,
         }),
-        store: raw.store.map(|s| StoreConfig {
-            redis: s.redis.value,
-            connections: s.connections.get(),
-            connect_timeout: s.connect_timeout.0,
-            response_timeout: s.response_timeout.0,
-            key_prefix: s.key_prefix,
-            breaker_failures: s.breaker_failures.get(),
-            breaker_cooldown: s.breaker_cooldown.0,
-        }),
+        store,
         signing: raw.signing.map(|s| Signing {
             key_env: s.key_env,
             key_id: s.key_id,

@@ -116,6 +116,21 @@ pub struct RawStore {
     /// How long an open breaker fails calls at once before probing.
     #[serde(default = "d_1s")]
     pub breaker_cooldown: Dur,
+    /// With `rediss://`: the CA to trust (instead of the system's) and a client certificate.
+    #[serde(default)]
+    pub tls: Option<Spanned<RawRedisTls>>,
+}
+
+/// `store.tls: { ca_file, cert_file, key_file }` (PEM files).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedisTls {
+    #[serde(default)]
+    pub ca_file: Option<Spanned<std::path::PathBuf>>,
+    #[serde(default)]
+    pub cert_file: Option<Spanned<std::path::PathBuf>>,
+    #[serde(default)]
+    pub key_file: Option<Spanned<std::path::PathBuf>>,
 }
 
 fn default_breaker_failures() -> NonZeroU32 {

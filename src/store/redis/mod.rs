@@ -48,8 +48,8 @@ use super::{
 /// How to reach Redis and how long to wait for it.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`, `unix:///path` or `redis+unix:///path` (no TLS: the config
-    /// refuses `rediss://`).
+    /// `redis://host:port/db`, `rediss://host:port/db` (TLS), `unix:///path` or
+    /// `redis+unix:///path`.
     pub url: String,
     /// Multiplexed connections used round-robin (at least 1).
     pub connections: usize,
@@ -59,6 +59,8 @@ pub struct RedisConfig {
     pub response_timeout: Duration,
     /// First part of every key (`fg` → `fg:{sku}:stock`). Must not contain `{` or `}`.
     pub key_prefix: String,
+    /// With `rediss://`: a CA to trust instead of the system's, a client certificate.
+    pub tls: Option<crate::config::RedisTls>,
 }
 
 impl Default for RedisConfig {
@@ -69,6 +71,7 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_millis(250),
             key_prefix: "fg".into(),
+            tls: None,
         }
     }
 }
@@ -133,8 +136,30 @@ impl RedisStore {
                 cfg.key_prefix
             )));
         }
-        let client = Client::open(cfg.url.as_str())
-            .map_err(|e| StoreError::Invalid(format!("redis url {:?}: {e}", cfg.url)))?;
+        let client = match &cfg.tls {
+            None => Client::open(cfg.url.as_str()),
+            Some(tls) => {
+                // ring, the one TLS provider built in; an error means one is installed already.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let certs = redis::TlsCertificates {
+                    client_tls: tls
+                        .client
+                        .as_ref()
+                        .map(|(cert, key)| redis::ClientTlsConfig {
+                            client_cert: cert.clone(),
+                            client_key: key.clone(),
+                        }),
+                    root_cert: tls.ca.clone(),
+                };
+                Client::build_with_tls(cfg.url.as_str(), certs)
+            }
+        }
+        .map_err(|e| {
+            StoreError::Invalid(format!(
+                "redis url {:?}: {e}",
+                crate::config::mask_password(&cfg.url)
+            ))
+        })?;
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout))
             .set_response_timeout(Some(cfg.response_timeout));
