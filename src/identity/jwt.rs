@@ -100,10 +100,10 @@ impl Verifier {
             .as_ref()
             .map(|_| TokenCache::key(token.as_bytes()));
         if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
-            if self
-                .cache_generation
-                .swap(loaded.generation, Ordering::Relaxed)
-                != loaded.generation
+            // Read first: a write on every request would bounce the line between cores.
+            let generation = loaded.generation;
+            if self.cache_generation.load(Ordering::Relaxed) != generation
+                && self.cache_generation.swap(generation, Ordering::Relaxed) != generation
             {
                 cache.clear();
             }
