@@ -759,8 +759,9 @@ async fn a_key_set_that_never_arrives_answers_503() {
                 server.url()
             );
             let fg = Flashgate::start(&jwt_config(&backend, &store, &jwt)).await;
+            let pat = token(rsa_a(), &claims("pat"));
             let asked = Instant::now();
-            let a = buy_bearer(&fg, "tee", &token(rsa_a(), &claims("pat"))).await;
+            let a = buy_bearer(&fg, "tee", &pat).await;
             assert_eq!(
                 a.status,
                 StatusCode::SERVICE_UNAVAILABLE,

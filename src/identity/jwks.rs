@@ -139,6 +139,11 @@ impl RemoteKeys {
         tokio::time::timeout(wait, done.changed()).await.is_ok()
     }
 
+    /// Whether a request has claimed a fetch the task has not finished yet.
+    fn claimed(&self) -> bool {
+        self.fetch.lock().is_ok_and(|st| st.in_flight)
+    }
+
     fn begin(&self) {
         if let Ok(mut st) = self.fetch.lock() {
             st.in_flight = true;
@@ -188,14 +193,19 @@ async fn refresher(
         Client::builder(TokioExecutor::new()).build(http);
     let mut wait = Duration::ZERO;
     loop {
+        let mut woken = false;
         if !wait.is_zero() {
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = wake.notified() => {}
+                () = wake.notified() => woken = true,
                 () = tokio::time::sleep(wait) => {}
             }
         }
         let Some(keys) = keys.upgrade() else { return };
+        // A wake-up whose claim a timed fetch already served: no second fetch on its heels.
+        if woken && !keys.claimed() {
+            continue;
+        }
         keys.begin();
         let result = fetch(&client, &keys.url, &algorithms).await;
         wait = if keys.finish(result) {
