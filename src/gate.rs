@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -23,6 +23,8 @@ use crate::client_ip;
 use crate::config::{Sale, Unmatched};
 use crate::forward::{ForwardError, Peer};
 use crate::ids::UserId;
+use crate::interim::Outbox;
+use crate::metrics::{self, InFlight, RouteMetrics};
 use crate::reject::Reject;
 use crate::sale;
 use crate::state::{App, Snapshot};
@@ -43,30 +45,64 @@ pub struct UriTooLong;
 pub async fn handle(
     app: Arc<App>,
     peer: SocketAddr,
+    hints: Option<Arc<Outbox>>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
     let snapshot = app.snapshot();
     // For the log line of a reject; cloning the URI shares its bytes rather than copying them.
     let method = req.method().clone();
     let uri = req.uri().clone();
+    let mut seen = Seen::default();
     // Boxed as `Send` here, where every lifetime is concrete: rustc cannot prove the
     // higher-ranked `Send` bound hyper asks for through the store's boxed futures otherwise.
     let path_future: Pin<Box<dyn Future<Output = Result<Response<Body>, Reject>> + Send + '_>> =
-        Box::pin(admit_and_forward(&app, &snapshot, peer, req));
-    Ok(match path_future.await {
+        Box::pin(admit_and_forward(
+            &app,
+            &snapshot,
+            (peer, hints),
+            req,
+            &mut seen,
+        ));
+    let result = path_future.await;
+    let route = seen.route.unwrap_or(&snapshot.unmatched);
+    let status = match &result {
+        Ok(resp) => resp.status(),
+        Err(reject) => reject.status(),
+    };
+    route.answered(status.as_u16(), started.elapsed());
+    if seen.route.is_some() {
+        route.admission(match &result {
+            Err(reject) if !seen.won => metrics::outcome_of(reject),
+            _ => "won",
+        });
+    }
+    Ok(match result {
         Ok(resp) => resp,
         Err(reject) => {
-            debug!(%method, path = uri.path(), status = reject.status().as_u16(), reason = reject.reason(), "answered by flashgate");
+            debug!(%method, path = uri.path(), status = status.as_u16(), reason = reject.reason(), "answered by flashgate");
             reject.into_response()
         }
     })
 }
 
-async fn admit_and_forward(
+/// What the request path learned that the metrics need once the answer is known.
+#[derive(Default)]
+struct Seen<'s> {
+    /// The matched route's metrics.
+    route: Option<&'s RouteMetrics>,
+    /// Counted in `flashgate_in_flight` until the answer's head.
+    _in_flight: Option<InFlight>,
+    /// A sale route's request won a unit (whatever the backend then answered).
+    won: bool,
+}
+
+async fn admit_and_forward<'s>(
     app: &Arc<App>,
-    snap: &Snapshot,
-    peer: SocketAddr,
+    snap: &'s Snapshot,
+    (peer, hints): (SocketAddr, Option<Arc<Outbox>>),
     mut req: Request<Incoming>,
+    seen: &mut Seen<'s>,
 ) -> Result<Response<Body>, Reject> {
     let cfg = &snap.config;
     // Only flashgate may speak as flashgate: the backend trusts these headers.
@@ -97,6 +133,8 @@ async fn admit_and_forward(
     let peer = Peer {
         ip: peer.ip(),
         trusted: client_ip::is_trusted(peer.ip(), &cfg.trusted_proxies),
+        // A 1xx goes to HTTP/1.1 clients only (RFC 9110 §15.2: never to HTTP/1.0).
+        hints: hints.filter(|_| req.version() == http::Version::HTTP_11),
     };
 
     // 2. One canonical path, matched AND forwarded, so the backend routes exactly what was
@@ -110,6 +148,10 @@ async fn admit_and_forward(
     }
     // First match wins; then the fence: no other spelling of a sale path gets through.
     let matched = snap.route_for(req.method(), canonical::match_form(&path));
+    if let Some(m) = &matched {
+        seen.route = Some(&m.route.metrics);
+        seen._in_flight = Some(m.route.metrics.enter());
+    }
     let on_sale = matched
         .as_ref()
         .is_some_and(|m| m.route.route.sale.is_some());
@@ -180,7 +222,8 @@ async fn admit_and_forward(
     let resp = if let Some(sale) = route.route.sale.as_ref() {
         // 5–9. A flash-sale route: only a request that wins stock is forwarded.
         let user = user.ok_or_else(|| Reject::Unauthenticated("no user identity".into()))?;
-        admit_sale(app, snap, sale, user, &matched.params, (req, limit), peer).await?
+        let order = (req, limit, &mut seen.won);
+        admit_sale(app, snap, sale, user, &matched.params, order, peer).await?
     } else {
         // An ordinary route: forward untouched.
         forward(snap, req, peer, limit).await?
@@ -199,7 +242,7 @@ async fn admit_sale(
     sale: &Sale,
     user: UserId,
     params: &matchit::Params<'_, '_>,
-    (req, limit): (Request<Body>, body::BodyLimit),
+    (req, limit, won): (Request<Body>, body::BodyLimit, &mut bool),
     peer: Peer,
 ) -> Result<Response<Body>, Reject> {
     let (parts, body) = req.into_parts();
@@ -219,8 +262,13 @@ async fn admit_sale(
         per_user_limit: sale.per_user_limit,
     };
     let reservation = match app.store.reserve(&request).await {
-        Ok(ReserveOutcome::Won { reservation, .. }) => reservation,
+        Ok(ReserveOutcome::Won { reservation, .. }) => {
+            *won = true;
+            app.metrics.saw_sku(&order.sku);
+            reservation
+        }
         Ok(ReserveOutcome::SoldOut { remaining }) => {
+            app.metrics.saw_sku(&order.sku);
             // Only an empty SKU is sold out for everybody; an order larger than what is
             // left is refused for itself (or one buyer could close the sale for all).
             if remaining == 0 {

@@ -16,7 +16,8 @@
 //! 5. On a sale route, [`sale`] reads the order (SKU, quantity) — parsed once into the
 //!    [`ids`] newtypes the store takes — and the store reserves a unit;
 //!    [`order`] forwards the winner and records the outcome (sold, released, uncertain).
-//! 6. [`forward`] sends the request to the backend over a pooled client, streaming both ways.
+//! 6. [`forward`] sends the request to the backend over a pooled client, streaming both ways;
+//!    [`interim`] passes the backend's `103 Early Hints` on and bounds a bare `100`/`102`.
 //!
 //! Configuration is parsed, validated and compiled once by [`config`].
 
@@ -34,7 +35,9 @@ pub mod head_errors;
 pub mod hygiene;
 pub mod identity;
 pub mod ids;
+pub mod interim;
 pub mod limit;
+pub mod metrics;
 pub mod order;
 pub mod reject;
 pub mod reload;

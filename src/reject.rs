@@ -230,7 +230,7 @@ impl Reject {
             Reject::PayloadTooLarge => Cow::Borrowed("request body too large"),
             Reject::BadGateway => Cow::Borrowed("the shop backend could not be reached"),
             Reject::BadUpstreamResponse => Cow::Borrowed(
-                "the shop backend's answer could not be passed on (its head is too large or malformed)",
+                "the shop backend's answer could not be passed on (its head is too large or malformed, or it sent only an informational 1xx)",
             ),
             Reject::GatewayTimeout => Cow::Borrowed("the shop backend did not answer in time"),
         }

@@ -17,8 +17,10 @@ use crate::forward::Upstream;
 use crate::hygiene;
 use crate::identity::Reader;
 use crate::limit::RouteGuards;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::sale::SoldOut;
 use crate::store::breaker::Breaker;
+use crate::store::observed::Observed;
 use crate::store::{MemoryStore, RedisConfig, RedisStore, Store};
 
 /// How often keyed limiters forget keys whose bucket has refilled.
@@ -38,6 +40,7 @@ pub struct App {
     pub bookkeeping: TaskTracker,
     /// Signs forwarded winners (`signing` in the config); read once at start.
     pub signer: Option<crate::signing::Key>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct Snapshot {
@@ -48,11 +51,14 @@ pub struct Snapshot {
     /// Which headers clients may not send through (see `hygiene.rs`).
     pub hygiene: hygiene::Rules,
     pub upstream: Arc<Upstream>,
+    /// Requests no route matched.
+    pub unmatched: Arc<RouteMetrics>,
 }
 
 pub struct RouteState {
     pub route: Route,
     pub guards: Arc<RouteGuards>,
+    pub metrics: Arc<RouteMetrics>,
     /// Reads the route's `identity` (a JWT route's keys and token cache live here).
     pub identity: Option<Arc<Reader>>,
 }
@@ -69,7 +75,7 @@ impl Snapshot {
     /// Likewise a route whose identity is unchanged keeps its reader (a JWT route its keys,
     /// fetched or read, and its token cache); a changed `jwks_file` makes a new one.
     /// Needs a tokio runtime when a route fetches its JWT keys.
-    pub fn build(config: Config, previous: Option<&Snapshot>) -> Snapshot {
+    pub fn build(config: Config, previous: Option<&Snapshot>, metrics: &Arc<Metrics>) -> Snapshot {
         let routes = config
             .routes
             .iter()
@@ -88,6 +94,7 @@ impl Snapshot {
                         .unwrap_or_else(|| Arc::new(Reader::new(id)))
                 });
                 RouteState {
+                    metrics: metrics.route(&route.name, route.sale.is_some()),
                     route: route.clone(),
                     guards: kept.map_or_else(
                         || Arc::new(RouteGuards::new(&route.limits)),
@@ -99,9 +106,10 @@ impl Snapshot {
             .collect();
         let upstream = match previous {
             Some(p) if p.config.upstream == config.upstream => p.upstream.clone(),
-            _ => Arc::new(Upstream::new(&config.upstream)),
+            _ => Arc::new(Upstream::new(&config.upstream, metrics.clone())),
         };
         Snapshot {
+            unmatched: metrics.unmatched().clone(),
             fence: Fence::new(&config.routes),
             hygiene: hygiene_rules(&config),
             config: Arc::new(config),
@@ -166,8 +174,9 @@ impl App {
             Some(s) => Some(crate::signing::Key::from_env(&s.key_id, &s.key_env)?),
             None => None,
         };
+        let metrics = Metrics::new();
         let store: Arc<dyn Store> = match &config.store {
-            None => Arc::new(MemoryStore::new()),
+            None => Arc::new(Observed::new(MemoryStore::new(), metrics.clone())),
             Some(s) => {
                 let redis = RedisStore::connect(&RedisConfig {
                     url: s.redis.clone(),
@@ -178,18 +187,21 @@ impl App {
                 })
                 .await
                 .map_err(|e| format!("cannot set up the stock store: {e}"))?;
-                Arc::new(Breaker::new(redis, s.breaker_failures, s.breaker_cooldown))
+                let breaker = Breaker::new(redis, s.breaker_failures, s.breaker_cooldown)
+                    .reporting_to(metrics.breaker_open.clone());
+                Arc::new(Observed::new(breaker, metrics.clone()))
             }
         };
         info!(store = store.kind(), "stock store ready");
         let app = Arc::new(App {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None, &metrics)),
             store,
             sold_out: SoldOut::default(),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             bookkeeping: TaskTracker::new(),
             signer,
+            metrics,
         });
         tokio::spawn(evict_idle_keys(Arc::downgrade(&app)));
         Ok(app)
@@ -207,7 +219,7 @@ impl App {
                 "the `store` section changed: a restart is needed to switch stores; keeping the current one"
             );
         }
-        let next = Snapshot::build(config, Some(&previous));
+        let next = Snapshot::build(config, Some(&previous), &self.metrics);
         info!(routes = next.routes.len(), file = %next.config.file, "config reloaded");
         self.snapshot.store(Arc::new(next));
         self.reloads.fetch_add(1, Ordering::Relaxed);

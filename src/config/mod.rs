@@ -64,6 +64,8 @@ pub struct Admin {
     pub token_env: String,
     /// The read-only token's variable: status and stock reads, no writes.
     pub read_token_env: Option<String>,
+    /// `GET /metrics` answers without a token.
+    pub metrics_open: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +127,9 @@ pub struct Upstream {
     pub url: UpstreamUrl,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// After a bare `100`/`102` from the backend, how long its final response may take to
+    /// start before the client gets 502 `bad_upstream_response` (see `interim.rs`).
+    pub interim_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
     /// Header lines a backend response may carry; over it: 502 `bad_upstream_response`.
@@ -395,6 +400,7 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             url: raw.upstream.url,
             connect_timeout: raw.upstream.connect_timeout.0,
             request_timeout: raw.upstream.request_timeout.0,
+            interim_timeout: raw.upstream.interim_timeout.0,
             pool_idle_timeout: raw.upstream.pool_idle_timeout.0,
             pool_max_idle: raw.upstream.pool_max_idle,
             max_response_headers: raw.upstream.max_response_headers.get(),
@@ -427,6 +433,7 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             listen: a.listen,
             token_env: a.token_env,
             read_token_env: a.read_token_env,
+            metrics_open: a.metrics_open,
         }),
         store: raw.store.map(|s| StoreConfig {
             redis: s.redis.value,

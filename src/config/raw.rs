@@ -57,6 +57,9 @@ pub struct RawAdmin {
     /// Name of the environment variable that holds the read-only token (optional).
     #[serde(default)]
     pub read_token_env: Option<String>,
+    /// `GET /metrics` without a token (for a scrape job on a private network).
+    #[serde(default)]
+    pub metrics_open: bool,
 }
 
 fn default_token_env() -> String {
@@ -155,6 +158,8 @@ pub struct RawUpstream {
     pub connect_timeout: Dur,
     #[serde(default = "d_30s")]
     pub request_timeout: Dur,
+    #[serde(default = "d_1s")]
+    pub interim_timeout: Dur,
     #[serde(default = "d_90s")]
     pub pool_idle_timeout: Dur,
     #[serde(default = "default_pool_max_idle")]

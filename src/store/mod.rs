@@ -41,6 +41,7 @@ pub use crate::ids::{MAX_SKU_LEN, ReservationId, Sku, UserId};
 
 pub mod breaker;
 pub mod memory;
+pub mod observed;
 pub mod redis;
 
 pub use self::memory::MemoryStore;
