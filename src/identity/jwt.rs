@@ -129,7 +129,7 @@ impl Verifier {
             if remote.refetch().await
                 && let Some(fresh) = remote.current()
             {
-                loaded = fresh;
+                loaded = Cow::Owned(fresh);
             }
         }
         let key = loaded
@@ -149,14 +149,19 @@ impl Verifier {
     }
 
     /// The keys to verify with; waits for the first fetch of a `jwks_url` if none came yet.
-    async fn loaded(&self) -> Result<Arc<Loaded>, Reject> {
+    /// Fixed keys are borrowed: a reference count touched by every request on every core
+    /// would bounce between them.
+    async fn loaded(&self) -> Result<Cow<'_, Arc<Loaded>>, Reject> {
         match &self.keys {
-            Keys::Fixed(l) => Ok(l.clone()),
+            Keys::Fixed(l) => Ok(Cow::Borrowed(l)),
             Keys::Remote(remote) => match remote.current() {
-                Some(l) => Ok(l),
+                Some(l) => Ok(Cow::Owned(l)),
                 None => {
                     remote.refetch().await;
-                    remote.current().ok_or(Reject::KeysUnavailable)
+                    remote
+                        .current()
+                        .map(Cow::Owned)
+                        .ok_or(Reject::KeysUnavailable)
                 }
             },
         }
