@@ -9,11 +9,16 @@
 #   (d) flashgate flash route, a distinct user per request, stock that never runs out
 #   (e) flashgate flash route, stock 0: every answer 410 from the local sold-out flag
 #   (f) redis-benchmark EVALSHA of lua/reserve.lua, same concurrency, with and without pipelining
+#   (g) flash route, a pool of 1,000 buyers cycled (each sends many requests, as in a real sale),
+#       identity from a header; (g') the same requests also carrying the buyer's JWT, ignored (the
+#       token's bytes alone); (h) the same with an RS256 JWT identity (1,000 tokens made up
+#       front, verified once each, then served from flashgate's token cache)
 # plus flashgate's CPU seconds per 10k requests, peak RSS, Redis commands per request, idle RSS
 # and the RSS cost of 10,000 idle keep-alive connections.
 #
 # Writes bench/results/latest.md (+ latest.png when gnuplot is installed) and prints ratios.
 # Usage: bench/run.sh            env: ROUNDS=3 DURATION=5 CONNS=64 THREADS=2
+#        ONLY=jwt bench/run.sh   (g), (g') and (h) alone, reported in bench/results/jwt.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,12 +27,13 @@ DURATION=${DURATION:-5}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 IDLE_CONNS=${IDLE_CONNS:-10000}
+ONLY=${ONLY:-}
 
 need=()
-for b in wrk nginx redis-server redis-benchmark; do command -v "$b" >/dev/null 2>&1 || need+=("$b"); done
+for b in wrk nginx redis-server redis-benchmark openssl; do command -v "$b" >/dev/null 2>&1 || need+=("$b"); done
 if [ ${#need[@]} -gt 0 ]; then
   echo "bench: installing missing tools (${need[*]})"
-  pkgs=(wrk nginx-light redis-server redis-tools)
+  pkgs=(wrk nginx-light redis-server redis-tools openssl)
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}"
 fi
@@ -74,6 +80,10 @@ EOF
 nginx -p "$work" -c "$work/backend.conf" & pids+=($!)
 nginx -p "$work" -c "$work/proxy.conf" & pids+=($!)
 
+# --- JWT keys and a pool of 1,000 buyers' tokens (RS256) ----------------------------------------
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$work/jwt.pem" 2>/dev/null
+python3 bench/jwt_tokens.py "$work/jwt.pem" 1000 "$work/jwks.json" "$work/tokens.txt"
+
 # --- flashgate ----------------------------------------------------------------------------------
 cat >"$work/flashgate.yaml" <<EOF
 listen: 127.0.0.1:$PF
@@ -86,6 +96,17 @@ routes:
     match: { method: POST, path: "/api/flash/{sku}/buy" }
     identity: { header: X-User-Id }
     sale: { sku: { path_param: sku }, sold_out_recheck: 1h }
+  # (g) and (h): the same flash route twice, buyers from a header or from a JWT. A buyer may
+  # buy without limit, so every request of the cycled pool is a real admission.
+  - name: pool-header
+    match: { method: POST, path: "/api/hdr/{sku}/buy" }
+    identity: { header: X-User-Id }
+    sale: { sku: { path_param: sku }, per_user_limit: 4000000000, sold_out_recheck: 1h }
+  - name: pool-jwt
+    match: { method: POST, path: "/api/jwt/{sku}/buy" }
+    identity:
+      jwt: { jwks_file: "$work/jwks.json", algorithms: [RS256], issuer: "https://auth.bench", audience: shop }
+    sale: { sku: { path_param: sku }, per_user_limit: 4000000000, sold_out_recheck: 1h }
   - name: rest
     match: { path: "/{*rest}" }
 EOF
@@ -110,6 +131,25 @@ request = function()
 end
 EOF
 sed 's|SKU_PATH|"/api/flash/plenty/buy"|' "$work/flash.lua" >"$work/flash-plenty.lua"
+cat >"$work/pool.lua" <<EOF
+-- A pool of 1,000 buyers, cycled; each thread starts at its own place in the pool.
+local tokens = {}
+for line in io.lines("$work/tokens.txt") do tokens[#tokens + 1] = line end
+local n = 0
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("tid", threads) end
+function init(args) n = (tid or 0) * 499 end
+request = function()
+  n = n + 1
+  local i = n % #tokens
+  return wrk.format("POST", POOL_PATH, POOL_HEADER, "")
+end
+EOF
+sed 's|POOL_PATH|"/api/hdr/plenty/buy"|; s|POOL_HEADER|{ ["X-User-Id"] = "pool-" .. i }|' "$work/pool.lua" >"$work/pool-header.lua"
+sed 's|POOL_PATH|"/api/jwt/plenty/buy"|; s|POOL_HEADER|{ ["Authorization"] = "Bearer " .. tokens[i + 1] }|' "$work/pool.lua" >"$work/pool-jwt.lua"
+# (g') the header route with the token sent along (and ignored): the bytes a JWT adds to a
+# request, without its verification, to tell the two costs apart.
+sed 's|POOL_PATH|"/api/hdr/plenty/buy"|; s|POOL_HEADER|{ ["X-User-Id"] = "pool-" .. i, ["Authorization"] = "Bearer " .. tokens[i + 1] }|' "$work/pool.lua" >"$work/pool-header-token.lua"
 sed 's|SKU_PATH|"/api/flash/gone/buy"|' "$work/flash.lua" >"$work/flash-gone.lua"
 # Trip the local sold-out flag once, so (e) measures the steady state after a sell-out.
 curl -s -o /dev/null -X POST -H 'X-User-Id: warmup' "http://127.0.0.1:$PF/api/flash/gone/buy"
@@ -121,11 +161,13 @@ to_ms() { # wrk prints 1.23ms / 456.00us / 1.20s
   awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v+0 } else if (v ~ /s$/) { sub(/s$/,"",v); print v*1000 } else print v }'
 }
 
-targets=(direct nginx flashgate flash soldout)
+if [ "$ONLY" = jwt ]; then targets=(hdrpool hdrtok jwtpool); else targets=(direct nginx flashgate flash soldout hdrpool hdrtok jwtpool); fi
 declare -A url script
 url[direct]="http://127.0.0.1:$PB/bench"; url[nginx]="http://127.0.0.1:$PN/bench"; url[flashgate]="http://127.0.0.1:$PF/bench"
 url[flash]="http://127.0.0.1:$PF"; url[soldout]="http://127.0.0.1:$PF"
 script[flash]="$work/flash-plenty.lua"; script[soldout]="$work/flash-gone.lua"
+url[hdrpool]="http://127.0.0.1:$PF"; url[hdrtok]="http://127.0.0.1:$PF"; url[jwtpool]="http://127.0.0.1:$PF"
+script[hdrpool]="$work/pool-header.lua"; script[hdrtok]="$work/pool-header-token.lua"; script[jwtpool]="$work/pool-jwt.lua"
 hz=$(getconf CLK_TCK)
 results="$work/results.tsv"
 : >"$results"
@@ -144,14 +186,49 @@ for round in $(seq 1 "$ROUNDS"); do
     p99=$(to_ms "$(echo "$out" | awk '$1=="99%" {print $2}')")
     non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}'); non2xx=${non2xx:-0}
     errors=$(echo "$out" | awk '/Socket errors/ {print}' | tr -d '\n')
-    case $t in flashgate|flash|soldout) cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$hz" -v n="$reqs" 'BEGIN { printf "%.3f", (b-a)/hz/n*10000 }') ;; *) cpu="-" ;; esac
-    case $t in flash|soldout) rpr=$(awk -v a="$r0" -v b="$r1" -v n="$reqs" 'BEGIN { printf "%.3f", (b-a)/n }') ;; *) rpr="-" ;; esac
+    case $t in flashgate|flash|soldout|hdrpool|hdrtok|jwtpool) cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$hz" -v n="$reqs" 'BEGIN { printf "%.3f", (b-a)/hz/n*10000 }') ;; *) cpu="-" ;; esac
+    case $t in flash|soldout|hdrpool|hdrtok|jwtpool) rpr=$(awk -v a="$r0" -v b="$r1" -v n="$reqs" 'BEGIN { printf "%.3f", (b-a)/n }') ;; *) rpr="-" ;; esac
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$p50" "$p99" "$cpu" "$rpr" "$non2xx" "$reqs" >>"$results"
     printf '  round %s %-9s %10s req/s  p50 %7s ms  p99 %7s ms  cpu/10k %6s s  redis/req %6s  non-2xx %s %s\n' \
       "$round" "$t" "$rps" "$p50" "$p99" "$cpu" "$rpr" "$non2xx" "$errors"
   done
 done
 peak_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$FGPID/status")
+
+median() { sort -n | awk '{a[NR]=$1} END { if (NR==0 || a[1] !~ /^[0-9.]+$/) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+col() { awk -F'\t' -v t="$1" -v c="$2" '$2==t {print $c}' "$results" | median; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b>0) printf "%.2f", a/b; else print "-" }'; }
+declare -A label
+label[direct]="(a) backend direct"; label[nginx]="(b) nginx pass-through"; label[flashgate]="(c) flashgate pass-through"
+label[flash]="(d) flashgate flash route (distinct users, stock never runs out)"; label[soldout]="(e) flashgate sold-out route (410)"
+label[hdrpool]="(g) flash route, 1,000 buyers cycled, header identity"; label[hdrtok]="(g') the same, each request also carrying its buyer's JWT (ignored)"; label[jwtpool]="(h) flash route, 1,000 buyers cycled, RS256 JWT identity (cached)"
+table() {
+  echo "| target | req/s | p50 ms | p99 ms | flashgate CPU s / 10k req | Redis cmds / req | non-2xx |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+  for t in "${targets[@]}"; do
+    printf '| %s | %.0f | %s | %s | %s | %s | %s |\n' "${label[$t]}" "$(col "$t" 3)" "$(col "$t" 4)" "$(col "$t" 5)" "$(col "$t" 6)" "$(col "$t" 7)" "$(col "$t" 8)"
+  done
+}
+jwt_ratio() {
+  echo "- JWT identity / header identity (h / g): $(ratio "$(col jwtpool 3)" "$(col hdrpool 3)")x rps (>= 0.83, i.e. at most 1.2x the cost); flashgate CPU per request $(ratio "$(col jwtpool 6)" "$(col hdrpool 6)")x ($(col jwtpool 6) vs $(col hdrpool 6) s / 10k)"
+  echo "- of which the token's bytes alone (g' / g): $(ratio "$(col hdrtok 3)" "$(col hdrpool 3)")x rps; flashgate CPU per request $(ratio "$(col hdrtok 6)" "$(col hdrpool 6)")x"
+}
+if [ "$ONLY" = jwt ]; then
+  mkdir -p bench/results
+  md=bench/results/jwt.md
+  {
+    echo "# flashgate benchmark: JWT identity"
+    echo
+    echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), loopback."
+    echo "\`ONLY=jwt bench/run.sh\`: ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS THREADS=$THREADS, wrk keep-alive; medians over rounds."
+    echo
+    table
+    echo
+    jwt_ratio
+  } >"$md"
+  cat "$md"
+  exit 0
+fi
 
 # --- (f) Redis's own ceiling for the same script -------------------------------------------------
 rcli SET 'fg:{rb}:stock' 1000000000000 >/dev/null
@@ -173,11 +250,6 @@ idle_opened=$(awk '/opened/ {print $2}' "$work/idle.txt")
 
 # --- report ---------------------------------------------------------------------------------------
 mkdir -p bench/results
-median() { sort -n | awk '{a[NR]=$1} END { if (NR==0 || a[1] !~ /^[0-9.]+$/) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
-col() { awk -F'\t' -v t="$1" -v c="$2" '$2==t {print $c}' "$results" | median; }
-declare -A label
-label[direct]="(a) backend direct"; label[nginx]="(b) nginx pass-through"; label[flashgate]="(c) flashgate pass-through"
-label[flash]="(d) flashgate flash route (distinct users, stock never runs out)"; label[soldout]="(e) flashgate sold-out route (410)"
 md=bench/results/latest.md
 {
   echo "# flashgate benchmark"
@@ -185,11 +257,7 @@ md=bench/results/latest.md
   echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), loopback."
   echo "\`bench/run.sh\`: ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS THREADS=$THREADS, wrk keep-alive; medians over rounds."
   echo
-  echo "| target | req/s | p50 ms | p99 ms | flashgate CPU s / 10k req | Redis cmds / req | non-2xx |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
-  for t in "${targets[@]}"; do
-    printf '| %s | %.0f | %s | %s | %s | %s | %s |\n' "${label[$t]}" "$(col "$t" 3)" "$(col "$t" 4)" "$(col "$t" 5)" "$(col "$t" 6)" "$(col "$t" 7)" "$(col "$t" 8)"
-  done
+  table
   printf '| (f) redis-benchmark EVALSHA reserve.lua, %s clients | %.0f | %s | %s | - | 1 | - |\n' "$CONNS" "$(csv_field "$redis_plain" 2)" "$(csv_field "$redis_plain" 5)" "$(csv_field "$redis_plain" 7)"
   printf '| (f) same, pipelined -P 16 | %.0f | %s | %s | - | 1 | - |\n' "$(csv_field "$redis_piped" 2)" "$(csv_field "$redis_piped" 5)" "$(csv_field "$redis_piped" 7)"
   echo
@@ -197,7 +265,6 @@ md=bench/results/latest.md
   echo "$idle_opened idle keep-alive connections added $((idle_added_kb / 1024)) MiB (RSS $((before_idle / 1024)) MiB before)."
 } >"$md"
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b>0) printf "%.2f", a/b; else print "-" }'; }
 nginx_rps=$(col nginx 3)
 {
   echo
@@ -207,6 +274,7 @@ nginx_rps=$(col nginx 3)
   echo "- sold-out rejects / nginx pass-through: $(ratio "$(col soldout 3)" "$nginx_rps")x (>= 1.5), Redis cmds per reject $(col soldout 7) (0)"
   echo "- flash admission / Redis EVALSHA ceiling (unpipelined): $(ratio "$(col flash 3)" "$(csv_field "$redis_plain" 2)")x"
   echo "- memory: idle $((idle_rss_kb / 1024)) MiB (<= 15), $idle_opened idle connections +$((idle_added_kb / 1024)) MiB (<= 60)"
+  jwt_ratio
 } >>"$md"
 cat "$md"
 

@@ -117,9 +117,10 @@ impl Sku {
 
 /// A buyer's id: not empty, no control characters.
 ///
-/// The configurable `identity.max_length` is a per-route policy and stays in
-/// [`crate::identity::user_id`], which also trims the raw value and tells a missing id (401)
-/// from a malformed one (400) before it asks this type.
+/// The configurable `identity.max_length` is a per-route policy and stays in the identity
+/// step (`identity::finish`, which every source — header, cookie, JWT claim — ends with),
+/// which also refuses whitespace around the raw value and tells a missing id (401) from a
+/// malformed one (400) before it asks this type.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UserId(Arc<str>);
 string_newtype!(UserId);

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 
 use crate::body::{self, Body};
@@ -21,6 +21,11 @@ pub enum Reject {
     /// Too many requests in flight on the route.
     Overloaded,
     Unauthenticated(String),
+    /// A route with a JWT identity got no usable bearer token (see [`TokenError`]).
+    Token(TokenError),
+    /// A route with a JWT identity has no keys yet (its `jwks_url` could not be fetched):
+    /// nothing can be verified, so nothing is admitted.
+    KeysUnavailable,
     BadRequest(String),
     /// A sale path asked with another method; `allow` is the `Allow` header's value.
     MethodNotAllowed {
@@ -53,6 +58,100 @@ pub enum Reject {
     GatewayTimeout,
 }
 
+/// Why a bearer token was refused. Each answers `401 unauthenticated` with this `reason` in
+/// the body and a `WWW-Authenticate` challenge (RFC 6750 §3): `Bearer` alone when no token
+/// was sent, else `Bearer error="invalid_token"` with the description. Descriptions are fixed
+/// text: nothing from the request is ever echoed into a header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    /// No token where the route reads it (no `Authorization: Bearer …`, no cookie).
+    MissingToken,
+    /// Not three base64url parts of JSON, or a header or claim of the wrong type.
+    Malformed,
+    /// Longer than the route's `max_token_bytes`.
+    TooLarge,
+    Expired,
+    NotYetValid,
+    BadSignature,
+    /// No key fits the token's `kid` and `alg` (or it has no `kid` and several keys fit).
+    UnknownKey,
+    WrongIssuer,
+    WrongAudience,
+    /// `alg` is not in the route's `algorithms` (`none` never is).
+    AlgorithmNotAllowed,
+    /// `exp`, or the route's user claim, is absent (or the user claim is empty).
+    ClaimMissing,
+    /// The user claim is neither a string nor a whole number.
+    ClaimInvalid,
+}
+
+impl TokenError {
+    /// Every variant, for tests and the README's table.
+    pub const ALL: [TokenError; 12] = [
+        TokenError::MissingToken,
+        TokenError::Malformed,
+        TokenError::TooLarge,
+        TokenError::Expired,
+        TokenError::NotYetValid,
+        TokenError::BadSignature,
+        TokenError::UnknownKey,
+        TokenError::WrongIssuer,
+        TokenError::WrongAudience,
+        TokenError::AlgorithmNotAllowed,
+        TokenError::ClaimMissing,
+        TokenError::ClaimInvalid,
+    ];
+
+    /// The `reason` field of the 401 body, stable across releases.
+    pub fn reason(self) -> &'static str {
+        match self {
+            TokenError::MissingToken => "missing_token",
+            TokenError::Malformed => "malformed",
+            TokenError::TooLarge => "token_too_large",
+            TokenError::Expired => "expired",
+            TokenError::NotYetValid => "not_yet_valid",
+            TokenError::BadSignature => "bad_signature",
+            TokenError::UnknownKey => "unknown_key",
+            TokenError::WrongIssuer => "wrong_issuer",
+            TokenError::WrongAudience => "wrong_audience",
+            TokenError::AlgorithmNotAllowed => "algorithm_not_allowed",
+            TokenError::ClaimMissing => "claim_missing",
+            TokenError::ClaimInvalid => "claim_invalid",
+        }
+    }
+
+    /// The body's `message` and the challenge's `error_description` (plain ASCII, no quotes).
+    pub fn description(self) -> &'static str {
+        match self {
+            TokenError::MissingToken => "no bearer token on the request",
+            TokenError::Malformed => "the token is not a well-formed JWT",
+            TokenError::TooLarge => "the token is too large",
+            TokenError::Expired => "the token has expired",
+            TokenError::NotYetValid => "the token is not valid yet (nbf)",
+            TokenError::BadSignature => "the token signature does not verify",
+            TokenError::UnknownKey => "no key matches the token kid and alg",
+            TokenError::WrongIssuer => "the token issuer (iss) is not accepted",
+            TokenError::WrongAudience => "the token audience (aud) is not accepted",
+            TokenError::AlgorithmNotAllowed => "the token alg is not accepted",
+            TokenError::ClaimMissing => "the token lacks exp or the user claim",
+            TokenError::ClaimInvalid => "the user claim is not a string or a whole number",
+        }
+    }
+
+    /// The `WWW-Authenticate` value.
+    fn challenge(self) -> HeaderValue {
+        if self == TokenError::MissingToken {
+            return HeaderValue::from_static("Bearer");
+        }
+        let v = format!(
+            "Bearer error=\"invalid_token\", error_description=\"{}\"",
+            self.description()
+        );
+        HeaderValue::from_str(&v)
+            .unwrap_or(HeaderValue::from_static("Bearer error=\"invalid_token\""))
+    }
+}
+
 /// How long a client should wait before retrying when the cause is not a token bucket.
 const RETRY_AFTER_BUSY: u64 = 1;
 
@@ -60,8 +159,10 @@ impl Reject {
     pub fn status(&self) -> StatusCode {
         match self {
             Reject::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Reject::Overloaded | Reject::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Reject::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Reject::Overloaded | Reject::Unavailable | Reject::KeysUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Reject::Unauthenticated(_) | Reject::Token(_) => StatusCode::UNAUTHORIZED,
             Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
             Reject::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Reject::NotStarted | Reject::Ended => StatusCode::FORBIDDEN,
@@ -80,7 +181,7 @@ impl Reject {
         match self {
             Reject::RateLimited { .. } => "rate_limited",
             Reject::Overloaded => "overloaded",
-            Reject::Unauthenticated(_) => "unauthenticated",
+            Reject::Unauthenticated(_) | Reject::Token(_) => "unauthenticated",
             Reject::BadRequest(_) => "bad_request",
             Reject::MethodNotAllowed { .. } => "method_not_allowed",
             Reject::NotStarted => "not_started",
@@ -89,7 +190,7 @@ impl Reject {
             Reject::SoldOut { .. } => "sold_out",
             Reject::Closed => "closed",
             Reject::NotConfigured { .. } => "not_configured",
-            Reject::Unavailable => "unavailable",
+            Reject::Unavailable | Reject::KeysUnavailable => "unavailable",
             Reject::NoRoute => "not_found",
             Reject::UriTooLong => "uri_too_long",
             Reject::PayloadTooLarge => "payload_too_large",
@@ -106,6 +207,10 @@ impl Reject {
             }
             Reject::Overloaded => Cow::Borrowed("too many requests in flight, retry shortly"),
             Reject::Unauthenticated(m) | Reject::BadRequest(m) => Cow::Borrowed(m),
+            Reject::Token(e) => Cow::Borrowed(e.description()),
+            Reject::KeysUnavailable => {
+                Cow::Borrowed("the keys that verify tokens are not available yet, retry shortly")
+            }
             Reject::MethodNotAllowed { allow } => {
                 Cow::Owned(format!("this sale path accepts only {allow}"))
             }
@@ -135,7 +240,9 @@ impl Reject {
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             Reject::RateLimited { retry_after, .. } => Some(ceil_secs(*retry_after)),
-            Reject::Overloaded | Reject::Unavailable => Some(RETRY_AFTER_BUSY),
+            Reject::Overloaded | Reject::Unavailable | Reject::KeysUnavailable => {
+                Some(RETRY_AFTER_BUSY)
+            }
             _ => None,
         }
     }
@@ -158,6 +265,9 @@ impl Reject {
             json_field(&mut bytes, "held", held);
         }
         json_field(&mut bytes, "message", &self.message());
+        if let Reject::Token(e) = &self {
+            json_field(&mut bytes, "reason", &e.reason());
+        }
         if let Reject::SoldOut { remaining } = &self {
             json_field(&mut bytes, "remaining", remaining);
         }
@@ -179,6 +289,9 @@ impl Reject {
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secs) = retry {
             h.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Reject::Token(e) = &self {
+            h.insert(WWW_AUTHENTICATE, e.challenge());
         }
         if let Reject::MethodNotAllowed { allow } = &self
             && let Ok(v) = HeaderValue::from_str(allow)
@@ -288,6 +401,8 @@ mod tests {
                 "not_configured",
             ),
             (Reject::Unavailable, 503, "unavailable"),
+            (Reject::KeysUnavailable, 503, "unavailable"),
+            (Reject::Token(TokenError::Expired), 401, "unauthenticated"),
             (Reject::NoRoute, 404, "not_found"),
             (Reject::UriTooLong, 414, "uri_too_long"),
             (Reject::PayloadTooLarge, 413, "payload_too_large"),
@@ -346,5 +461,45 @@ mod tests {
         let sku = body_json(Reject::NotConfigured { sku: "a\"b".into() }).await;
         assert_eq!(sku["sku"], "a\"b");
         assert_eq!(sku["error"], "not_configured");
+    }
+
+    #[tokio::test]
+    async fn token_refusals_carry_a_reason_and_a_bearer_challenge() {
+        for e in TokenError::ALL {
+            let resp = Reject::Token(e).into_response();
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+            let challenge = resp.headers()[WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            if e == TokenError::MissingToken {
+                // RFC 6750 §3.1: no error attribute when the request had no credentials.
+                assert_eq!(challenge, "Bearer");
+            } else {
+                assert_eq!(
+                    challenge,
+                    format!(
+                        "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                        e.description()
+                    )
+                );
+            }
+            let body = body_json(Reject::Token(e)).await;
+            assert_eq!(body["error"], "unauthenticated");
+            assert_eq!(body["reason"], e.reason());
+            assert_eq!(body["message"], e.description());
+        }
+        let reasons: std::collections::BTreeSet<_> =
+            TokenError::ALL.iter().map(|e| e.reason()).collect();
+        assert_eq!(reasons.len(), TokenError::ALL.len(), "reasons are distinct");
+        // Other answers carry no challenge and no reason field.
+        let resp = Reject::Unauthenticated("x".into()).into_response();
+        assert!(!resp.headers().contains_key(WWW_AUTHENTICATE));
+        assert!(
+            body_json(Reject::Unauthenticated("x".into()))
+                .await
+                .get("reason")
+                .is_none()
+        );
     }
 }

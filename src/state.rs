@@ -12,10 +12,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::access_log::AccessLog;
-use crate::config::{Config, Identity, IdentitySource, Quantity, Route, Source};
+use crate::config::{Config, IdentitySource, Quantity, Route, Source, TokenFrom};
 use crate::fence::Fence;
 use crate::forward::Upstream;
 use crate::hygiene;
+use crate::identity::Reader;
 use crate::limit::RouteGuards;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::sale::SoldOut;
@@ -61,6 +62,8 @@ pub struct RouteState {
     pub route: Route,
     pub guards: Arc<RouteGuards>,
     pub metrics: Arc<RouteMetrics>,
+    /// Reads the route's `identity` (a JWT route's keys and token cache live here).
+    pub identity: Option<Arc<Reader>>,
 }
 
 /// A matched route and the path parameters it captured.
@@ -72,15 +75,26 @@ pub struct Matched<'s, 'p> {
 impl Snapshot {
     /// Compiles runtime state for `config`. Routes that keep their name and limits keep their
     /// guards (and so their buckets and in-flight count): a reload mid-sale refills nothing.
+    /// Likewise a route whose identity is unchanged keeps its reader (a JWT route its keys,
+    /// fetched or read, and its token cache); a changed `jwks_file` makes a new one.
+    /// Needs a tokio runtime when a route fetches its JWT keys.
     pub fn build(config: Config, previous: Option<&Snapshot>, metrics: &Arc<Metrics>) -> Snapshot {
         let routes = config
             .routes
             .iter()
             .map(|route| {
-                let kept = previous.and_then(|p| {
-                    p.routes
-                        .iter()
-                        .find(|r| r.route.name == route.name && r.guards.limits() == &route.limits)
+                let same_name = || {
+                    previous
+                        .into_iter()
+                        .flat_map(|p| p.routes.iter())
+                        .filter(|r| r.route.name == route.name)
+                };
+                let kept = same_name().find(|r| r.guards.limits() == &route.limits);
+                let identity = route.identity.as_ref().map(|id| {
+                    same_name()
+                        .find_map(|r| r.identity.as_ref().filter(|reader| reader.identity() == id))
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Reader::new(id)))
                 });
                 RouteState {
                     metrics: metrics.route(&route.name, route.sale.is_some()),
@@ -89,6 +103,7 @@ impl Snapshot {
                         || Arc::new(RouteGuards::new(&route.limits)),
                         |r| r.guards.clone(),
                     ),
+                    identity,
                 }
             })
             .collect();
@@ -125,12 +140,15 @@ impl Snapshot {
 fn hygiene_rules(config: &Config) -> hygiene::Rules {
     let mut value_headers = Vec::new();
     for route in &config.routes {
-        if let Some(Identity {
-            source: IdentitySource::Header(h),
-            ..
-        }) = &route.identity
-        {
-            value_headers.push(h.clone());
+        match route.identity.as_ref().map(|i| &i.source) {
+            Some(IdentitySource::Header(h)) => value_headers.push(h.clone()),
+            // `Authorization` has no `_` twin to strip; a token header like `X-Token` has.
+            Some(IdentitySource::Jwt(jwt)) => {
+                if let TokenFrom::Header(h) = &jwt.from {
+                    value_headers.push(h.clone());
+                }
+            }
+            Some(IdentitySource::Cookie(_)) | None => {}
         }
         if let Some(sale) = &route.sale {
             if let Source::Header(h) = &sale.sku {

@@ -147,7 +147,7 @@ const BAD: &[(&str, u64, &[&str])] = &[
         5,
         &[
             "routes[0].identity: ",
-            "set exactly one of `header` or `cookie`",
+            "set exactly one of `header`, `cookie` or `jwt`",
         ],
     ),
     (
@@ -155,8 +155,111 @@ const BAD: &[(&str, u64, &[&str])] = &[
         5,
         &[
             "routes[0].identity: ",
-            "set exactly one of `header` or `cookie`",
+            "set exactly one of `header`, `cookie` or `jwt`",
         ],
+    ),
+    (
+        "jwt_and_header",
+        6,
+        &[
+            "routes[0].identity: ",
+            "set exactly one of `header`, `cookie` or `jwt`",
+        ],
+    ),
+    // JWT identity: each rule of `identity.jwt`, at its own key.
+    (
+        "jwt_alg_none",
+        8,
+        &[
+            "routes[0].identity.jwt.algorithms[1]: ",
+            "`none` is never accepted",
+        ],
+    ),
+    (
+        "jwt_mixed_algorithms",
+        8,
+        &[
+            "routes[0].identity.jwt.algorithms: ",
+            "do not mix HMAC (HS*) with public-key algorithms",
+        ],
+    ),
+    (
+        "jwt_no_algorithms",
+        8,
+        &[
+            "routes[0].identity.jwt.algorithms: ",
+            "list at least one algorithm",
+        ],
+    ),
+    (
+        "jwt_two_key_sources",
+        7,
+        &[
+            "routes[0].identity.jwt: ",
+            "set exactly one of `jwks_file`, `jwks_url` or `secret_env`",
+        ],
+    ),
+    // A relative `jwks_file` is read beside the config file.
+    (
+        "jwt_jwks_file_missing",
+        7,
+        &[
+            "routes[0].identity.jwt.jwks_file: ",
+            "cannot read tests/fixtures/no_such_jwks.json",
+        ],
+    ),
+    (
+        "jwt_jwks_no_usable_key",
+        7,
+        &[
+            "routes[0].identity.jwt.jwks_file: ",
+            "tests/fixtures/jwks_ec_only.json: no usable key for algorithms [RS256]",
+        ],
+    ),
+    (
+        "jwt_https_url",
+        7,
+        &[
+            "routes[0].identity.jwt.jwks_url: ",
+            "only http:// is supported",
+        ],
+    ),
+    (
+        "jwt_secret_for_rs256",
+        8,
+        &[
+            "routes[0].identity.jwt.algorithms: ",
+            "a secret verifies HS256, HS384 or HS512 only",
+        ],
+    ),
+    (
+        "jwt_secret_unset",
+        7,
+        &[
+            "routes[0].identity.jwt.secret_env: ",
+            "environment variable FLASHGATE_TEST_UNSET_SECRET is not set",
+        ],
+    ),
+    (
+        "jwt_min_refresh",
+        9,
+        &[
+            "routes[0].identity.jwt.min_refresh: ",
+            "must be at least 1s",
+        ],
+    ),
+    (
+        "jwt_refresh_without_url",
+        9,
+        &[
+            "routes[0].identity.jwt.refresh: ",
+            "applies to `jwks_url` only",
+        ],
+    ),
+    (
+        "jwt_leeway",
+        9,
+        &["routes[0].identity.jwt.leeway: ", "at most 300s"],
     ),
     (
         "header_name",
@@ -354,6 +457,37 @@ fn check_prints_store_admin_and_sale_settings() {
             "unmatched: not_found",
         ]
     );
+}
+
+/// `check` describes a JWT identity: where the token is read, the keys (a file's key ids and
+/// families, a URL's fetch policy), the checks and the limits.
+#[test]
+fn check_describes_jwt_identities() {
+    let out = check("tests/fixtures/ok_jwt.yaml");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "  1. flash-buy POST /api/flash/{sku}/buy identity=jwt",
+        "       jwt: token from header `Authorization: Bearer`, user from claim `sub`",
+        "       jwt keys: file tests/fixtures/jwks.json (2 key(s): fixture-rsa Rsa RS256, fixture-ec Ec; re-read on reload)",
+        "       jwt checks: alg in [RS256, ES256], exp required, nbf, iss https://auth.example.com, aud shop, leeway 10s",
+        "       jwt limits: token at most 8192 bytes, cache 10000 tokens",
+        "  2. account * /account/{*rest} identity=jwt",
+        "       jwt: token from cookie `session`, user from claim `uid`",
+        "       jwt keys: fetched from http://127.0.0.1:9/.well-known/jwks.json (refresh 10m, at most one fetch per 1m; 503 until the first succeeds)",
+        "       jwt checks: alg in [ES256], exp required, nbf, iss (not checked), aud (not checked), leeway 30s",
+        "       jwt limits: token at most 8192 bytes, cache off",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "missing `{line}` in\n{stdout}"
+        );
+    }
 }
 
 #[test]

@@ -44,6 +44,7 @@ async fn store_of(f: &StoreFixture) -> Arc<dyn Store> {
                 connect_timeout: Duration::from_millis(500),
                 response_timeout: Duration::from_secs(2),
                 key_prefix: "fg".into(),
+                tls: None,
             })
             .await
             .unwrap(),

@@ -46,6 +46,7 @@ fn config(server: &RedisServer) -> RedisConfig {
         connect_timeout: Duration::from_millis(500),
         response_timeout: Duration::from_secs(2),
         key_prefix: "fg".into(),
+        tls: None,
     }
 }
 

@@ -5,7 +5,10 @@
 use std::fmt::Write;
 use std::time::{Duration, SystemTime};
 
-use super::{Config, IdentitySource, Quantity, Rate, Route, Sale, Source, Unmatched};
+use super::{
+    Config, Identity, IdentitySource, Jwt, JwtKeys, Quantity, Rate, Route, Sale, Source, TokenFrom,
+    Unmatched,
+};
 
 /// The whole summary, one setting a line.
 pub fn describe(cfg: &Config) -> String {
@@ -68,6 +71,13 @@ pub fn describe(cfg: &Config) -> String {
     let _ = writeln!(out, "routes (first match wins):");
     for (i, r) in cfg.routes.iter().enumerate() {
         route_line(&mut out, i, r);
+        if let Some(Identity {
+            source: IdentitySource::Jwt(jwt),
+            ..
+        }) = &r.identity
+        {
+            jwt_lines(&mut out, jwt);
+        }
         if let Some(sale) = &r.sale {
             sale_lines(&mut out, r, sale);
         }
@@ -98,6 +108,7 @@ fn route_line(out: &mut String, i: usize, r: &Route) {
         let _ = match &id.source {
             IdentitySource::Header(h) => write!(out, " identity=header:{h}"),
             IdentitySource::Cookie(c) => write!(out, " identity=cookie:{c}"),
+            IdentitySource::Jwt(_) => write!(out, " identity=jwt"),
         };
     }
     let l = &r.limits;
@@ -117,6 +128,60 @@ fn route_line(out: &mut String, i: usize, r: &Route) {
         let _ = write!(out, " max_body={n}");
     }
     let _ = writeln!(out);
+}
+
+/// A JWT identity, indented under its route line: where the token is, which keys, which checks.
+fn jwt_lines(out: &mut String, jwt: &Jwt) {
+    const IN: &str = "       ";
+    let from = match &jwt.from {
+        TokenFrom::Bearer => "header `Authorization: Bearer`".to_owned(),
+        TokenFrom::Header(h) => format!("header `{h}`"),
+        TokenFrom::Cookie(c) => format!("cookie `{c}`"),
+    };
+    let _ = writeln!(
+        out,
+        "{IN}jwt: token from {from}, user from claim `{}`",
+        jwt.claim
+    );
+    let _ = match &jwt.keys {
+        JwtKeys::File { path, keys } => writeln!(
+            out,
+            "{IN}jwt keys: file {} ({} key(s): {}; re-read on reload)",
+            path.display(),
+            keys.len(),
+            keys.summary()
+        ),
+        JwtKeys::Url {
+            url,
+            refresh,
+            min_refresh,
+        } => writeln!(
+            out,
+            "{IN}jwt keys: fetched from {url} (refresh {}, at most one fetch per {}; 503 until the first succeeds)",
+            dur(*refresh),
+            dur(*min_refresh)
+        ),
+        JwtKeys::Secret { env, .. } => writeln!(out, "{IN}jwt keys: HMAC secret from ${env}"),
+    };
+    let algs: Vec<String> = jwt.algorithms.iter().map(|a| format!("{a:?}")).collect();
+    let _ = writeln!(
+        out,
+        "{IN}jwt checks: alg in [{}], exp required, nbf, iss {}, aud {}, leeway {}",
+        algs.join(", "),
+        jwt.issuer.as_deref().unwrap_or("(not checked)"),
+        jwt.audience.as_deref().unwrap_or("(not checked)"),
+        dur(jwt.leeway)
+    );
+    let cache = if jwt.cache_entries == 0 {
+        "off".to_owned()
+    } else {
+        format!("{} tokens", jwt.cache_entries)
+    };
+    let _ = writeln!(
+        out,
+        "{IN}jwt limits: token at most {} bytes, cache {cache}",
+        jwt.max_token_bytes
+    );
 }
 
 /// A sale route's admission rules, indented under its route line.

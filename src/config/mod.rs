@@ -5,6 +5,7 @@
 //! like `nginx -t`, because an operator fixing a config minutes before a sale needs exactly that.
 
 mod describe;
+mod jwt;
 mod raw;
 mod route;
 mod shadow;
@@ -23,6 +24,7 @@ use ipnet::IpNet;
 use serde_saphyr::Location;
 
 pub use describe::{describe, mask_password};
+pub use jwt::{Jwt, JwtKeys, TokenFrom};
 pub use raw::Unmatched;
 
 use crate::canonical::PathPolicy;
@@ -186,6 +188,8 @@ pub enum IdentitySource {
     /// Set by a trusted auth layer in front of flashgate.
     Header(HeaderName),
     Cookie(String),
+    /// A claim of a verified JSON Web Token (see `config/jwt.rs`).
+    Jwt(std::sync::Arc<Jwt>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -377,12 +381,17 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
         ));
     }
 
+    // Relative paths in the file (a `jwks_file`) are read from the file's own directory.
+    let base = Path::new(file)
+        .parent()
+        .unwrap_or(Path::new(""))
+        .to_path_buf();
     let mut routes: Vec<Route> = Vec::with_capacity(raw.routes.len());
     let mut route_at: Vec<Location> = Vec::with_capacity(raw.routes.len());
     for (i, spanned) in raw.routes.into_iter().enumerate() {
         let at = spanned.referenced;
         route_at.push(at);
-        let route = compile_route(spanned.value, i, &err, &at)?;
+        let route = compile_route(spanned.value, i, &base, &err, &at)?;
         if routes.iter().any(|r| r.name == route.name) {
             return Err(err(
                 &at,

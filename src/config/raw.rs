@@ -14,7 +14,8 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_saphyr::{Location, Spanned};
 
 use super::values::{
-    Bytes, Dur, HeaderNameValue, MethodValue, PathTemplate, Timestamp, TrustedNet, UpstreamUrl,
+    Bytes, Dur, HeaderNameValue, JwksUrl, JwtAlgorithm, MethodValue, PathTemplate, Timestamp,
+    TrustedNet, UpstreamUrl,
 };
 
 #[derive(Debug, Deserialize)]
@@ -472,10 +473,64 @@ impl<T> OneOrMany<T> {
 pub struct RawIdentity {
     pub header: Option<HeaderNameValue>,
     pub cookie: Option<String>,
+    pub jwt: Option<Spanned<RawJwt>>,
     #[serde(default = "default_max_user_len")]
     pub max_length: NonZeroUsize,
     #[serde(default)]
     pub normalize: super::Normalize,
+}
+
+/// `identity.jwt`: the user id is a claim of a verified JSON Web Token. Rules that span keys
+/// (exactly one key source, algorithm families) are checked in `config/jwt.rs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    /// Where the token is; `Authorization: Bearer <token>` when omitted.
+    pub from: Option<Spanned<RawTokenFrom>>,
+    pub jwks_file: Option<Spanned<String>>,
+    pub jwks_url: Option<Spanned<JwksUrl>>,
+    /// Name of the environment variable holding an HMAC secret (HS256/384/512).
+    pub secret_env: Option<Spanned<String>>,
+    pub algorithms: Spanned<Vec<JwtAlgorithm>>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// The claim that holds the user id.
+    #[serde(default = "default_claim")]
+    pub claim: Spanned<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway: Spanned<Dur>,
+    /// How often `jwks_url` is fetched again (only with `jwks_url`).
+    pub refresh: Option<Spanned<Dur>>,
+    /// Least time between two fetches of `jwks_url`, however many unknown `kid`s arrive.
+    pub min_refresh: Option<Spanned<Dur>>,
+    /// Longest token accepted; a longer one is refused before it is parsed.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: Spanned<Bytes>,
+    /// Verified tokens remembered (0 = check every signature every time).
+    #[serde(default = "default_jwt_cache_entries")]
+    pub cache_entries: usize,
+}
+
+/// Where a token is read: a header (`Authorization` means `Bearer <token>`) or a cookie.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenFrom {
+    pub header: Option<HeaderNameValue>,
+    pub cookie: Option<String>,
+}
+
+fn default_claim() -> Spanned<String> {
+    Spanned::new("sub".to_owned(), Location::UNKNOWN, Location::UNKNOWN)
+}
+fn default_leeway() -> Spanned<Dur> {
+    Spanned::new(d_30s(), Location::UNKNOWN, Location::UNKNOWN)
+}
+fn default_max_token_bytes() -> Spanned<Bytes> {
+    Spanned::new(Bytes(8 * 1024), Location::UNKNOWN, Location::UNKNOWN)
+}
+fn default_jwt_cache_entries() -> usize {
+    10_000
 }
 
 fn default_max_user_len() -> NonZeroUsize {

@@ -2,18 +2,23 @@
 //! file, line and key of anything wrong (the caller supplies `err` to build that error).
 
 use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
+use super::jwt;
 use super::raw::{RawIdentity, RawQuantity, RawRate, RawRoute, RawSale, RawSource, ReleaseOn};
 use super::*;
 
 pub(super) type ErrFn<'a> = dyn Fn(&Location, String, String) -> ConfigError + 'a;
 
+/// Compiles route `i`; `base` is the config file's directory (for relative `jwks_file`s).
 pub(super) fn compile_route(
     raw: RawRoute,
     i: usize,
+    base: &Path,
     err: &ErrFn<'_>,
     at: &Location,
 ) -> Result<Route, ConfigError> {
@@ -29,44 +34,10 @@ pub(super) fn compile_route(
             format!("`{name}` is the metrics' label for requests no route matched"),
         ));
     }
-    let identity = match raw.identity {
-        None => None,
-        Some(Spanned {
-            value:
-                RawIdentity {
-                    header,
-                    cookie,
-                    max_length,
-                    normalize,
-                },
-            referenced,
-            ..
-        }) => {
-            let source = match (header, cookie) {
-                (Some(h), None) => IdentitySource::Header(h.0),
-                (None, Some(c)) if !c.trim().is_empty() => IdentitySource::Cookie(c.trim().into()),
-                (None, Some(_)) => {
-                    return Err(err(
-                        &referenced,
-                        key("identity.cookie"),
-                        "must not be empty".into(),
-                    ));
-                }
-                _ => {
-                    return Err(err(
-                        &referenced,
-                        key("identity"),
-                        "set exactly one of `header` or `cookie`".into(),
-                    ));
-                }
-            };
-            Some(Identity {
-                source,
-                max_length: max_length.get(),
-                normalize,
-            })
-        }
-    };
+    let identity = raw
+        .identity
+        .map(|s| compile_identity(s.value, &s.referenced, base, &|at, k, m| err(at, key(k), m)))
+        .transpose()?;
     let rate = |r: Option<Spanned<RawRate>>, k: &str| -> Result<Option<Rate>, ConfigError> {
         r.map(|s| compile_rate(s.value).map_err(|m| err(&s.referenced, key(k), m)))
             .transpose()
@@ -117,6 +88,45 @@ pub(super) fn compile_route(
         limits,
         max_body: raw.max_body.map(|b| b.0),
         sale,
+    })
+}
+
+fn compile_identity(
+    raw: RawIdentity,
+    at: &Location,
+    base: &Path,
+    err: &dyn Fn(&Location, &str, String) -> ConfigError,
+) -> Result<Identity, ConfigError> {
+    let source = match (raw.header, raw.cookie, raw.jwt) {
+        (Some(h), None, None) => IdentitySource::Header(h.0),
+        (None, Some(c), None) if !c.trim().is_empty() => IdentitySource::Cookie(c.trim().into()),
+        (None, Some(_), None) => {
+            return Err(err(at, "identity.cookie", "must not be empty".into()));
+        }
+        (None, None, Some(jwt)) => {
+            let jwt_err = |at: &Location, k: &str, m: String| {
+                let k = if k.is_empty() {
+                    "identity.jwt".to_owned()
+                } else {
+                    format!("identity.jwt.{k}")
+                };
+                err(at, &k, m)
+            };
+            let compiled = jwt::compile_jwt(jwt.value, &jwt.referenced, base, &jwt_err)?;
+            IdentitySource::Jwt(Arc::new(compiled))
+        }
+        _ => {
+            return Err(err(
+                at,
+                "identity",
+                "set exactly one of `header`, `cookie` or `jwt`".into(),
+            ));
+        }
+    };
+    Ok(Identity {
+        source,
+        max_length: raw.max_length.get(),
+        normalize: raw.normalize,
     })
 }
 

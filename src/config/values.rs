@@ -238,6 +238,54 @@ impl TryFrom<String> for UpstreamUrl {
     }
 }
 
+/// A JWT signature algorithm (`RS256`, `ES256`, `HS256`, …), spelled as in a token's `alg`.
+/// `none` is refused here, whatever its case: a token must be signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct JwtAlgorithm(pub jsonwebtoken::Algorithm);
+
+/// Every algorithm name `algorithms` accepts, for messages.
+pub const JWT_ALGORITHMS: &str =
+    "HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA";
+
+impl TryFrom<String> for JwtAlgorithm {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.trim().eq_ignore_ascii_case("none") {
+            return Err("`none` is never accepted: every token must be signed".into());
+        }
+        s.trim()
+            .parse()
+            .map(JwtAlgorithm)
+            .map_err(|_| format!("unknown JWT algorithm `{s}`; use one of {JWT_ALGORITHMS}"))
+    }
+}
+
+/// Where a route fetches its JSON Web Key Set: `http://host[:port]/path`. Plain HTTP only
+/// (flashgate has no TLS client): an auth service on the private network, or a local sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct JwksUrl(pub http::Uri);
+
+impl TryFrom<String> for JwksUrl {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let uri: http::Uri = s
+            .trim()
+            .parse()
+            .map_err(|e| format!("invalid jwks_url `{s}`: {e}"))?;
+        if uri.scheme() != Some(&Scheme::HTTP) {
+            return Err(format!(
+                "jwks_url `{s}`: only http:// is supported (use jwks_file for keys that arrive another way)"
+            ));
+        }
+        if uri.authority().is_none_or(|a| a.host().is_empty()) {
+            return Err(format!("jwks_url `{s}` needs a host"));
+        }
+        Ok(JwksUrl(uri))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +323,21 @@ mod tests {
         assert!(t.router.at("/static").is_ok());
         assert!(t.router.at("/static/x.css").is_ok());
         assert!(t.router.at("/other").is_err());
+    }
+
+    #[test]
+    fn jwt_algorithms_and_jwks_urls() {
+        let alg = |s: &str| JwtAlgorithm::try_from(s.to_owned()).map(|a| a.0);
+        assert_eq!(alg("RS256"), Ok(jsonwebtoken::Algorithm::RS256));
+        assert_eq!(alg("EdDSA"), Ok(jsonwebtoken::Algorithm::EdDSA));
+        for none in ["none", "None", "NONE"] {
+            assert!(alg(none).unwrap_err().contains("never accepted"), "{none}");
+        }
+        assert!(alg("rs256").unwrap_err().contains("unknown JWT algorithm"));
+        let url = |s: &str| JwksUrl::try_from(s.to_owned());
+        assert!(url("http://127.0.0.1:9/.well-known/jwks.json").is_ok());
+        assert!(url("https://auth.example.com/jwks").is_err());
+        assert!(url("/jwks.json").is_err());
     }
 
     #[test]

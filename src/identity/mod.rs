@@ -1,5 +1,14 @@
-//! Who the buyer is: a user id from a header set by a trusted auth layer, or from a cookie.
-//! Kept as a step of its own so a JWT source can slot in beside these.
+//! Who the buyer is: a user id from a header set by a trusted auth layer, from a cookie, or
+//! from a claim of a verified JSON Web Token (`jwt.rs`, with its keys in `keys.rs` and
+//! `jwks.rs` and its cache in `cache.rs`).
+//!
+//! Whatever the source, the raw id then meets the same rules, in [`finish`]: no whitespace
+//! around it, the route's `normalize`, its `max_length`, and [`UserId::parse`].
+
+mod cache;
+mod jwks;
+mod jwt;
+pub mod keys;
 
 use std::borrow::Cow;
 
@@ -9,10 +18,50 @@ use unicode_normalization::UnicodeNormalization;
 
 use crate::config::{Identity, IdentitySource, Normalize};
 use crate::ids::UserId;
-use crate::reject::Reject;
+use crate::reject::{Reject, TokenError};
 
-/// Extracts the user id and parses it into a [`UserId`] (non-empty, no control characters),
-/// checking the route's `max_length` on the way. Missing or empty → 401; malformed → 400.
+/// A route's identity at run time: the config, plus a JWT route's verifier (keys, cache and,
+/// with a `jwks_url`, the task that keeps the keys fresh). Built with the snapshot; kept
+/// across a reload that leaves the route's identity unchanged (keys and cache stay warm).
+pub struct Reader {
+    identity: Identity,
+    jwt: Option<jwt::Verifier>,
+}
+
+impl Reader {
+    /// Needs a tokio runtime for a `jwks_url` (its first fetch starts at once).
+    pub fn new(identity: &Identity) -> Reader {
+        let jwt = match &identity.source {
+            IdentitySource::Jwt(cfg) => Some(jwt::Verifier::new(cfg)),
+            IdentitySource::Header(_) | IdentitySource::Cookie(_) => None,
+        };
+        Reader {
+            identity: identity.clone(),
+            jwt,
+        }
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The request's user. Awaits only when a JWT route must wait for a key fetch (its first,
+    /// or one an unknown `kid` asked for); otherwise it is ready at once.
+    pub async fn user_id(&self, headers: &HeaderMap) -> Result<UserId, Reject> {
+        match &self.jwt {
+            None => user_id(&self.identity, headers),
+            Some(verifier) => {
+                verifier
+                    .user_id(headers, |claim| finish(&self.identity, claim))
+                    .await
+            }
+        }
+    }
+}
+
+/// Extracts the user id from a header or cookie and parses it into a [`UserId`] (see
+/// [`finish`]). Missing or empty → 401; malformed → 400. A JWT source is read by
+/// [`Reader::user_id`] (it needs the route's keys), never here.
 pub fn user_id(identity: &Identity, headers: &HeaderMap) -> Result<UserId, Reject> {
     let raw = match &identity.source {
         IdentitySource::Header(name) => {
@@ -26,11 +75,18 @@ pub fn user_id(identity: &Identity, headers: &HeaderMap) -> Result<UserId, Rejec
             first.map(|v| v.as_bytes())
         }
         IdentitySource::Cookie(name) => cookie(headers, name)?,
+        IdentitySource::Jwt(_) => return Err(Reject::Token(TokenError::MissingToken)),
     };
     let raw =
         raw.ok_or_else(|| Reject::Unauthenticated("no user identity on the request".into()))?;
     let user = std::str::from_utf8(raw)
         .map_err(|_| Reject::BadRequest("user id is not valid UTF-8".into()))?;
+    finish(identity, user)
+}
+
+/// The rules every identity source ends with: an id that is empty → 401; one with whitespace
+/// around it, or longer than `max_length` once normalized → 400; then [`UserId::parse`].
+fn finish(identity: &Identity, user: &str) -> Result<UserId, Reject> {
     if user.trim().is_empty() {
         return Err(Reject::Unauthenticated("empty user identity".into()));
     }
