@@ -18,9 +18,11 @@
 //!    [`order`] forwards the winner and records the outcome (sold, released, uncertain).
 //! 6. [`forward`] sends the request to the backend over a pooled client, streaming both ways.
 //!
-//! Configuration is parsed, validated and compiled once by [`config`].
+//! Configuration is parsed, validated and compiled once by [`config`]. Around the path:
+//! [`admin`] (the operator's API and CLI) and [`audit`] (do a sale's books balance?).
 
 pub mod admin;
+pub mod audit;
 pub mod body;
 pub mod canonical;
 pub mod client_ip;
