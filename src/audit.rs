@@ -106,8 +106,7 @@ pub fn check(
         (Some(_), Some(added)) if u128::from(added) == accounted => {}
         (Some(stock), Some(added)) => {
             verdict = Verdict::Mismatch;
-            let off = i128::try_from(accounted).unwrap_or(i128::MAX)
-                - i128::try_from(added).unwrap_or(i128::MAX);
+            let off = i128::try_from(accounted).unwrap_or(i128::MAX) - i128::from(added);
             problems.push(format!(
                 "added {added} != stock {stock} + held {} + sold {} + uncertain {} (= {accounted}, \
                  {off:+}): the stock key or the counters changed behind flashgate's back",
