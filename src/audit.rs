@@ -138,10 +138,17 @@ pub fn check(
         if verdict == Verdict::Ok {
             verdict = Verdict::StaleHeld;
         }
+        let reservations = if stale_held == 1 && !stale_held_more {
+            "1 reservation".to_owned()
+        } else {
+            format!(
+                "{stale_held}{} reservations",
+                if stale_held_more { " or more" } else { "" }
+            )
+        };
         problems.push(format!(
-            "{stale_held}{} reservations held for more than {}: their orders' outcome was never \
+            "{reservations} held for more than {}: the outcome of their orders was never \
              recorded; check the shop's orders, then `flashgate reservations resolve`",
-            if stale_held_more { " or more" } else { "" },
             humantime::format_duration(held_older_than)
         ));
     }

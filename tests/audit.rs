@@ -184,7 +184,10 @@ async fn audit_passes_after_a_sell_out(store: StoreFixture) {
         lines[1].starts_with("tee-1") && lines[1].contains(" ok "),
         "{out}"
     );
-    assert!(out.contains("audit ok: 1 sales balance"), "{out}");
+    assert!(
+        out.contains("audit ok (1 sale): added = stock + held"),
+        "{out}"
+    );
     let (code, out, _) = cli(&fg.admin_url(), &["audit", "tee-1", "--json"]).await;
     assert_eq!((code, &json_of(&out)["ok"]), (0, &json!(true)));
     assert_audit_clean(&fg, "tee-1").await;
@@ -311,7 +314,7 @@ async fn uncertain_orders_are_listed_and_resolved_once(store: StoreFixture) {
     assert_eq!(sale_in(&report, "unc-1")["units"]["uncertain"], 3);
     let (code, out, err) = cli(&url, &["audit"]).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("3 units are uncertain"), "{out}");
+    assert!(out.contains("3 units still uncertain"), "{out}");
 
     // The listing: every uncertain order, with its user, quantity and time; bounded.
     let before = now_ms();
@@ -385,7 +388,7 @@ async fn uncertain_orders_are_listed_and_resolved_once(store: StoreFixture) {
     assert_eq!(
         out.trim(),
         format!(
-            "unc-1: reservation {alice} resolved uncertain → released: 1 units back in stock \
+            "unc-1: reservation {alice} resolved uncertain → released: 1 unit back in stock \
              (now 3); the buyer may buy again"
         )
     );
@@ -653,7 +656,7 @@ async fn audit_flags_a_held_reservation_older_than_the_threshold(store: StoreFix
     let (code, out, err) = cli(&url, &["audit", "--held-older-than", "100ms"]).await;
     assert_eq!(code, 1, "{out}{err}");
     assert!(
-        out.contains("slow-1: 1 reservations held for more than 100ms"),
+        out.contains("slow-1: 1 reservation held for more than 100ms"),
         "{out}"
     );
     // The default threshold (2 × request_timeout): it is in flight, nothing left behind.

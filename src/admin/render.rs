@@ -97,6 +97,15 @@ pub fn human_error(status: http::StatusCode, sku: &str, v: &Value) -> String {
     }
 }
 
+/// `1 unit`, `2 units`.
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
 /// A number field, or `?`.
 fn num(v: &Value) -> String {
     v.as_u64().map_or_else(|| "?".to_owned(), |n| n.to_string())
@@ -220,23 +229,23 @@ pub fn audit(v: &Value) -> String {
     if failed == 0 {
         let _ = write!(
             out,
-            "audit ok: {} sales balance (added = stock + held + sold + uncertain), none held \
-             longer than {held_older_than}",
-            sales.len()
+            "audit ok ({}): added = stock + held + sold + uncertain, nothing held longer than \
+             {held_older_than}",
+            plural(sales.len() as u64, "sale")
         );
     } else {
         let _ = write!(
             out,
-            "audit FAILED: {failed} of {} sales (held longer than {held_older_than} counts as \
+            "audit FAILED: {failed} of {} (held longer than {held_older_than} counts as \
              left behind)",
-            sales.len()
+            plural(sales.len() as u64, "sale")
         );
     }
     if uncertain > 0 {
         let _ = write!(
             out,
-            "\n{uncertain} units are uncertain: reconcile them with \
-             `flashgate reservations SKU --state uncertain`"
+            "\n{} still uncertain: reconcile with `flashgate reservations SKU`",
+            plural(uncertain, "unit")
         );
     }
     if v["truncated"] == true {
@@ -351,11 +360,13 @@ pub fn reservations(v: &Value) -> String {
             ]
         })
         .collect();
-    let mut out = format!(
-        "sale {sku}: {}{} {state} reservations{older}, oldest first\n",
-        list.len(),
-        if v["truncated"] == true { "+" } else { "" }
-    );
+    let more = if v["truncated"] == true {
+        " or more"
+    } else {
+        ""
+    };
+    let count = plural(list.len() as u64, &format!("{state} reservation"));
+    let mut out = format!("sale {sku}: {count}{more}{older}, oldest first\n");
     out.push_str(&table(
         &["ID", "USER", "RESERVED AT", "QTY", "AGE"],
         &rows,
@@ -384,14 +395,16 @@ pub fn resolved(v: &Value) -> String {
         v["from"].as_str().unwrap_or("?"),
         v["to"].as_str().unwrap_or("?"),
     );
-    let quantity = num(&v["quantity"]);
+    let units = v["quantity"]
+        .as_u64()
+        .map_or_else(|| "? units".to_owned(), |n| plural(n, "unit"));
     let what = if to == "released" {
         format!(
-            ": {quantity} units back in stock (now {}); the buyer may buy again",
+            ": {units} back in stock (now {}); the buyer may buy again",
             num(&v["stock"])
         )
     } else {
-        format!(": {quantity} units stay sold")
+        format!(": {units} sold")
     };
     format!("{sku}: reservation {id} resolved {from} → {to}{what}")
 }
