@@ -168,6 +168,14 @@ async fn audit_passes_after_a_sell_out(store: StoreFixture) {
         "{sale}"
     );
     assert_eq!(sale["units"], counts(0, 25, 0, 0));
+    // The read-only token may audit.
+    let r = read_only(&fg, "GET", "/v1/audit?sku=tee-1", None).await;
+    assert_eq!(
+        (r.status, &r.json()["ok"]),
+        (StatusCode::OK, &json!(true)),
+        "{}",
+        r.text()
+    );
     // Every SKU ever stocked, when none is named.
     let report = audit(&fg, "").await;
     assert_eq!(report["ok"], true, "{report}");
