@@ -618,9 +618,8 @@ mod cases {
                 remaining: Some(7)
             }
         );
-        assert_eq!(
-            store.settle(&s, &carol, Settlement::Sold).await.unwrap(),
-            false,
+        assert!(
+            !store.settle(&s, &carol, Settlement::Sold).await.unwrap(),
             "the instance that held it can no longer settle it"
         );
         assert_eq!(
