@@ -441,7 +441,8 @@ impl StoreImpl for RedisStore {
     }
 }
 
-/// How `release.lua` treats its reservation id.
+/// How `release.lua` treats its reservation id. (Its third mode, the operator's `resolve`, is
+/// run by `audit.rs`.)
 #[derive(Debug, Clone, Copy)]
 enum Mode {
     /// The backend did not take the order: return a held unit.
