@@ -2,6 +2,7 @@
 //! hop-by-hop headers stripped, `X-Forwarded-*` set, `Upgrade` (WebSocket) spliced end to end.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, CONNECTION, HOST, UPGRADE};
@@ -16,6 +17,8 @@ use tracing::debug;
 
 use crate::body::{self, Body};
 use crate::config;
+use crate::interim::{Interim, OnlyInterim, Outbox};
+use crate::metrics::Metrics;
 
 /// Why a forward failed. The distinction matters to a sale: `Connect` means the backend
 /// certainly never saw the request (the unit can be released); the others are uncertain.
@@ -38,6 +41,19 @@ pub enum ForwardError {
     ClientBody(String),
 }
 
+impl ForwardError {
+    /// The `kind` label of `flashgate_upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ForwardError::Connect(_) => "connect",
+            ForwardError::Timeout(_) => "timeout",
+            ForwardError::Failed(_) => "failed",
+            ForwardError::BadResponse(_) => "bad_response",
+            ForwardError::ClientBody(_) => "client_body",
+        }
+    }
+}
+
 /// The pooled client to the one upstream.
 ///
 /// One pool per thread: a pooled connection's task lives on the runtime that opened it, so a
@@ -46,15 +62,18 @@ pub enum ForwardError {
 /// With a runtime per core, each core keeps its own keep-alive connections.
 pub struct Upstream {
     cfg: config::Upstream,
+    metrics: Arc<Metrics>,
     clients: ThreadLocal<Client<HttpConnector, Body>>,
 }
 
 /// What the forwarder needs to know about the client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     pub ip: IpAddr,
     /// The peer is a configured trusted proxy: its `X-Forwarded-*` headers are kept.
     pub trusted: bool,
+    /// Where the backend's `103 Early Hints` go; `None` when the client cannot take them.
+    pub hints: Option<Arc<Outbox>>,
 }
 
 /// RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
@@ -73,9 +92,10 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 impl Upstream {
-    pub fn new(cfg: &config::Upstream) -> Upstream {
+    pub fn new(cfg: &config::Upstream, metrics: Arc<Metrics>) -> Upstream {
         Upstream {
             cfg: cfg.clone(),
+            metrics,
             clients: ThreadLocal::new(),
         }
     }
@@ -107,24 +127,45 @@ impl Upstream {
     /// its body still streaming.
     pub async fn forward(
         &self,
+        req: Request<Body>,
+        peer: Peer,
+    ) -> Result<Response<Body>, ForwardError> {
+        let started = std::time::Instant::now();
+        let result = self.exchange(req, peer).await;
+        let kind = result.as_ref().err().map(ForwardError::kind);
+        self.metrics.upstream_call(started.elapsed(), kind);
+        result
+    }
+
+    async fn exchange(
+        &self,
         mut req: Request<Body>,
         peer: Peer,
     ) -> Result<Response<Body>, ForwardError> {
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-        self.rewrite(&mut req, peer)?;
+        let mut interim = Interim::watch(&mut req, peer.hints.clone());
+        self.rewrite(&mut req, &peer)?;
 
-        let sent = tokio::time::timeout(self.cfg.request_timeout, self.client().request(req)).await;
-        let mut resp = match sent {
+        let response = interim.until_final(self.client().request(req), self.cfg.interim_timeout);
+        let sent = match tokio::time::timeout(self.cfg.request_timeout, response).await {
             Err(_) => return Err(ForwardError::Timeout(self.cfg.request_timeout)),
-            Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(error_chain(&e))),
-            Ok(Err(e)) if unreadable_response(&e) => {
+            Ok(Err(OnlyInterim(silence))) => {
+                return Err(ForwardError::BadResponse(format!(
+                    "the backend sent an informational (1xx) answer, then nothing for {silence:?}"
+                )));
+            }
+            Ok(Ok(sent)) => sent,
+        };
+        let mut resp = match sent {
+            Err(e) if e.is_connect() => return Err(ForwardError::Connect(error_chain(&e))),
+            Err(e) if unreadable_response(&e) || interim.saw_bare() => {
                 return Err(ForwardError::BadResponse(error_chain(&e)));
             }
-            Ok(Err(e)) if client_body_failed(&e) => {
+            Err(e) if client_body_failed(&e) => {
                 return Err(ForwardError::ClientBody(innermost(&e)));
             }
-            Ok(Err(e)) => return Err(ForwardError::Failed(error_chain(&e))),
-            Ok(Ok(resp)) => resp,
+            Err(e) => return Err(ForwardError::Failed(error_chain(&e))),
+            Ok(resp) => resp,
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -138,7 +179,7 @@ impl Upstream {
         Ok(resp.map(body::stream::<Incoming>))
     }
 
-    fn rewrite(&self, req: &mut Request<Body>, peer: Peer) -> Result<(), ForwardError> {
+    fn rewrite(&self, req: &mut Request<Body>, peer: &Peer) -> Result<(), ForwardError> {
         let upgrade = wants_upgrade(req.headers());
         // The target's authority wins over `Host` (RFC 9112 §3.2.2 for an absolute-form
         // target; h2 carries `:authority` there, RFC 9113 §8.3.1), else `Host`.
@@ -174,6 +215,9 @@ impl Upstream {
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
+        // hyper answered the client's `Expect: 100-continue` itself (when the body was first
+        // read); the backend gets the body at once, so any `100` from it is unsolicited.
+        headers.remove(header::EXPECT);
         if upgrade && let Some(proto) = upgrade_proto {
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(UPGRADE, proto);
@@ -191,7 +235,7 @@ impl Upstream {
     }
 }
 
-fn set_forwarded(headers: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
+fn set_forwarded(headers: &mut HeaderMap, peer: &Peer, host: Option<&HeaderValue>) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -387,15 +431,16 @@ mod tests {
         let peer = Peer {
             ip: "10.0.0.9".parse().unwrap(),
             trusted: false,
+            hints: None,
         };
-        set_forwarded(&mut h, peer, None);
+        set_forwarded(&mut h, &peer, None);
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
         h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
         set_forwarded(
             &mut h,
-            Peer {
+            &Peer {
                 trusted: true,
                 ..peer
             },

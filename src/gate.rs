@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -24,10 +24,13 @@ use crate::config::{Sale, Unmatched};
 use crate::forward::{ForwardError, Peer};
 use crate::identity;
 use crate::ids::UserId;
+use crate::interim::Outbox;
+use crate::observe::{self, Asked, Seen};
 use crate::reject::Reject;
 use crate::sale;
 use crate::state::{App, Snapshot};
 use crate::store::{ReserveOutcome, ReserveRequest, StoreError};
+use crate::trace::{TRACEPARENT, Trace};
 use crate::{canonical, fence, hygiene};
 
 /// Marks a request whose head declared both `Content-Length` and `Transfer-Encoding`
@@ -44,30 +47,52 @@ pub struct UriTooLong;
 pub async fn handle(
     app: Arc<App>,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    hints: Option<Arc<Outbox>>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
     let snapshot = app.snapshot();
-    // For the log line of a reject; cloning the URI shares its bytes rather than copying them.
+    // The trace the request came with, or a new one; the backend gets flashgate's hop.
+    let trace = Trace::from_headers(req.headers());
+    req.headers_mut().insert(TRACEPARENT, trace.header());
+    // For the log lines; cloning the URI shares its bytes rather than copying them.
     let method = req.method().clone();
     let uri = req.uri().clone();
+    let mut seen = Seen::new(peer.ip());
     // Boxed as `Send` here, where every lifetime is concrete: rustc cannot prove the
     // higher-ranked `Send` bound hyper asks for through the store's boxed futures otherwise.
     let path_future: Pin<Box<dyn Future<Output = Result<Response<Body>, Reject>> + Send + '_>> =
-        Box::pin(admit_and_forward(&app, &snapshot, peer, req));
-    Ok(match path_future.await {
+        Box::pin(admit_and_forward(
+            &app,
+            &snapshot,
+            (peer, hints),
+            req,
+            &mut seen,
+        ));
+    let result = path_future.await;
+    let asked = Asked {
+        method: &method,
+        uri: &uri,
+        started,
+        trace: &trace,
+    };
+    observe::finish(&app, &snapshot, &seen, &result, &asked);
+    Ok(match result {
         Ok(resp) => resp,
         Err(reject) => {
-            debug!(%method, path = uri.path(), status = reject.status().as_u16(), reason = reject.reason(), "answered by flashgate");
-            reject.into_response()
+            let trace_id = trace.id();
+            debug!(%method, path = uri.path(), status = reject.status().as_u16(), reason = reject.reason(), trace_id, "answered by flashgate");
+            reject.into_response_traced(Some(&trace_id))
         }
     })
 }
 
-async fn admit_and_forward(
+async fn admit_and_forward<'s>(
     app: &Arc<App>,
-    snap: &Snapshot,
-    peer: SocketAddr,
+    snap: &'s Snapshot,
+    (peer, hints): (SocketAddr, Option<Arc<Outbox>>),
     mut req: Request<Incoming>,
+    seen: &mut Seen<'s>,
 ) -> Result<Response<Body>, Reject> {
     let cfg = &snap.config;
     // Only flashgate may speak as flashgate: the backend trusts these headers.
@@ -98,6 +123,8 @@ async fn admit_and_forward(
     let peer = Peer {
         ip: peer.ip(),
         trusted: client_ip::is_trusted(peer.ip(), &cfg.trusted_proxies),
+        // A 1xx goes to HTTP/1.1 clients only (RFC 9110 §15.2: never to HTTP/1.0).
+        hints: hints.filter(|_| req.version() == http::Version::HTTP_11),
     };
 
     // 2. One canonical path, matched AND forwarded, so the backend routes exactly what was
@@ -111,6 +138,10 @@ async fn admit_and_forward(
     }
     // First match wins; then the fence: no other spelling of a sale path gets through.
     let matched = snap.route_for(req.method(), canonical::match_form(&path));
+    if let Some(m) = &matched {
+        seen.route = Some((&m.route.route.name, &m.route.metrics));
+        seen.in_flight = Some(m.route.metrics.enter());
+    }
     let on_sale = matched
         .as_ref()
         .is_some_and(|m| m.route.route.sale.is_some());
@@ -144,7 +175,10 @@ async fn admit_and_forward(
         return match cfg.unmatched {
             Unmatched::Proxy => {
                 let (req, limit) = body::limit_request(req, cfg.server.max_body)?;
-                forward(snap, req, peer, limit).await
+                let asked = Instant::now();
+                let result = forward(snap, req, peer, limit).await;
+                seen.upstream(asked, &result);
+                result
             }
             Unmatched::NotFound => Err(Reject::NoRoute),
         };
@@ -160,17 +194,15 @@ async fn admit_and_forward(
     //    then the shared route bucket, so a client rejected for its own excess spends no token
     //    that other clients need. See `limit.rs` for the full argument.
     let slot = guards.enter()?;
-    guards.check_ip(client_ip::client_ip(
-        peer.ip,
-        req.headers(),
-        &cfg.trusted_proxies,
-    ))?;
+    seen.client_ip = client_ip::client_ip(peer.ip, req.headers(), &cfg.trusted_proxies);
+    guards.check_ip(seen.client_ip)?;
     // 4. Identity (needed by the per-user bucket, so it sits between the buckets).
     let user = match &route.route.identity {
         Some(identity) => Some(identity::user_id(identity, req.headers())?),
         None => None,
     };
     if let Some(user) = &user {
+        seen.user = Some(user.clone());
         guards.check_user(user.as_str())?;
     }
     guards.check_route()?;
@@ -179,10 +211,22 @@ async fn admit_and_forward(
     let resp = if let Some(sale) = route.route.sale.as_ref() {
         // 5–9. A flash-sale route: only a request that wins stock is forwarded.
         let user = user.ok_or_else(|| Reject::Unauthenticated("no user identity".into()))?;
-        admit_sale(app, snap, sale, user, &matched.params, (req, limit), peer).await?
+        admit_sale(
+            app,
+            snap,
+            sale,
+            user,
+            &matched.params,
+            (req, limit, seen),
+            peer,
+        )
+        .await?
     } else {
         // An ordinary route: forward untouched.
-        forward(snap, req, peer, limit).await?
+        let asked = Instant::now();
+        let result = forward(snap, req, peer, limit).await;
+        seen.upstream(asked, &result);
+        result?
     };
     // The in-flight slot is held until the response body has been sent.
     Ok(match slot {
@@ -198,7 +242,7 @@ async fn admit_sale(
     sale: &Sale,
     user: UserId,
     params: &matchit::Params<'_, '_>,
-    (req, limit): (Request<Body>, body::BodyLimit),
+    (req, limit, seen): (Request<Body>, body::BodyLimit, &mut Seen<'_>),
     peer: Peer,
 ) -> Result<Response<Body>, Reject> {
     let (parts, body) = req.into_parts();
@@ -218,8 +262,13 @@ async fn admit_sale(
         per_user_limit: sale.per_user_limit,
     };
     let reservation = match app.store.reserve(&request).await {
-        Ok(ReserveOutcome::Won { reservation, .. }) => reservation,
+        Ok(ReserveOutcome::Won { reservation, .. }) => {
+            seen.won = true;
+            app.metrics.saw_sku(&order.sku);
+            reservation
+        }
         Ok(ReserveOutcome::SoldOut { remaining }) => {
+            app.metrics.saw_sku(&order.sku);
             // Only an empty SKU is sold out for everybody; an order larger than what is
             // left is refused for itself (or one buyer could close the sale for all).
             if remaining == 0 {
@@ -256,17 +305,20 @@ async fn admit_sale(
         quantity: order.quantity,
         reservation,
     };
+    let asked = Instant::now();
     let exchange = app
         .bookkeeping
         .spawn(won.forward(Request::from_parts(parts, body), peer));
-    match exchange.await {
+    let result = match exchange.await {
         Ok(result) => result.map_err(|e| forward_error(e, &limit)),
         // The task panicked: its `Pending` guard has recorded the unit as uncertain.
         Err(e) => {
             warn!(error = %e, "winner's exchange with the backend failed");
             Err(Reject::BadGateway)
         }
-    }
+    };
+    seen.upstream(asked, &result);
+    result
 }
 
 /// Replaces the request's path with its canonical form, keeping the query.

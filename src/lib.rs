@@ -16,11 +16,13 @@
 //! 5. On a sale route, [`sale`] reads the order (SKU, quantity) — parsed once into the
 //!    [`ids`] newtypes the store takes — and the store reserves a unit;
 //!    [`order`] forwards the winner and records the outcome (sold, released, uncertain).
-//! 6. [`forward`] sends the request to the backend over a pooled client, streaming both ways.
+//! 6. [`forward`] sends the request to the backend over a pooled client, streaming both ways;
+//!    [`interim`] passes the backend's `103 Early Hints` on and bounds a bare `100`/`102`.
 //!
 //! Configuration is parsed, validated and compiled once by [`config`]. Around the path:
 //! [`admin`] (the operator's API and CLI) and [`audit`] (do a sale's books balance?).
 
+pub mod access_log;
 pub mod admin;
 pub mod audit;
 pub mod body;
@@ -36,7 +38,10 @@ pub mod head_errors;
 pub mod hygiene;
 pub mod identity;
 pub mod ids;
+pub mod interim;
 pub mod limit;
+pub mod metrics;
+pub mod observe;
 pub mod order;
 pub mod reject;
 pub mod reload;
@@ -46,3 +51,4 @@ pub mod server;
 pub mod signing;
 pub mod state;
 pub mod store;
+pub mod trace;

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::body::Body;
 use crate::forward::{ForwardError, Peer, Upstream};
 use crate::ids::{ReservationId, Sku, UserId};
+use crate::metrics::Metrics;
 use crate::signing::Admission;
 use crate::state::App;
 use crate::store::{Record, Settlement, Store, record_retrying};
@@ -58,6 +59,8 @@ impl Won {
         // task is dropped (a runtime shutting down) or panics.
         let mut pending = Pending {
             store: app.store.clone(),
+            metrics: app.metrics.clone(),
+            counted: false,
             tasks: app.bookkeeping.clone(),
             sku: sku.clone(),
             reservation: reservation.clone(),
@@ -110,6 +113,8 @@ impl Won {
                 | ForwardError::ClientBody(_),
             ) => Outcome::Settle(Settlement::Uncertain),
         };
+        outcome.count(&app.metrics);
+        pending.counted = true;
         match outcome {
             Outcome::Release => {
                 // Awaited: the buyer's retry must be able to win the unit back.
@@ -147,6 +152,14 @@ enum Outcome {
 }
 
 impl Outcome {
+    /// `flashgate_reservations_total{outcome}`, counted once the outcome is decided.
+    fn count(self, metrics: &Metrics) {
+        match self {
+            Outcome::Release => metrics.reservation_released(),
+            Outcome::Settle(to) => metrics.reservation(to),
+        }
+    }
+
     fn record(self) -> Record {
         match self {
             Outcome::Release => Record::Release,
@@ -183,6 +196,9 @@ fn spawn_record(
 /// `already_purchased` for an order nobody knows about.
 struct Pending {
     store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    /// The outcome is in the metrics already (the drop came during a release).
+    counted: bool,
     tasks: TaskTracker,
     sku: Sku,
     reservation: ReservationId,
@@ -206,6 +222,9 @@ impl Drop for Pending {
         }
         let (sku, reservation) = (self.sku.clone(), self.reservation.clone());
         warn!(%sku, %reservation, "request dropped mid-order (client gone): recording the outcome anyway");
+        if !self.counted {
+            outcome.count(&self.metrics);
+        }
         spawn_record(
             self.store.clone(),
             &self.tasks,

@@ -125,7 +125,7 @@ impl Reject {
             Reject::PayloadTooLarge => Cow::Borrowed("request body too large"),
             Reject::BadGateway => Cow::Borrowed("the shop backend could not be reached"),
             Reject::BadUpstreamResponse => Cow::Borrowed(
-                "the shop backend's answer could not be passed on (its head is too large or malformed)",
+                "the shop backend's answer could not be passed on (its head is too large or malformed, or it sent only an informational 1xx)",
             ),
             Reject::GatewayTimeout => Cow::Borrowed("the shop backend did not answer in time"),
         }
@@ -141,6 +141,11 @@ impl Reject {
     }
 
     pub fn into_response(self) -> Response<Body> {
+        self.into_response_traced(None)
+    }
+
+    /// The answer, with the request's trace id in the body (`"trace_id"`) when known.
+    pub fn into_response_traced(self, trace_id: Option<&str>) -> Response<Body> {
         // Written by hand rather than through a `serde_json::Map`: a busy sale answers most
         // buyers from here, and the map cost a dozen allocations per answer. Keys in
         // alphabetical order, as before.
@@ -161,6 +166,9 @@ impl Reject {
         }
         if let Reject::NotConfigured { sku } = &self {
             json_field(&mut bytes, "sku", sku);
+        }
+        if let Some(id) = trace_id {
+            json_field(&mut bytes, "trace_id", &id);
         }
         bytes.extend_from_slice(b"}\n");
 

@@ -11,13 +11,16 @@ use http::Method;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::access_log::AccessLog;
 use crate::config::{Config, Identity, IdentitySource, Quantity, Route, Source};
 use crate::fence::Fence;
 use crate::forward::Upstream;
 use crate::hygiene;
 use crate::limit::RouteGuards;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::sale::SoldOut;
 use crate::store::breaker::Breaker;
+use crate::store::observed::Observed;
 use crate::store::{MemoryStore, RedisConfig, RedisStore, Store};
 
 /// How often keyed limiters forget keys whose bucket has refilled.
@@ -37,6 +40,9 @@ pub struct App {
     pub bookkeeping: TaskTracker,
     /// Signs forwarded winners (`signing` in the config); read once at start.
     pub signer: Option<crate::signing::Key>,
+    pub metrics: Arc<Metrics>,
+    /// The access log, when `access_log.enabled` (opened at start; a reload keeps it).
+    pub access_log: Option<AccessLog>,
 }
 
 pub struct Snapshot {
@@ -47,11 +53,14 @@ pub struct Snapshot {
     /// Which headers clients may not send through (see `hygiene.rs`).
     pub hygiene: hygiene::Rules,
     pub upstream: Arc<Upstream>,
+    /// Requests no route matched.
+    pub unmatched: Arc<RouteMetrics>,
 }
 
 pub struct RouteState {
     pub route: Route,
     pub guards: Arc<RouteGuards>,
+    pub metrics: Arc<RouteMetrics>,
 }
 
 /// A matched route and the path parameters it captured.
@@ -63,7 +72,7 @@ pub struct Matched<'s, 'p> {
 impl Snapshot {
     /// Compiles runtime state for `config`. Routes that keep their name and limits keep their
     /// guards (and so their buckets and in-flight count): a reload mid-sale refills nothing.
-    pub fn build(config: Config, previous: Option<&Snapshot>) -> Snapshot {
+    pub fn build(config: Config, previous: Option<&Snapshot>, metrics: &Arc<Metrics>) -> Snapshot {
         let routes = config
             .routes
             .iter()
@@ -74,6 +83,7 @@ impl Snapshot {
                         .find(|r| r.route.name == route.name && r.guards.limits() == &route.limits)
                 });
                 RouteState {
+                    metrics: metrics.route(&route.name, route.sale.is_some()),
                     route: route.clone(),
                     guards: kept.map_or_else(
                         || Arc::new(RouteGuards::new(&route.limits)),
@@ -84,9 +94,10 @@ impl Snapshot {
             .collect();
         let upstream = match previous {
             Some(p) if p.config.upstream == config.upstream => p.upstream.clone(),
-            _ => Arc::new(Upstream::new(&config.upstream)),
+            _ => Arc::new(Upstream::new(&config.upstream, metrics.clone())),
         };
         Snapshot {
+            unmatched: metrics.unmatched().clone(),
             fence: Fence::new(&config.routes),
             hygiene: hygiene_rules(&config),
             config: Arc::new(config),
@@ -148,8 +159,14 @@ impl App {
             Some(s) => Some(crate::signing::Key::from_env(&s.key_id, &s.key_env)?),
             None => None,
         };
+        let metrics = Metrics::new();
+        let access_log = config
+            .access_log
+            .as_ref()
+            .map(AccessLog::open)
+            .transpose()?;
         let store: Arc<dyn Store> = match &config.store {
-            None => Arc::new(MemoryStore::new()),
+            None => Arc::new(Observed::new(MemoryStore::new(), metrics.clone())),
             Some(s) => {
                 let redis = RedisStore::connect(&RedisConfig {
                     url: s.redis.clone(),
@@ -160,18 +177,22 @@ impl App {
                 })
                 .await
                 .map_err(|e| format!("cannot set up the stock store: {e}"))?;
-                Arc::new(Breaker::new(redis, s.breaker_failures, s.breaker_cooldown))
+                let breaker = Breaker::new(redis, s.breaker_failures, s.breaker_cooldown)
+                    .reporting_to(metrics.breaker_open.clone());
+                Arc::new(Observed::new(breaker, metrics.clone()))
             }
         };
         info!(store = store.kind(), "stock store ready");
         let app = Arc::new(App {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None, &metrics)),
             store,
             sold_out: SoldOut::default(),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             bookkeeping: TaskTracker::new(),
             signer,
+            metrics,
+            access_log,
         });
         tokio::spawn(evict_idle_keys(Arc::downgrade(&app)));
         Ok(app)
@@ -189,7 +210,7 @@ impl App {
                 "the `store` section changed: a restart is needed to switch stores; keeping the current one"
             );
         }
-        let next = Snapshot::build(config, Some(&previous));
+        let next = Snapshot::build(config, Some(&previous), &self.metrics);
         info!(routes = next.routes.len(), file = %next.config.file, "config reloaded");
         self.snapshot.store(Arc::new(next));
         self.reloads.fetch_add(1, Ordering::Relaxed);

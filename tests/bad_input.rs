@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use support::raw;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// A flash route whose quantity comes from the `x-qty` header (per-user limit 3, user ids up
@@ -59,11 +59,6 @@ async fn buy(c: &HttpClient, fg: &Flashgate, headers: &[(&str, &str)]) -> Answer
     )
     .await
 }
-
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Full<Bytes>,
->;
 
 #[tokio::test]
 async fn user_ids_too_long_or_with_control_characters_are_400() {
@@ -224,45 +219,11 @@ async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     (r.status, r.text())
 }
 
-/// Reads one response (head + `Content-Length` body); returns status, body and head.
-async fn read_response(s: &mut TcpStream) -> (u16, String, String) {
-    let read = async {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed before a response head: {buf:?}");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .map_or(0, |v| v.trim().parse().unwrap());
-        while buf.len() < end + len {
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed mid-body");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let body = String::from_utf8_lossy(&buf[end..end + len]).into_owned();
-        (status, body, head)
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .expect("no response within 5s")
-}
-
 /// Reads until the peer closes; false if it is still open after 5 s.
 async fn closes(s: &mut TcpStream) -> bool {
-    let mut rest = Vec::new();
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await,
-        Ok(Ok(_)) | Ok(Err(_))
-    )
+    tokio::time::timeout(Duration::from_secs(5), raw::read_to_close(s))
+        .await
+        .is_ok()
 }
 
 /// Sends a request framed two ways (`Content-Length` and `Transfer-Encoding: chunked`, an
@@ -280,8 +241,8 @@ async fn two_framings(
         format!("POST {path} HTTP/1.1\r\nhost: shop\r\n{extra}{framing}\r\n0\r\n\r\n{hidden}");
     let mut s = TcpStream::connect(fg.addr).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
-    let (status, body, _head) = read_response(&mut s).await;
-    (status, body, closes(&mut s).await)
+    let r = raw::read_answer(&mut s, Duration::from_secs(5)).await;
+    (r.status, r.text(), closes(&mut s).await)
 }
 
 const CL_FIRST: &str = "content-length: 5\r\ntransfer-encoding: chunked\r\n";
@@ -368,9 +329,9 @@ async fn one_framing_per_request_is_served_on_a_keep_alive_connection() {
         "POST /catalog HTTP/1.1\r\nhost: shop\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     ] {
         s.write_all(req.as_bytes()).await.unwrap();
-        let (status, body, _) = read_response(&mut s).await;
-        assert_eq!(status, 200, "{req:?}: {body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let r = raw::read_answer(&mut s, Duration::from_secs(5)).await;
+        assert_eq!(r.status, 200, "{req:?}: {}", r.text());
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["body_bytes"], 5);
     }
     assert_eq!(backend.count(), 2);

@@ -46,6 +46,9 @@ const GOLD_SKU: &str = "gold";
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on a backend's build and start (javac and a cold `go build` of Gin take seconds).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// A backend's build (`go build`, `javac`): a first build on a cold cache, on a loaded
+/// 2-core machine, has taken over two minutes.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn bypass_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bypass")
@@ -874,7 +877,7 @@ async fn start_backend(mut cmd: Command, dir: &Path, name: &str) -> BackendProc 
 }
 
 async fn run_ok(mut cmd: Command, what: &str) {
-    let out = tokio::time::timeout(START_TIMEOUT, cmd.output())
+    let out = tokio::time::timeout(BUILD_TIMEOUT, cmd.output())
         .await
         .unwrap_or_else(|_| panic!("{what} timed out"))
         .unwrap_or_else(|e| panic!("{what}: {e}"));

@@ -22,6 +22,23 @@ fn check(path: &str) -> Output {
     flashgate(&["check", "--config", path])
 }
 
+/// `check` on a good file: asserts exit 0; stdout and stderr.
+fn check_ok(path: &str) -> (String, String) {
+    let out = check(path);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    (stdout, stderr)
+}
+
+/// A refused run: asserts exit 1 and a stderr starting with `prefix`; the stderr.
+fn assert_refused(out: &Output, prefix: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.starts_with(prefix), "{stderr}");
+    stderr
+}
+
 /// (fixture name, line the error is reported at, fragments the message must contain).
 /// Line 0 means the error carries no location and prints as `file: key: message`.
 const BAD: &[(&str, u64, &[&str])] = &[
@@ -250,19 +267,8 @@ fn every_fixture_has_an_expectation() {
 
 #[test]
 fn example_config_checks_ok_and_lists_routes() {
-    let out = check("config/flashgate.yaml");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, stderr) = check_ok("config/flashgate.yaml");
+    assert!(stderr.is_empty(), "{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], "config/flashgate.yaml: ok");
     assert!(lines[1].starts_with("listen 127.0.0.1:8080 -> upstream http://127.0.0.1:3000"));
@@ -292,14 +298,7 @@ fn example_config_checks_ok_and_lists_routes() {
 /// catch-all is fine: nothing above it can take a buy.
 #[test]
 fn routes_that_cannot_take_a_buy_may_precede_the_sale_route() {
-    let out = check("tests/fixtures/ok_sale_route_order.yaml");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, _) = check_ok("tests/fixtures/ok_sale_route_order.yaml");
     assert!(
         stdout.contains("  3. flash-buy POST /api/flash/{sku}/buy"),
         "{stdout}"
@@ -334,14 +333,7 @@ fn check_prints_store_admin_and_sale_settings() {
          \x20     max_body: 4KiB\n",
     )
     .unwrap();
-    let out = check(path.to_str().unwrap());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, _) = check_ok(path.to_str().unwrap());
     assert!(!stdout.contains("hunter2"), "the password leaked: {stdout}");
     let lines: Vec<&str> = stdout.lines().skip(2).collect();
     assert_eq!(
@@ -366,36 +358,25 @@ fn check_prints_store_admin_and_sale_settings() {
 
 #[test]
 fn missing_file_exits_1_with_a_clear_message() {
-    let out = check("tests/fixtures/no_such_file.yaml");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr.starts_with("tests/fixtures/no_such_file.yaml: cannot read config: "),
-        "{stderr}"
+    let stderr = assert_refused(
+        &check("tests/fixtures/no_such_file.yaml"),
+        "tests/fixtures/no_such_file.yaml: cannot read config: ",
     );
     assert!(stderr.contains("No such file or directory"), "{stderr}");
 }
 
 #[test]
 fn serve_refuses_a_bad_config_with_the_same_message() {
-    let out = flashgate(&["serve", "--config", "tests/fixtures/bad_rate_both.yaml"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr.starts_with("tests/fixtures/bad_rate_both.yaml:6:"),
-        "{stderr}"
-    );
-    let out = flashgate(&[
-        "serve",
-        "--config",
-        "tests/fixtures/bad_shadowed_sale_route.yaml",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr.starts_with("tests/fixtures/bad_shadowed_sale_route.yaml:4:5: routes[0]: "),
-        "{stderr}"
-    );
+    for (fixture, prefix) in [
+        ("bad_rate_both", "tests/fixtures/bad_rate_both.yaml:6:"),
+        (
+            "bad_shadowed_sale_route",
+            "tests/fixtures/bad_shadowed_sale_route.yaml:4:5: routes[0]: ",
+        ),
+    ] {
+        let path = format!("tests/fixtures/{fixture}.yaml");
+        assert_refused(&flashgate(&["serve", "--config", &path]), prefix);
+    }
 }
 
 /// `serve` refuses a port something already listens on, instead of sharing it through

@@ -384,3 +384,110 @@ async fn unencoded_targets_are_accepted_and_long_ones_get_414() {
     let body: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
     assert_eq!(body["error"], "headers_too_large");
 }
+
+/// The statuses of every head curl read (`< HTTP/1.1 103 Early Hints` …), and its stderr.
+/// (Run as a child process the test awaits: flashgate serves on this test's runtime.)
+async fn curl_heads(args: &[&str]) -> (Vec<String>, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sv", "--max-time", "10", "-o", "/dev/null"])
+        .args(args)
+        .output()
+        .await
+        .expect("curl is needed for the conformance tests");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let heads = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("< HTTP/"))
+        .map(|l| l.trim().to_owned())
+        .collect();
+    (heads, log)
+}
+
+/// `103 Early Hints` from the backend reach an HTTP/1.1 client (curl) ahead of the answer —
+/// also on a sale route, where the winner is forwarded from a task of its own — and never an
+/// HTTP/1.0 client; an h2 client gets the answer (hyper's server cannot send it a 1xx).
+#[tokio::test]
+async fn early_hints_reach_http1_clients_ahead_of_the_answer() {
+    let backend = PyBackend::start();
+    let fg = flashgate(&backend, "").await;
+    let (heads, log) = curl_heads(&[&fg.url("/hints?n=2")]).await;
+    assert_eq!(
+        heads,
+        ["1.1 103 Early Hints", "1.1 103 Early Hints", "1.1 200 OK"],
+        "{log}"
+    );
+    assert!(
+        log.to_ascii_lowercase()
+            .contains("< link: </style1.css>; rel=preload; as=style"),
+        "{log}"
+    );
+    // Two requests sent at once on one connection: each answer after its own hints.
+    let two = b"GET /hints?n=1 HTTP/1.1\r\nHost: shop\r\n\r\n\
+                GET /echo HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n";
+    let statuses: Vec<u16> = answers(&fg, two).await.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, [103, 200, 200]);
+    let old = answers(&fg, b"GET /hints?n=2 HTTP/1.0\r\nHost: shop\r\n\r\n").await;
+    assert_eq!(old.iter().map(|a| a.status).collect::<Vec<_>>(), [200]);
+    let a = send(
+        &h2c_client(),
+        "GET",
+        &fg.url("/hints?n=2"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+
+    let sale = support::shop::sale_config(
+        &backend.url(),
+        "",
+        "5s",
+        "/hints/{sku}",
+        support::shop::PATH_SALE,
+    );
+    let fg = Flashgate::start(&sale).await;
+    support::shop::set_stock(&fg, "tee", 1).await;
+    let (heads, log) = curl_heads(&[
+        "-X",
+        "POST",
+        "-H",
+        "X-User-Id: ada",
+        &fg.url("/hints/tee?n=1"),
+    ])
+    .await;
+    assert_eq!(heads, ["1.1 103 Early Hints", "1.1 200 OK"], "{log}");
+}
+
+/// A backend that sends a bare `100` or `102` and nothing after it gets its client a 502
+/// within `upstream.interim_timeout`, not after `request_timeout`; raised, the backend's own
+/// close decides.
+#[tokio::test]
+async fn a_bare_interim_answer_is_a_prompt_502() {
+    let backend = PyBackend::start();
+    let fg = flashgate(&backend, "").await;
+    let c = client();
+    for path in [
+        "/interim?status=100&then=hang",
+        "/interim?status=102&then=hang",
+        "/interim?status=100&then=close",
+    ] {
+        let started = std::time::Instant::now();
+        let a = send(&c, "GET", &fg.url(path), &[], Bytes::new()).await;
+        assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{path}: {}", a.text());
+        assert_eq!(a.json()["error"], "bad_upstream_response", "{path}");
+        // The backend stays silent for 3 s; request_timeout is 5 s; interim_timeout 1 s.
+        assert!(started.elapsed() < Duration::from_millis(2500), "{path}");
+    }
+    let fg = flashgate(&backend, ", interim_timeout: 4s").await;
+    let started = std::time::Instant::now();
+    let a = send(
+        &c,
+        "GET",
+        &fg.url("/interim?status=102&then=hang"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.text());
+    assert!(started.elapsed() >= Duration::from_millis(2900));
+}

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::StatusCode;
 use support::redis::RedisServer;
+use support::shop::shop;
 use support::*;
 
 /// `store.response_timeout` here.
@@ -90,11 +90,6 @@ async fn buy(c: &HttpClient, fg: &Flashgate, user: &str) -> (Answer, Duration) {
     (a, t.elapsed())
 }
 
-type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Full<Bytes>,
->;
-
 fn assert_unavailable(a: &Answer, user: &str) {
     assert_eq!(a.status, 503, "{user}: {}", a.text());
     assert_eq!(a.json()["error"], "unavailable", "{user}");
@@ -106,19 +101,12 @@ async fn stalled_redis_costs_at_most_the_timeout_then_the_breaker_fails_fast_and
     let logs = logs();
     tokio::time::timeout(Duration::from_secs(60), async {
         let redis = RedisServer::start();
-        let backend = Backend::start(|_req| async {
-            json_response(StatusCode::OK, r#"{"order":"accepted"}"#)
-        })
-        .await;
+        let backend = shop().await;
         let fg = Flashgate::start(&format!(
             "upstream: {{ url: \"{}\", request_timeout: 5s }}\n\
              store: {{ redis: \"{}\", connections: 2, connect_timeout: 500ms, \
              response_timeout: {}ms, breaker_failures: 3, breaker_cooldown: 3s }}\n\
-             routes:\n\
-             \x20 - name: flash-buy\n\
-             \x20   match: {{ method: POST, path: \"/api/flash/{{sku}}/buy\" }}\n\
-             \x20   identity: {{ header: X-User-Id }}\n\
-             \x20   sale: {{ sku: {{ path_param: sku }} }}\n",
+             routes:\n{FLASH_BUY_ROUTE}",
             backend.url(),
             redis.url(),
             STORE_TIMEOUT.as_millis()

@@ -198,39 +198,27 @@ async fn method_overrides_never_reach_a_sale_route_and_are_stripped_elsewhere() 
     assert_eq!(backend.count(), 0);
 
     // On an ordinary route the request goes through without the override headers...
-    let a = send(
-        &c,
-        "POST",
-        &fg.url("/profile"),
-        &[
-            ("X-HTTP-Method-Override", "DELETE"),
-            ("x-method-override", "PUT"),
-        ],
-        Bytes::new(),
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::OK);
-    let seen = &backend.seen()[0];
+    let seen = profile_with_overrides(&c, &fg, &backend).await;
     assert!(!seen.headers.contains_key("x-http-method-override"));
     assert!(!seen.headers.contains_key("x-method-override"));
 
     // ...unless the operator lets a named one through for a backend that needs it.
     let (backend, fg) = started("pass_method_override: [X-HTTP-Method-Override]\n").await;
-    let a = send(
-        &c,
-        "POST",
-        &fg.url("/profile"),
-        &[
-            ("X-HTTP-Method-Override", "DELETE"),
-            ("x-method-override", "PUT"),
-        ],
-        Bytes::new(),
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::OK);
-    let seen = &backend.seen()[0];
+    let seen = profile_with_overrides(&c, &fg, &backend).await;
     assert_eq!(seen.headers["x-http-method-override"], "DELETE");
     assert!(!seen.headers.contains_key("x-method-override"));
+}
+
+/// `POST /profile` (an ordinary route) with two method-override headers: asserts a 200 and
+/// returns the backend's first request.
+async fn profile_with_overrides(c: &HttpClient, fg: &Flashgate, backend: &Backend) -> Seen {
+    let overrides = [
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("x-method-override", "PUT"),
+    ];
+    let a = send(c, "POST", &fg.url("/profile"), &overrides, Bytes::new()).await;
+    assert_eq!(a.status, StatusCode::OK);
+    backend.seen()[0].clone()
 }
 
 #[tokio::test]

@@ -32,7 +32,8 @@ fn cases() -> ProptestConfig {
 fn check_config(text: &str) -> Result<(), TestCaseError> {
     match flashgate::config::parse(text, FILE) {
         Ok(cfg) => {
-            let snapshot = flashgate::state::Snapshot::build(cfg, None);
+            let snapshot =
+                flashgate::state::Snapshot::build(cfg, None, &flashgate::metrics::Metrics::new());
             prop_assert!(snapshot.routes.len() <= 1 + text.matches("name:").count());
         }
         Err(e) => {

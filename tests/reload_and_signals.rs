@@ -16,18 +16,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::StatusCode;
 use support::redis::RedisServer;
+use support::shop::bounded;
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
-
-/// Bound on one whole test.
-const TEST_DEADLINE: Duration = Duration::from_secs(60);
-
-async fn bounded(fut: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(TEST_DEADLINE, fut)
-        .await
-        .expect("test did not finish within its deadline");
-}
 
 /// A backend whose every answer waits until `open` is sent `true`.
 async fn gated_backend() -> (Backend, watch::Sender<bool>) {
@@ -59,50 +51,63 @@ fn save_by_rename(path: &Path, text: &str) {
 mod in_process {
     use super::*;
     use flashgate::reload::reload;
+    use std::sync::atomic::Ordering;
 
-    /// `limited` has a route bucket of 3 that refills one token a minute; `resized` a bucket of
-    /// 1 (its limits change in v2); no `extra` route yet, and unmatched requests get 404.
+    /// A route `name` on `/{name}/…` with a route bucket of `burst` that refills one token a
+    /// minute.
+    fn bucket_route(name: &str, burst: u32) -> String {
+        format!(
+            "  - name: {name}\n\
+             \x20   match: {{ path: \"/{name}/{{*rest}}\" }}\n\
+             \x20   limits: {{ route: {{ per_minute: 1, burst: {burst} }} }}\n"
+        )
+    }
+
+    /// `limited` has a route bucket of 3; `resized` a bucket of 1 (its limits change in v2); no
+    /// `extra` route yet, and unmatched requests get 404.
     fn v1(backend: &Backend) -> String {
+        let routes = [bucket_route("limited", 3), bucket_route("resized", 1)];
         config(
             backend,
-            "unmatched: not_found\n\
-             routes:\n\
-             \x20 - name: limited\n\
-             \x20   match: { path: \"/limited/{*rest}\" }\n\
-             \x20   limits: { route: { per_minute: 1, burst: 3 } }\n\
-             \x20 - name: resized\n\
-             \x20   match: { path: \"/resized/{*rest}\" }\n\
-             \x20   limits: { route: { per_minute: 1, burst: 1 } }\n",
+            &format!("unmatched: not_found\nroutes:\n{}", routes.concat()),
         )
     }
 
     /// `limited` unchanged, `resized` with a bucket of 2, a new `extra` route, and unmatched
     /// requests proxied.
     fn v2(backend: &Backend) -> String {
+        let routes = [
+            bucket_route("limited", 3),
+            bucket_route("resized", 2),
+            bucket_route("extra", 1),
+        ];
         config(
             backend,
-            "unmatched: proxy\n\
-             routes:\n\
-             \x20 - name: limited\n\
-             \x20   match: { path: \"/limited/{*rest}\" }\n\
-             \x20   limits: { route: { per_minute: 1, burst: 3 } }\n\
-             \x20 - name: resized\n\
-             \x20   match: { path: \"/resized/{*rest}\" }\n\
-             \x20   limits: { route: { per_minute: 1, burst: 2 } }\n\
-             \x20 - name: extra\n\
-             \x20   match: { path: \"/extra/{*rest}\" }\n\
-             \x20   limits: { route: { per_minute: 1, burst: 1 } }\n",
+            &format!("unmatched: proxy\nroutes:\n{}", routes.concat()),
         )
+    }
+
+    /// The names of the running routes, in order.
+    fn route_names(fg: &Flashgate) -> Vec<String> {
+        let snapshot = fg.app.snapshot();
+        snapshot
+            .routes
+            .iter()
+            .map(|r| r.route.name.clone())
+            .collect()
+    }
+
+    /// Reloads `path`, which must be refused (`why`) and counted as the first failed reload;
+    /// returns the error loading it gives.
+    fn refused_reload(fg: &Flashgate, path: &Path, why: &str) -> String {
+        assert!(!reload(&fg.app, path), "{why}");
+        assert_eq!(fg.app.reload_failures.load(Ordering::Relaxed), 1);
+        flashgate::config::load(path).unwrap_err().to_string()
     }
 
     async fn status_of(c: &HttpClient, fg: &Flashgate, path: &str) -> u16 {
         send(c, "GET", &fg.url(path), &[], "").await.status.as_u16()
     }
-
-    type HttpClient = hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<Bytes>,
-    >;
 
     /// A reload adds a route and switches `unmatched`; a route whose name and limits did not
     /// change keeps its exhausted bucket (no refill); a route whose limits changed starts
@@ -129,15 +134,8 @@ mod in_process {
 
             save_by_rename(&path, &v2(&backend));
             assert!(reload(&fg.app, &path), "v2 is valid");
-            assert_eq!(fg.app.reloads.load(std::sync::atomic::Ordering::Relaxed), 1);
-            let routes: Vec<String> = fg
-                .app
-                .snapshot()
-                .routes
-                .iter()
-                .map(|r| r.route.name.clone())
-                .collect();
-            assert_eq!(routes, ["limited", "resized", "extra"]);
+            assert_eq!(fg.app.reloads.load(Ordering::Relaxed), 1);
+            assert_eq!(route_names(&fg), ["limited", "resized", "extra"]);
 
             assert_eq!(
                 status_of(&c, &fg, "/limited/a").await,
@@ -162,14 +160,7 @@ mod in_process {
                 &path,
                 &v2(&backend).replace("unmatched: proxy", "unmatched: maybe"),
             );
-            assert!(!reload(&fg.app, &path), "an invalid file is refused");
-            assert_eq!(
-                fg.app
-                    .reload_failures
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                1
-            );
-            let err = flashgate::config::load(&path).unwrap_err().to_string();
+            let err = refused_reload(&fg, &path, "an invalid file is refused");
             assert!(
                 err.starts_with(&format!("{}:2:", path.display())),
                 "the error names file and line: {err}"
@@ -188,36 +179,19 @@ mod in_process {
     async fn reload_refuses_a_route_that_would_shadow_the_sale_route() {
         bounded(async {
             let backend = Backend::start_echo().await;
-            let sale = "  - name: flash-buy\n\
-                        \x20   match: { method: POST, path: \"/api/flash/{sku}/buy\" }\n\
-                        \x20   identity: { header: X-User-Id }\n\
-                        \x20   sale: { sku: { path_param: sku } }\n";
+            let sale = FLASH_BUY_ROUTE;
             let catch_all = "  - name: everything-else\n    match: { path: \"/{*rest}\" }\n";
             let fg = Flashgate::start(&config(&backend, &format!("routes:\n{sale}{catch_all}"))).await;
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("flashgate.yaml");
             save_by_rename(&path, &config(&backend, &format!("routes:\n{catch_all}{sale}")));
 
-            assert!(!reload(&fg.app, &path), "a shadowed sale route is refused");
-            assert_eq!(
-                fg.app
-                    .reload_failures
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                1
-            );
-            let err = flashgate::config::load(&path).unwrap_err().to_string();
+            let err = refused_reload(&fg, &path, "a shadowed sale route is refused");
             assert!(
                 err.contains("route \"everything-else\" (line 3) is listed before sale route \"flash-buy\" (line 5)"),
                 "{err}"
             );
-            let routes: Vec<String> = fg
-                .app
-                .snapshot()
-                .routes
-                .iter()
-                .map(|r| r.route.name.clone())
-                .collect();
-            assert_eq!(routes, ["flash-buy", "everything-else"]);
+            assert_eq!(route_names(&fg), ["flash-buy", "everything-else"]);
             // No stock was set: flashgate answers `not_configured` itself.
             let a = send(
                 &client(),
@@ -590,11 +564,7 @@ mod binary {
                     "upstream: {{ url: \"{}\", request_timeout: 20s }}\n\
                      store: {{ redis: \"{}\", response_timeout: 2s }}\n\
                      server: {{ drain_timeout: 10s }}\n\
-                     routes:\n\
-                     \x20 - name: flash-buy\n\
-                     \x20   match: {{ method: POST, path: \"/api/flash/{{sku}}/buy\" }}\n\
-                     \x20   identity: {{ header: X-User-Id }}\n\
-                     \x20   sale: {{ sku: {{ path_param: sku }} }}\n",
+                     routes:\n{FLASH_BUY_ROUTE}",
                     backend.url(),
                     redis.url()
                 ),

@@ -11,8 +11,8 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -35,6 +35,9 @@ fn assert_stamped<'a>(seen: &'a Seen, user: &str, sku: &str) -> &'a str {
     assert!(is_reservation_id(id), "{id}");
     id
 }
+
+/// A shop's refusal that `release_on` lists: the unit goes back.
+const BUSY: (StatusCode, &str) = (StatusCode::SERVICE_UNAVAILABLE, r#"{"backend":"busy"}"#);
 
 // ---------------------------------------------------------------------------
 // The cases, each run against both stores
@@ -99,21 +102,7 @@ mod cases {
     /// each refused unit goes back and may be sold again, and the books still balance —
     /// accepted orders + stock left == 100, never more accepted than stocked.
     pub async fn backend_refusing_some_orders_never_oversells(store: StoreFixture) {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let backend = Backend::start({
-            let calls = calls.clone();
-            move |_req| {
-                let refuse = calls.fetch_add(1, Ordering::SeqCst) % 3 == 2;
-                async move {
-                    if refuse {
-                        json_response(StatusCode::SERVICE_UNAVAILABLE, r#"{"backend":"busy"}"#)
-                    } else {
-                        json_response(StatusCode::OK, r#"{"order":"accepted"}"#)
-                    }
-                }
-            }
-        })
-        .await;
+        let backend = shop_refusing(|n, _| (n % 3 == 2).then_some(BUSY)).await;
         let fg = start(&backend.url(), &store).await;
         set_stock(&fg, "flaky-1", 100).await;
 
@@ -221,9 +210,7 @@ mod cases {
         let listener = TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap_or_else(|e| panic!("rebind 127.0.0.1:{port}: {e}"));
-        let backend = Backend::serve(listener, |_req| async {
-            json_response(StatusCode::OK, r#"{"order":"accepted"}"#)
-        });
+        let backend = shop_on(listener);
         let a = buy(&client, &fg, "down-1", "alice").await;
         assert_eq!(a.status, 200, "{}", a.text());
         assert_eq!(a.json()["order"], "accepted");
@@ -244,21 +231,11 @@ mod cases {
     /// not in the list (500) counts as sold.
     pub async fn release_on_status_returns_the_unit(store: StoreFixture) {
         // Refuses the first order with 503, takes the ones after; always 500 for `broken-1`.
-        let calls = Arc::new(AtomicUsize::new(0));
-        let backend = Backend::start({
-            let calls = calls.clone();
-            move |req| {
-                let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
-                let broken = req.uri().path().contains("broken-1");
-                async move {
-                    if broken {
-                        json_response(StatusCode::INTERNAL_SERVER_ERROR, r#"{"backend":"bug"}"#)
-                    } else if first {
-                        json_response(StatusCode::SERVICE_UNAVAILABLE, r#"{"backend":"busy"}"#)
-                    } else {
-                        json_response(StatusCode::OK, r#"{"order":"accepted"}"#)
-                    }
-                }
+        let backend = shop_refusing(|n, path| {
+            if path.contains("broken-1") {
+                Some((StatusCode::INTERNAL_SERVER_ERROR, r#"{"backend":"bug"}"#))
+            } else {
+                (n == 0).then_some(BUSY)
             }
         })
         .await;
@@ -317,19 +294,8 @@ mod cases {
     /// The backend is slower than `request_timeout`: the client gets 504, but the backend
     /// may still take the order, so the unit is kept and the reservation marked `uncertain`.
     pub async fn timeout_keeps_the_unit_uncertain(store: StoreFixture) {
-        let backend = Backend::start(|_req| async {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            json_response(StatusCode::OK, r#"{"order":"accepted"}"#)
-        })
-        .await;
-        let fg = Flashgate::start(&sale_config(
-            &backend.url(),
-            &store.yaml,
-            "300ms",
-            BUY_PATH,
-            PATH_SALE,
-        ))
-        .await;
+        let backend = slow_shop(Duration::from_secs(2)).await;
+        let fg = start_with_timeout(&backend.url(), &store, "300ms").await;
         set_stock(&fg, "slow-1", 1).await;
 
         let client = client();
@@ -370,66 +336,34 @@ mod cases {
         let backend = shop().await;
         let fg = start(&backend.url(), &store).await;
         set_stock(&fg, "real-1", 10).await;
-        let spoofed = [
-            (
-                "x-flashgate-reservation",
-                "ffffffffffffffffffffffffffffffff",
-            ),
-            ("X-Flashgate-User", "mallory"),
-            ("x-flashgate-sku", "other-sku"),
-            ("x-flashgate-quantity", "99"),
-            ("x-flashgate-signature", "forged"),
-        ];
         let client = client();
         let alice_spoofing: Vec<_> = [("x-user-id", "alice")]
             .into_iter()
-            .chain(spoofed)
+            .chain(SPOOFED)
             .collect();
 
         // A flash route.
-        let a = send(
-            &client,
-            "POST",
-            &fg.url("/api/flash/real-1/buy"),
-            &alice_spoofing,
-            Bytes::new(),
-        )
-        .await;
-        assert_eq!(a.status, 200, "{}", a.text());
+        let buy_path = "/api/flash/real-1/buy";
+        served(&client, &fg, "POST", buy_path, &alice_spoofing).await;
         let seen = flash_seen(&backend, "real-1");
         assert_eq!(seen.len(), 1);
         let id = assert_stamped(&seen[0], "alice", "real-1");
-        assert_ne!(id, spoofed[0].1, "{id}");
+        assert_ne!(id, SPOOFED[0].1, "{id}");
         assert!(!seen[0].headers.contains_key("x-flashgate-signature"));
 
         // Nominating flashgate's headers as hop-by-hop must not strip them either.
-        let a = send(
-            &client,
-            "POST",
-            &fg.url("/api/flash/real-1/buy"),
-            &[
-                ("x-user-id", "bob"),
-                ("connection", "x-flashgate-user, X-Flashgate-Reservation"),
-                ("connection", "x-flashgate-sku,x-flashgate-quantity"),
-            ],
-            Bytes::new(),
-        )
-        .await;
-        assert_eq!(a.status, 200, "{}", a.text());
+        let bob_nominating = [
+            ("x-user-id", "bob"),
+            ("connection", "x-flashgate-user, X-Flashgate-Reservation"),
+            ("connection", "x-flashgate-sku,x-flashgate-quantity"),
+        ];
+        served(&client, &fg, "POST", buy_path, &bob_nominating).await;
         let seen = flash_seen(&backend, "real-1");
         assert_eq!(seen.len(), 2);
         assert_stamped(&seen[1], "bob", "real-1");
 
         // An ordinary route: flashgate adds nothing and passes none of them on.
-        let a = send(
-            &client,
-            "GET",
-            &fg.url("/catalog?page=2"),
-            &alice_spoofing,
-            Bytes::new(),
-        )
-        .await;
-        assert_eq!(a.status, 200, "{}", a.text());
+        served(&client, &fg, "GET", "/catalog?page=2", &alice_spoofing).await;
         let all = backend.seen();
         assert_eq!(all.len(), 3);
         let s = &all[2];
@@ -442,6 +376,30 @@ mod cases {
         assert!(leaked.is_empty(), "leaked to an ordinary route: {leaked:?}");
         assert_eq!(s.headers["x-user-id"], "alice", "other headers pass");
         assert_eq!(stock(&fg, "real-1").await, 8);
+    }
+
+    /// `X-Flashgate-*` headers a client makes up, in mixed case.
+    const SPOOFED: [(&str, &str); 5] = [
+        (
+            "x-flashgate-reservation",
+            "ffffffffffffffffffffffffffffffff",
+        ),
+        ("X-Flashgate-User", "mallory"),
+        ("x-flashgate-sku", "other-sku"),
+        ("x-flashgate-quantity", "99"),
+        ("x-flashgate-signature", "forged"),
+    ];
+
+    /// Sends `method path` with `headers` (no body); asserts the answer is a 200.
+    async fn served(
+        client: &HttpClient,
+        fg: &Flashgate,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) {
+        let a = send(client, method, &fg.url(path), headers, Bytes::new()).await;
+        assert_eq!(a.status, 200, "{}", a.text());
     }
 
     /// Missing identity → 401; a SKU without stock → 404 `not_configured`; neither is
@@ -490,20 +448,21 @@ mod cases {
     /// the per-user limit counts units, not requests.
     pub async fn quantity_from_query(store: StoreFixture) {
         let backend = shop().await;
-        let fg = Flashgate::start(&sale_config(
+        let fg = start_with_sale(
             &backend.url(),
-            &store.yaml,
-            "5s",
-            BUY_PATH,
+            &store,
             "{ sku: { path_param: sku }, quantity: { query: qty }, per_user_limit: 3 }",
-        ))
+        )
         .await;
         fg.app.store.set_stock(&sku("qty-1"), 10).await.unwrap();
         let client = client();
-        let buy_qty = |user: &'static str, qty: &'static str| {
-            let client = client.clone();
-            let url = fg.url(&format!("/api/flash/qty-1/buy{qty}"));
-            async move { send(&client, "POST", &url, &[("x-user-id", user)], Bytes::new()).await }
+        let buy_qty = async |user: &str, qty: &str| {
+            order(
+                &client,
+                &fg.url(&format!("/api/flash/qty-1/buy{qty}")),
+                user,
+            )
+            .await
         };
 
         for bad in [
@@ -513,10 +472,7 @@ mod cases {
             assert_rejected(&a, 400, "bad_request");
         }
         assert_eq!(backend.count(), 0);
-        assert_eq!(
-            fg.app.store.get_stock(&sku("qty-1")).await.unwrap(),
-            Some(10)
-        );
+        assert_eq!(store_stock(&fg, "qty-1").await, Some(10));
 
         let a = buy_qty("alice", "?qty=2").await;
         assert_eq!(a.status, 200, "{}", a.text());
@@ -537,10 +493,7 @@ mod cases {
             Some("qty=2"),
             "the query is forwarded as sent"
         );
-        assert_eq!(
-            fg.app.store.get_stock(&sku("qty-1")).await.unwrap(),
-            Some(7)
-        );
+        assert_eq!(store_stock(&fg, "qty-1").await, Some(7));
         let status = status_until(&fg, "qty-1", |s| s["units"]["sold"] == 3).await;
         assert_eq!(status["buyers"], 1);
         assert_eq!(status["reservations"], counts(0, 2, 0, 0));
@@ -559,14 +512,31 @@ mod cases {
         ))
         .await;
         fg.app.store.set_stock(&sku("json-1"), 5).await.unwrap();
-        let post = |user, body| post_json(&fg, user, body);
 
-        // Odd spacing, unicode and nested values: the backend must get these exact bytes.
+        json_order_is_forwarded_byte_for_byte(&fg, &backend, &bodies).await;
+        bodies_without_a_string_sku_are_400(&fg).await;
+        let exact = bodies_up_to_max_body_are_read(&fg).await;
+        chunked_bodies_are_read_and_bounded(&fg).await;
+
+        assert_eq!(backend.count(), 3, "only the three valid orders");
+        let bodies = bodies.lock().unwrap().clone();
+        assert_eq!(bodies[1], exact.as_bytes());
+        assert_eq!(bodies[2], &b"{\"sku\":\"json-1\", \"gift\": true}"[..]);
+        assert_eq!(store_stock(&fg, "json-1").await, Some(2));
+    }
+
+    /// Alice's order, with odd spacing, unicode and nested values: the backend must get these
+    /// exact bytes, stamped with the SKU from the body.
+    async fn json_order_is_forwarded_byte_for_byte(
+        fg: &Flashgate,
+        backend: &Backend,
+        bodies: &Mutex<Vec<Bytes>>,
+    ) {
         let order = Bytes::from_static(
             "{ \"note\": \"gift wrap \u{2713}\",\n  \"sku\":\"json-1\", \"lines\": [1, {\"x\": null}] }"
                 .as_bytes(),
         );
-        let a = post("alice", order.clone()).await;
+        let a = post_json(fg, "alice", order.clone()).await;
         assert_eq!(a.status, 200, "{}", a.text());
         assert_eq!(*bodies.lock().unwrap(), vec![order.clone()]);
         let seen = backend.seen();
@@ -577,7 +547,10 @@ mod cases {
             seen[0].headers["content-length"],
             order.len().to_string().as_str()
         );
+    }
 
+    /// Bob's bodies with no SKU to read: 400 `bad_request` each.
+    async fn bodies_without_a_string_sku_are_400(fg: &Flashgate) {
         let bad: [(&str, &'static [u8]); 6] = [
             ("invalid JSON", b"{\"sku\": \"json-1\""),
             ("not an object", b"[\"json-1\"]"),
@@ -587,27 +560,33 @@ mod cases {
             ("empty body", b""),
         ];
         for (what, body) in bad {
-            let a = post("bob", Bytes::from_static(body)).await;
+            let a = post_json(fg, "bob", Bytes::from_static(body)).await;
             assert_eq!(a.status, 400, "{what}: {}", a.text());
             assert_eq!(a.json()["error"], "bad_request", "{what}");
         }
+    }
 
-        // Valid JSON, but past max_body (1 KiB).
+    /// Valid JSON past `max_body` (1 KiB) is 413; Carol's order right at the limit is taken.
+    /// Returns Carol's order.
+    async fn bodies_up_to_max_body_are_read(fg: &Flashgate) -> String {
         let big = format!("{{\"sku\":\"json-1\",\"pad\":\"{}\"}}", "x".repeat(1100));
-        let a = post("bob", Bytes::from(big)).await;
+        let a = post_json(fg, "bob", Bytes::from(big)).await;
         assert_rejected(&a, 413, "payload_too_large");
-        // Right at the limit is fine.
         let pad = 1024 - "{\"sku\":\"json-1\",\"pad\":\"\"}".len();
         let exact = format!("{{\"sku\":\"json-1\",\"pad\":\"{}\"}}", "y".repeat(pad));
         assert_eq!(exact.len(), 1024);
-        let a = post("carol", Bytes::from(exact.clone())).await;
+        let a = post_json(fg, "carol", Bytes::from(exact.clone())).await;
         assert_eq!(a.status, 200, "{}", a.text());
+        exact
+    }
 
-        // A chunked body (no length known up front): read chunk by chunk, still bounded, and
-        // forwarded as the bytes the client sent.
+    /// A chunked body (no length known up front) is read chunk by chunk, still bounded, and
+    /// forwarded as the bytes the client sent: Dave's order is taken, Erin's (past 1 KiB) is
+    /// 413.
+    async fn chunked_bodies_are_read_and_bounded(fg: &Flashgate) {
         let head = "POST /api/flash/buy HTTP/1.1\r\nhost: shop\r\nx-user-id: dave\r\ncontent-type: application/json\r\n";
         let answer = send_chunked(
-            &fg,
+            fg,
             head,
             &[b"{\"sku\":", b"\"json-1\",", b" \"gift\": true}"],
         )
@@ -615,7 +594,7 @@ mod cases {
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
         let pad = "z".repeat(600);
         let answer = send_chunked(
-            &fg,
+            fg,
             &head.replace("dave", "erin"),
             &[
                 b"{\"sku\":\"json-1\",",
@@ -626,15 +605,6 @@ mod cases {
         .await;
         assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
         assert!(answer.contains("payload_too_large"), "{answer}");
-
-        assert_eq!(backend.count(), 3, "only the three valid orders");
-        let bodies = bodies.lock().unwrap().clone();
-        assert_eq!(bodies[1], exact.as_bytes());
-        assert_eq!(bodies[2], &b"{\"sku\":\"json-1\", \"gift\": true}"[..]);
-        assert_eq!(
-            fg.app.store.get_stock(&sku("json-1")).await.unwrap(),
-            Some(2)
-        );
     }
 
     /// Before `start` → 403 `not_started`; after `end` → 403 `ended`; inside the window the
@@ -674,11 +644,7 @@ mod cases {
         let fg = Flashgate::start(&yaml).await;
         fg.app.store.set_stock(&sku("win-1"), 3).await.unwrap();
         let client = client();
-        let post = |path: &str, user: &'static str| {
-            let client = client.clone();
-            let url = fg.url(path);
-            async move { send(&client, "POST", &url, &[("x-user-id", user)], Bytes::new()).await }
-        };
+        let post = async |path: &str, user: &str| order(&client, &fg.url(path), user).await;
 
         assert_rejected(
             &post("/api/early/win-1/buy", "alice").await,
@@ -687,17 +653,11 @@ mod cases {
         );
         assert_rejected(&post("/api/late/win-1/buy", "alice").await, 403, "ended");
         assert_eq!(backend.count(), 0);
-        assert_eq!(
-            fg.app.store.get_stock(&sku("win-1")).await.unwrap(),
-            Some(3)
-        );
+        assert_eq!(store_stock(&fg, "win-1").await, Some(3));
         let a = post("/api/open/win-1/buy", "alice").await;
         assert_eq!(a.status, 200, "{}", a.text());
         assert_eq!(backend.count(), 1);
-        assert_eq!(
-            fg.app.store.get_stock(&sku("win-1")).await.unwrap(),
-            Some(2)
-        );
+        assert_eq!(store_stock(&fg, "win-1").await, Some(2));
     }
 
     /// The backend reads the order, then drops the connection without answering. It may
@@ -718,14 +678,7 @@ mod cases {
                 drop(conn); // no answer
             }
         });
-        let fg = Flashgate::start(&sale_config(
-            &upstream,
-            &store.yaml,
-            "5s",
-            BUY_PATH,
-            PATH_SALE,
-        ))
-        .await;
+        let fg = start(&upstream, &store).await;
         set_stock(&fg, "reset-1", 1).await;
 
         let client = client();
@@ -749,11 +702,7 @@ mod cases {
     /// flashgate finishes the exchange with the backend anyway and records its real outcome:
     /// the backend took the order, so the unit is `sold` (not `uncertain`, not `held`).
     pub async fn client_gone_mid_order_is_not_left_held(store: StoreFixture) {
-        let backend = Backend::start(|_req| async {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            json_response(StatusCode::OK, r#"{"order":"accepted"}"#)
-        })
-        .await;
+        let backend = slow_shop(Duration::from_millis(500)).await;
         let fg = start(&backend.url(), &store).await;
         set_stock(&fg, "gone-1", 1).await;
 
@@ -780,13 +729,11 @@ mod cases {
     /// a single script); raising stock through the admin API ends that at once.
     pub async fn sold_out_fast_path(store: StoreFixture) {
         let backend = shop().await;
-        let fg = Flashgate::start(&sale_config(
+        let fg = start_with_sale(
             &backend.url(),
-            &store.yaml,
-            "5s",
-            BUY_PATH,
+            &store,
             "{ sku: { path_param: sku }, sold_out_recheck: 60s }",
-        ))
+        )
         .await;
         set_stock(&fg, "fast-1", 1).await;
         let client = client();
@@ -812,10 +759,7 @@ mod cases {
         // Redis would): still answered locally until the recheck time.
         fg.app.store.add_stock(&sku("fast-1"), 1).await.unwrap();
         assert_rejected(&buy(&client, &fg, "fast-1", "carol").await, 410, "sold_out");
-        assert_eq!(
-            fg.app.store.get_stock(&sku("fast-1")).await.unwrap(),
-            Some(1)
-        );
+        assert_eq!(store_stock(&fg, "fast-1").await, Some(1));
 
         // Raised through the admin API: the very next buyer asks the store, and wins.
         assert_eq!(add_stock(&fg, "fast-1", 1).await, 2);
@@ -832,6 +776,11 @@ mod cases {
         assert_eq!(users, ["alice", "dave", "erin"]);
         assert_eq!(stock(&fg, "fast-1").await, 0);
     }
+}
+
+/// Units left according to the store itself (behind the admin API's back).
+async fn store_stock(fg: &Flashgate, sku: &str) -> Option<u64> {
+    fg.app.store.get_stock(&support::sku(sku)).await.unwrap()
 }
 
 /// Reads an HTTP/1.1 request or response head (up to the blank line) from a raw stream.

@@ -19,80 +19,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-/// One raw HTTP/1.1 response: status, head text, body.
-struct RawResponse {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-/// Reads one response (head, then a `Content-Length` body) off `s`, within 5 s.
-async fn read_response(s: &mut TcpStream) -> RawResponse {
-    let read = async {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let n = s.read(&mut chunk).await.unwrap_or_else(|e| {
-                panic!(
-                    "read failed ({e}) after {:?}",
-                    String::from_utf8_lossy(&buf)
-                )
-            });
-            assert!(
-                n > 0,
-                "closed before a full head: {:?}",
-                String::from_utf8_lossy(&buf)
-            );
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in {head:?}"));
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().unwrap())
-            })
-            .unwrap_or(0);
-        while buf.len() < head_end + len {
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed mid-body");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        RawResponse {
-            status,
-            head,
-            body: buf[head_end..head_end + len].to_vec(),
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .expect("no response within 5s")
+/// Reads one answer off a connection the test holds open, within 5 s.
+async fn read_response(s: &mut TcpStream) -> raw::RawResponse {
+    raw::read_answer(s, Duration::from_secs(5)).await
 }
 
 /// Writes `request` on a fresh connection and reads the response, within 5 s.
 async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> raw::RawResponse {
     raw::answer(addr, request, Duration::from_secs(5)).await
-}
-
-/// Resolves when the peer closes `s` (read returns 0 or an error); returns what was read.
-async fn closed(s: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-        }
-    }
 }
 
 fn server(backend: &Backend, server: &str) -> String {
@@ -177,16 +111,7 @@ async fn slowloris_connection_is_closed_after_header_read_timeout() {
             }
         }
     };
-    let watch_close = async {
-        let mut chunk = [0u8; 1024];
-        let mut got = Vec::new();
-        loop {
-            match rd.read(&mut chunk).await {
-                Ok(0) | Err(_) => return got,
-                Ok(n) => got.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
+    let watch_close = raw::read_to_close(&mut rd);
     // Meanwhile a well-behaved client on another connection is served.
     let normal = async {
         let a = get(&fg.url("/ok")).await;
@@ -298,7 +223,7 @@ async fn keep_alive_connection_is_served_across_pauses() {
     let pause = || tokio::time::sleep(Duration::from_millis(300));
     let answer = async |s: &mut TcpStream| {
         let r = read_response(s).await;
-        assert_eq!(r.status, 200, "{}", r.head);
+        assert_eq!(r.status, 200, "{r:?}");
         serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()
     };
 
@@ -399,7 +324,7 @@ async fn paused_connection_closes_cleanly() {
         .unwrap();
     assert_eq!(read_response(&mut s).await.status, 200);
     let idle_from = Instant::now();
-    let got = tokio::time::timeout(Duration::from_secs(3), closed(&mut s))
+    let got = tokio::time::timeout(Duration::from_secs(3), raw::read_to_close(&mut s))
         .await
         .expect("idle connection still open after 3s");
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
@@ -455,7 +380,7 @@ async fn connections_over_max_connections_wait_for_a_free_slot() {
 
     drop(first);
     let r = read_response(&mut third).await;
-    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(r.status, 200, "{r:?}");
     let echo: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(echo["request"], "GET /x");
     assert_eq!(backend.count(), 3);
@@ -537,7 +462,7 @@ async fn graceful_shutdown_gives_up_after_drain_timeout() {
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(300), "stopped after {took:?}");
     // The stuck connection is closed, not left dangling.
-    let got = tokio::time::timeout(Duration::from_secs(2), closed(&mut stuck))
+    let got = tokio::time::timeout(Duration::from_secs(2), raw::read_to_close(&mut stuck))
         .await
         .expect("stuck connection still open after stop()");
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
@@ -560,7 +485,7 @@ async fn graceful_shutdown_closes_idle_connections_at_once() {
         .expect("stop() waited on idle connections")
         .unwrap();
     for s in [&mut idle, &mut silent] {
-        let got = tokio::time::timeout(Duration::from_secs(2), closed(s))
+        let got = tokio::time::timeout(Duration::from_secs(2), raw::read_to_close(s))
             .await
             .expect("idle connection still open after stop()");
         assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));

@@ -18,9 +18,13 @@ use flashgate::store::{
 };
 use http::StatusCode;
 use serde_json::{Value, json};
-use support::shop::{StoreFixture, bounded, memory, redis, shop};
+use support::raw;
+use support::shop::{
+    self, AdminApi, BUY_PATH, PATH_SALE, StoreFixture, assert_error, bounded, memory, redis,
+    sale_config, shop, start, start_with_timeout,
+};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// 2^53: the first value every cap refuses.
@@ -262,40 +266,8 @@ macro_rules! store_tests {
 // ---------------------------------------------------------------------------
 // End to end: flashgate, a recording backend, the admin API over HTTP
 
-const BUY_PATH: &str = "/api/flash/{sku}/buy";
-
-/// One flash route (SKU from the path, one unit per user, release on 503), admin API on,
-/// then a catch-all. `extra` goes at the top level (e.g. `server:`).
-fn sale_config(upstream: &str, store: &str, request_timeout: &str, extra: &str) -> String {
-    format!(
-        "upstream: {{ url: \"{upstream}\", connect_timeout: 500ms, request_timeout: {request_timeout} }}\n\
-         admin: {{ listen: \"127.0.0.1:0\" }}\n\
-         {store}{extra}\
-         routes:\n\
-         \x20 - name: flash-buy\n\
-         \x20   match: {{ method: POST, path: \"{BUY_PATH}\" }}\n\
-         \x20   identity: {{ header: X-User-Id }}\n\
-         \x20   sale: {{ sku: {{ path_param: sku }}, release_on: [connect_error, 503] }}\n\
-         \x20 - name: everything-else\n\
-         \x20   match: {{ path: \"/{{*rest}}\" }}\n"
-    )
-}
-
-async fn start(backend: &Backend, store: &StoreFixture) -> Flashgate {
-    Flashgate::start(&sale_config(&backend.url(), &store.yaml, "5s", "")).await
-}
-
-async fn buy(fg: &Flashgate, sku: &str, user: &str) -> Answer {
-    send(
-        &client(),
-        "POST",
-        &fg.url(&format!("/api/flash/{sku}/buy")),
-        &[("x-user-id", user)],
-        Bytes::new(),
-    )
-    .await
-}
-
+/// Every admin call in this file goes through [`AdminApi::marked`]: besides what each case
+/// asserts, every answer must say it comes from the admin API.
 async fn admin_with(
     fg: &Flashgate,
     method: &str,
@@ -303,63 +275,32 @@ async fn admin_with(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Answer {
-    let auth = format!("Bearer {ADMIN_TOKEN}");
-    let mut all = vec![
-        ("authorization", auth.as_str()),
-        ("content-type", "application/json"),
-    ];
-    all.extend_from_slice(headers);
-    let a = send(
-        &client(),
-        method,
-        &format!("{}{path}", fg.admin_url()),
-        &all,
-        body.to_owned(),
-    )
-    .await;
-    assert_eq!(
-        a.headers.get("x-flashgate-admin").map(|v| v.as_bytes()),
-        Some(&b"1"[..]),
-        "every admin answer says it is one: {method} {path} → {} {}",
-        a.status,
-        a.text()
-    );
-    a
+    AdminApi::marked(fg)
+        .call_with(method, path, headers, body)
+        .await
 }
 
 async fn admin(fg: &Flashgate, method: &str, path: &str, body: Option<Value>) -> Answer {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    admin_with(fg, method, path, &[], &body).await
+    AdminApi::marked(fg).call(method, path, body).await
 }
 
 async fn set_stock(fg: &Flashgate, sku: &str, units: u64) {
-    let a = admin(
-        fg,
-        "PUT",
-        &format!("/v1/stock/{sku}"),
-        Some(json!({ "stock": units })),
-    )
-    .await;
-    assert_eq!(a.status, 200, "{}", a.text());
+    AdminApi::marked(fg).put_stock(sku, units).await;
 }
 
 async fn status(fg: &Flashgate, sku: &str) -> Value {
-    let a = admin(fg, "GET", &format!("/v1/sales/{sku}"), None).await;
-    assert_eq!(a.status, 200, "{}", a.text());
-    a.json()
+    AdminApi::marked(fg).sale_status(sku).await
 }
 
 /// Polls the sale status until no unit is `held` (settles run off the response path).
 async fn settled(fg: &Flashgate, sku: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = status(fg, sku).await;
-        if s["units"]["held"] == 0 {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "units still held: {s}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    AdminApi::marked(fg)
+        .status_until(sku, |s| s["units"]["held"] == 0)
+        .await
+}
+
+async fn buy(fg: &Flashgate, sku: &str, user: &str) -> Answer {
+    shop::buy(&client(), fg, sku, user).await
 }
 
 fn audit_holds(s: &Value) -> bool {
@@ -368,18 +309,13 @@ fn audit_holds(s: &Value) -> bool {
     n(&s["added"]) == n(&s["stock"]) + n(&u["held"]) + n(&u["sold"]) + n(&u["uncertain"])
 }
 
-fn assert_rejected(a: &Answer, status: u16, reason: &str) {
-    assert_eq!(a.status.as_u16(), status, "{}", a.text());
-    assert_eq!(a.json()["error"], reason, "{}", a.text());
-}
-
 /// End-to-end cases, each run on both stores.
 mod sale_cases {
     use super::*;
 
     pub async fn expect_mismatch_is_409_with_the_current_stock(store: StoreFixture) {
         let backend = shop().await;
-        let fg = start(&backend, &store).await;
+        let fg = start(&backend.url(), &store).await;
         set_stock(&fg, "cas-1", 5).await;
 
         let a = admin(
@@ -402,7 +338,7 @@ mod sale_cases {
                 r#"{"stock": 7}"#,
             )
             .await;
-            assert_rejected(&a, 409, "stock_changed");
+            assert_error(&a, 409, "stock_changed");
             assert_eq!(a.json()["stock"], 5);
         }
         let a = admin(&fg, "GET", "/v1/stock/cas-1", None).await;
@@ -436,7 +372,7 @@ mod sale_cases {
             r#"{"stock": 7, "expect": 9}"#,
         )
         .await;
-        assert_rejected(&a, 400, "bad_request");
+        assert_error(&a, 400, "bad_request");
         assert_eq!(a.json()["field"], "expect");
         let a = admin(
             &fg,
@@ -445,7 +381,7 @@ mod sale_cases {
             Some(json!({"stock": 7, "expct": 9})),
         )
         .await;
-        assert_rejected(&a, 400, "bad_request");
+        assert_error(&a, 400, "bad_request");
         assert_eq!(a.json()["field"], "expct");
         let a = admin(&fg, "GET", "/v1/stock/cas-1", None).await;
         assert_eq!(a.json()["stock"], 9);
@@ -458,7 +394,7 @@ mod sale_cases {
             Some(json!({"stock": 1, "expect": 0})),
         )
         .await;
-        assert_rejected(&a, 409, "stock_changed");
+        assert_error(&a, 409, "stock_changed");
         assert_eq!(a.json()["stock"], Value::Null);
     }
 
@@ -474,7 +410,7 @@ mod sale_cases {
             }
         })
         .await;
-        let fg = start(&backend, &store).await;
+        let fg = start(&backend.url(), &store).await;
         set_stock(&fg, "rc-1", 1).await;
         let fg = Arc::new(fg);
         let alice = {
@@ -493,7 +429,7 @@ mod sale_cases {
         assert_eq!(s["stock"], 1, "the released unit is back in stock: {s}");
         assert_eq!(s["closed"], true, "{s}");
         assert!(audit_holds(&s), "{s}");
-        assert_rejected(&buy(&fg, "rc-1", "bob").await, 410, "closed");
+        assert_error(&buy(&fg, "rc-1", "bob").await, 410, "closed");
         assert_eq!(backend.count(), 1, "a closed sale forwards nobody");
 
         let a = admin(&fg, "POST", "/v1/sales/rc-1/open", None).await;
@@ -523,7 +459,7 @@ mod sale_cases {
             }
         })
         .await;
-        let fg = Flashgate::start(&sale_config(&backend.url(), &store.yaml, "500ms", "")).await;
+        let fg = start_with_timeout(&backend.url(), &store, "500ms").await;
         set_stock(&fg, "audit-1", 8).await;
         let a = admin(
             &fg,
@@ -536,28 +472,14 @@ mod sale_cases {
         set_stock(&fg, "audit-1", 10).await;
 
         let users = ["a", "b", "c", "fail-1", "fail-2", "slow-1", "d"];
-        let buys = users.map(|u| {
-            let fg_url = fg.url("/api/flash/audit-1/buy");
-            tokio::spawn(async move {
-                send(
-                    &client(),
-                    "POST",
-                    &fg_url,
-                    &[("x-user-id", u)],
-                    Bytes::new(),
-                )
-                .await
-                .status
-            })
-        });
-        for (u, b) in users.iter().zip(buys) {
-            let status = b.await.unwrap();
-            let want = match *u {
+        let outcomes = shop::fire(&[&fg], "audit-1", users.map(String::from).to_vec()).await;
+        for o in &outcomes {
+            let want = match o.user.as_str() {
                 u if u.starts_with("fail-") => 503,
                 u if u.starts_with("slow-") => 504,
                 _ => 200,
             };
-            assert_eq!(status, want, "{u}");
+            assert_eq!(o.status, want, "{}", o.user);
         }
         let s = settled(&fg, "audit-1").await;
         assert_eq!(s["added"], 10, "{s}");
@@ -579,7 +501,7 @@ mod sale_cases {
 
     pub async fn caps_over_http(store: StoreFixture) {
         let backend = shop().await;
-        let fg = start(&backend, &store).await;
+        let fg = start(&backend.url(), &store).await;
         for (method, path, body, field) in [
             ("PUT", "/v1/stock/cap-1", json!({"stock": TOO_BIG}), "stock"),
             (
@@ -611,7 +533,7 @@ mod sale_cases {
             ),
         ] {
             let a = admin(&fg, method, path, Some(body.clone())).await;
-            assert_rejected(&a, 400, "bad_request");
+            assert_error(&a, 400, "bad_request");
             assert_eq!(a.json()["field"], field, "{body}: {}", a.text());
         }
         // 1e30 and 2^64 do not fit any integer type: still a 400 naming the field.
@@ -644,7 +566,7 @@ mod sale_cases {
                 Some(json!({"delta": delta})),
             )
             .await;
-            assert_rejected(&a, 400, "bad_request");
+            assert_error(&a, 400, "bad_request");
         }
         let a = admin(&fg, "GET", "/v1/stock/cap-1", None).await;
         assert_eq!(a.json()["stock"], MAX_UNITS - 1);
@@ -652,7 +574,7 @@ mod sale_cases {
 
     pub async fn sku_is_percent_decoded_then_checked(store: StoreFixture) {
         let backend = shop().await;
-        let fg = start(&backend, &store).await;
+        let fg = start(&backend.url(), &store).await;
         let a = admin(&fg, "PUT", "/v1/stock/tee%2D42", Some(json!({"stock": 3}))).await;
         assert_eq!(a.json(), json!({"sku": "tee-42", "stock": 3}));
         let a = admin(&fg, "GET", "/v1/stock/tee-42", None).await;
@@ -665,7 +587,7 @@ mod sale_cases {
                 Some(json!({"stock": 3})),
             )
             .await;
-            assert_rejected(&a, 400, "bad_request");
+            assert_error(&a, 400, "bad_request");
         }
         // Unknown calls and a missing token still say it is flashgate answering.
         let a = admin(&fg, "GET", "/v1/nothing", None).await;
@@ -731,15 +653,15 @@ mod redis_only {
         bounded(async {
             let store = redis();
             let (shop_a, shop_b) = (shop().await, shop().await);
-            let fg_a = start(&shop_a, &store).await;
-            let fg_b = start(&shop_b, &store).await;
+            let fg_a = start(&shop_a.url(), &store).await;
+            let fg_b = start(&shop_b.url(), &store).await;
             set_stock(&fg_a, "multi-1", 5).await;
             assert_eq!(buy(&fg_b, "multi-1", "alice").await.status, 200);
 
             let a = admin(&fg_a, "POST", "/v1/sales/multi-1/close", None).await;
             assert_eq!(a.status, 200, "{}", a.text());
             for (fg, user) in [(&fg_a, "bob"), (&fg_b, "carol"), (&fg_b, "alice")] {
-                assert_rejected(&buy(fg, "multi-1", user).await, 410, "closed");
+                assert_error(&buy(fg, "multi-1", user).await, 410, "closed");
             }
             assert_eq!(status(&fg_b, "multi-1").await["closed"], true);
             let s = settled(&fg_b, "multi-1").await;
@@ -760,11 +682,11 @@ mod redis_only {
             let store = redis();
             let server = store.redis.as_ref().expect("redis");
             let backend = shop().await;
-            let fg = start(&backend, &store).await;
+            let fg = start(&backend.url(), &store).await;
             // What an older flashgate let through: `stock set SKU 9223372036854775807`.
             server.cli(&["SET", "fg:{huge-1}:stock", "9223372036854775807"]);
             let a = buy(&fg, "huge-1", "alice").await;
-            assert_rejected(&a, 503, "unavailable");
+            assert_error(&a, 503, "unavailable");
             assert_eq!(backend.count(), 0);
             let s = status(&fg, "huge-1").await;
             assert_eq!(s["units"]["held"], 0, "a refused batch holds nothing: {s}");
@@ -780,7 +702,7 @@ mod redis_only {
                 Some(json!({"delta": -1})),
             )
             .await;
-            assert_rejected(&a, 400, "bad_request");
+            assert_error(&a, 400, "bad_request");
             set_stock(&fg, "huge-1", 5).await;
             assert_eq!(buy(&fg, "huge-1", "alice").await.status, 200);
             let s = settled(&fg, "huge-1").await;
@@ -817,46 +739,56 @@ mod redis_only {
 // ---------------------------------------------------------------------------
 // The admin listener: the proxy's header timeout and size limits
 
-/// Reads until the peer closes (or errors); returns what arrived.
-async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
-    let mut all = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return all,
-            Ok(n) => all.extend_from_slice(&buf[..n]),
-        }
-    }
+/// A shop, flashgate with `server` (the `server:` line, whose limits the admin listener keeps
+/// too), and a raw connection to its admin listener.
+async fn admin_connection(server: &str) -> (Backend, Flashgate, TcpStream) {
+    let backend = shop().await;
+    let fg = Flashgate::start(&sale_config(
+        &backend.url(),
+        server,
+        "5s",
+        BUY_PATH,
+        PATH_SALE,
+    ))
+    .await;
+    let stream = TcpStream::connect(fg.admin.expect("admin")).await.unwrap();
+    (backend, fg, stream)
+}
+
+/// What the admin listener sent before closing `stream`, as text; panics with `held_open` if
+/// it is still open after 5 s.
+async fn text_until_closed(stream: &mut TcpStream, held_open: &str) -> String {
+    let got = tokio::time::timeout(Duration::from_secs(5), raw::read_to_close(stream))
+        .await
+        .expect(held_open);
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_closes_a_half_sent_header_within_the_timeout() {
     bounded(async {
-        let backend = shop().await;
-        let fg = Flashgate::start(&sale_config(
-            &backend.url(),
-            "",
-            "5s",
-            "server: { header_read_timeout: 300ms }\n",
-        ))
-        .await;
-        let mut stream = TcpStream::connect(fg.admin.expect("admin")).await.unwrap();
+        let (_backend, fg, mut stream) =
+            admin_connection("server: { header_read_timeout: 300ms }\n").await;
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
             .await
             .unwrap();
         let started = Instant::now();
-        let got = tokio::time::timeout(Duration::from_secs(5), read_to_close(&mut stream))
-            .await
-            .expect("a half-sent head held the admin connection open");
+        let text = text_until_closed(
+            &mut stream,
+            "a half-sent head held the admin connection open",
+        )
+        .await;
         assert!(
             started.elapsed() < Duration::from_secs(3),
             "{:?}",
             started.elapsed()
         );
         // Closed without serving the request (hyper may say 408 first).
-        let text = String::from_utf8_lossy(&got);
-        assert!(got.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "{text}"
+        );
         // The listener still serves whole requests.
         let a = get(&format!("{}/healthz", fg.admin_url())).await;
         assert_eq!(a.status, 200);
@@ -867,24 +799,21 @@ async fn admin_closes_a_half_sent_header_within_the_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_refuses_an_oversized_header() {
     bounded(async {
-        let backend = shop().await;
-        let fg = Flashgate::start(&sale_config(
-            &backend.url(),
-            "",
-            "5s",
-            "server: { max_header_bytes: 8KiB }\n",
-        ))
-        .await;
-        let mut stream = TcpStream::connect(fg.admin.expect("admin")).await.unwrap();
+        let (_backend, _fg, mut stream) =
+            admin_connection("server: { max_header_bytes: 8KiB }\n").await;
         let big = "a".repeat(64 * 1024);
         let head = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
         // The server may close while we are still writing: that is a refusal too.
         let _ = stream.write_all(head.as_bytes()).await;
-        let got = tokio::time::timeout(Duration::from_secs(5), read_to_close(&mut stream))
-            .await
-            .expect("an oversized head held the admin connection open");
-        let text = String::from_utf8_lossy(&got);
-        assert!(got.is_empty() || text.starts_with("HTTP/1.1 431"), "{text}");
+        let text = text_until_closed(
+            &mut stream,
+            "an oversized head held the admin connection open",
+        )
+        .await;
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 431"),
+            "{text}"
+        );
     })
     .await;
 }

@@ -109,6 +109,51 @@ pub async fn run(
     }
 }
 
+/// `GET /metrics`: the SKU gauges refreshed from the store (each SKU's status, at most
+/// [`SKU_STATUS_TIMEOUT`] each, all at once), then the exposition: OpenMetrics when the
+/// scraper asks for it (Prometheus does), else Prometheus' classic text format.
+async fn metrics(app: &App, headers: &http::HeaderMap) -> Response<Body> {
+    let metrics = &app.metrics;
+    {
+        let _one_at_a_time = metrics.refreshing().await;
+        let skus = metrics.skus();
+        let statuses = skus.iter().map(|sku| async move {
+            let status = tokio::time::timeout(SKU_STATUS_TIMEOUT, app.store.status(sku)).await;
+            (sku, status)
+        });
+        for (sku, status) in futures_util::future::join_all(statuses).await {
+            if let Ok(Ok(status)) = status {
+                metrics.set_sku(sku, &status);
+            }
+        }
+    }
+    let openmetrics = headers.get_all(http::header::ACCEPT).iter().any(|v| {
+        v.as_bytes()
+            .windows(19)
+            .any(|w| w == b"application/openmet")
+    });
+    let (text, content_type) = if openmetrics {
+        (
+            metrics.encode_openmetrics(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        (
+            metrics.encode_text(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
+    let mut resp = Response::new(body::full(text));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+/// How long a scrape waits for one SKU's status; a SKU that takes longer keeps its last values.
+const SKU_STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Which call a path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Call {
@@ -128,6 +173,15 @@ async fn handle(
     let path = req.uri().path().to_owned();
     if path == "/healthz" {
         return reply(StatusCode::OK, json!({"status": "ok"}));
+    }
+    let metrics_open = app
+        .snapshot()
+        .config
+        .admin
+        .as_ref()
+        .is_some_and(|a| a.metrics_open);
+    if path == "/metrics" && metrics_open && req.method() == Method::GET {
+        return metrics(app, req.headers()).await;
     }
     let now = Instant::now();
     if let Some(wait) = throttle.blocked(ip, now) {
@@ -160,6 +214,9 @@ async fn handle(
         );
     }
     let who = access.as_str();
+    if path == "/metrics" && req.method() == Method::GET {
+        return metrics(app, req.headers()).await;
+    }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     // Audit and reconciliation: their own module.
     if let Some(call) = reconcile::Call::from_path(&segments) {

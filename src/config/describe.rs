@@ -41,6 +41,21 @@ pub fn describe(cfg: &Config) -> String {
             a.listen, a.token_env
         ),
     };
+    if let Some(a) = &cfg.access_log {
+        let _ = writeln!(
+            out,
+            "access_log: on, sample {}, to {}, user ids {}",
+            a.sample,
+            a.path
+                .as_ref()
+                .map_or_else(|| "stdout".to_owned(), |p| p.display().to_string()),
+            if a.log_user_ids {
+                "as they are"
+            } else {
+                "hashed"
+            }
+        );
+    }
     let _ = if cfg.trusted_proxies.is_empty() {
         writeln!(
             out,

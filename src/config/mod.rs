@@ -53,7 +53,20 @@ pub struct Config {
     pub store: Option<StoreConfig>,
     /// Sign forwarded winners: the key's id and the variable holding it.
     pub signing: Option<Signing>,
+    /// One JSON line per request (sampled), when enabled.
+    pub access_log: Option<AccessLog>,
     pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLog {
+    /// The share of requests logged, 0.0 to 1.0 (by trace id, so one trace is logged
+    /// on every instance or on none).
+    pub sample: f64,
+    /// Log user ids as they are; otherwise a hash of each.
+    pub log_user_ids: bool,
+    /// Append here; stdout when `None`.
+    pub path: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +75,8 @@ pub struct Admin {
     pub token_env: String,
     /// The read-only token's variable: status and stock reads, no writes.
     pub read_token_env: Option<String>,
+    /// `GET /metrics` answers without a token.
+    pub metrics_open: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +138,9 @@ pub struct Upstream {
     pub url: UpstreamUrl,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// After a bare `100`/`102` from the backend, how long its final response may take to
+    /// start before the client gets 502 `bad_upstream_response` (see `interim.rs`).
+    pub interim_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
     /// Header lines a backend response may carry; over it: 502 `bad_upstream_response`.
@@ -343,6 +361,15 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             return Err(err(&url.referenced, "store.redis".into(), message));
         }
     }
+    if let Some(sample) = raw.access_log.as_ref().map(|a| &a.sample)
+        && !(0.0..=1.0).contains(&sample.value)
+    {
+        return Err(err(
+            &sample.referenced,
+            "access_log.sample".into(),
+            "must be between 0.0 and 1.0".into(),
+        ));
+    }
     let head = &raw.upstream.max_response_head_bytes;
     if head.value.0 < MIN_HEADER_BYTES {
         return Err(err(
@@ -386,6 +413,7 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             url: raw.upstream.url,
             connect_timeout: raw.upstream.connect_timeout.0,
             request_timeout: raw.upstream.request_timeout.0,
+            interim_timeout: raw.upstream.interim_timeout.0,
             pool_idle_timeout: raw.upstream.pool_idle_timeout.0,
             pool_max_idle: raw.upstream.pool_max_idle,
             max_response_headers: raw.upstream.max_response_headers.get(),
@@ -418,6 +446,7 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             listen: a.listen,
             token_env: a.token_env,
             read_token_env: a.read_token_env,
+            metrics_open: a.metrics_open,
         }),
         store: raw.store.map(|s| StoreConfig {
             redis: s.redis.value,
@@ -431,6 +460,11 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
         signing: raw.signing.map(|s| Signing {
             key_env: s.key_env,
             key_id: s.key_id,
+        }),
+        access_log: raw.access_log.filter(|a| a.enabled).map(|a| AccessLog {
+            sample: a.sample.value,
+            log_user_ids: a.log_user_ids,
+            path: a.path,
         }),
         routes,
     })

@@ -42,7 +42,28 @@ pub struct RawConfig {
     #[serde(default)]
     pub signing: Option<RawSigning>,
     #[serde(default)]
+    pub access_log: Option<RawAccessLog>,
+    #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
+}
+
+/// `access_log: { enabled, sample, log_user_ids, path }` (see `access_log.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_sample")]
+    pub sample: Spanned<f64>,
+    #[serde(default)]
+    pub log_user_ids: bool,
+    /// A file to append to; stdout when absent.
+    #[serde(default)]
+    pub path: Option<std::path::PathBuf>,
+}
+
+fn default_sample() -> Spanned<f64> {
+    Spanned::new(1.0, Location::UNKNOWN, Location::UNKNOWN)
 }
 
 /// The admin API listener (stock, sale status). Omit to disable it.
@@ -56,6 +77,9 @@ pub struct RawAdmin {
     /// Name of the environment variable that holds the read-only token (optional).
     #[serde(default)]
     pub read_token_env: Option<String>,
+    /// `GET /metrics` without a token (for a scrape job on a private network).
+    #[serde(default)]
+    pub metrics_open: bool,
 }
 
 fn default_token_env() -> String {
@@ -154,6 +178,8 @@ pub struct RawUpstream {
     pub connect_timeout: Dur,
     #[serde(default = "d_30s")]
     pub request_timeout: Dur,
+    #[serde(default = "d_1s")]
+    pub interim_timeout: Dur,
     #[serde(default = "d_90s")]
     pub pool_idle_timeout: Dur,
     #[serde(default = "default_pool_max_idle")]

@@ -22,6 +22,13 @@ pub(super) fn compile_route(
     if name.is_empty() {
         return Err(err(at, key("name"), "must not be empty".into()));
     }
+    if name == crate::metrics::UNMATCHED {
+        return Err(err(
+            at,
+            key("name"),
+            format!("`{name}` is the metrics' label for requests no route matched"),
+        ));
+    }
     let identity = match raw.identity {
         None => None,
         Some(Spanned {

@@ -26,6 +26,7 @@ use super::watched::Watched;
 use crate::body;
 use crate::config::Server as ServerConfig;
 use crate::gate;
+use crate::interim::Outbox;
 use crate::state::App;
 
 /// The HTTP/1.1 and HTTP/2 settings, shared by every connection of a listener (one copy per
@@ -80,7 +81,9 @@ pub(super) async fn serve_connection(
     limits: HeadLimits,
 ) {
     let (header_timeout, idle_timeout) = timeouts;
+    let _counted = Connected::new(&app.metrics.connections);
     let activity = Arc::new(Activity::new(limits));
+    let outbox = Arc::new(Outbox::default());
     let mut stream = stream;
     // Whether the client speaks HTTP/2: unknown until its first bytes arrive.
     let mut h2 = None;
@@ -110,13 +113,17 @@ pub(super) async fn serve_connection(
                 return;
             }
         };
-        let io = TokioIo::new(Watched::new(stream, activity.clone(), !is_h2));
+        // Early hints from the backend reach an HTTP/1.1 client through the socket wrapper;
+        // hyper's h2 server cannot send a 1xx.
+        let hints = (!is_h2).then(|| outbox.clone());
+        let io = TokioIo::new(Watched::new(stream, activity.clone(), hints.clone()));
         if is_h2 {
             activity.line().switch_off();
         }
         let service = {
             let (app, activity) = (app.clone(), activity.clone());
             service_fn(move |req: Request<Incoming>| {
+                let hints = hints.clone();
                 // The body's exact length tells `Activity` when hyper has read all of this
                 // request; a possible upgrade (hyper marks it) may take the socket over.
                 let body_len = if req.extensions().get::<OnUpgrade>().is_some() {
@@ -136,7 +143,7 @@ pub(super) async fn serve_connection(
                 }
                 let app = app.clone();
                 async move {
-                    let resp = gate::handle(app, peer, req).await?;
+                    let resp = gate::handle(app, peer, hints, req).await?;
                     Ok::<_, std::convert::Infallible>(resp.map(|b| body::guarded(b, busy)))
                 }
             })
@@ -171,6 +178,22 @@ pub(super) async fn serve_connection(
             Ended::Closed => return,
             Ended::Parked(s) => stream = s,
         }
+    }
+}
+
+/// One open client connection in `flashgate_connections`, until it drops.
+struct Connected(prometheus_client::metrics::gauge::Gauge);
+
+impl Connected {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Connected {
+        gauge.inc();
+        Connected(gauge.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -1,7 +1,8 @@
 //! [`Watched`], the client socket as hyper reads and writes it. On the way in it repairs each
 //! request line (`request_line.rs`) and reports what was read to the connection's
 //! [`Activity`]; on the way out it replaces hyper's own answers to refused heads with ones that
-//! carry a JSON body (`head_errors.rs`). On an idle HTTP/1.1 connection it parks: it ends
+//! carry a JSON body (`head_errors.rs`), and writes the backend's early hints (`interim.rs`)
+//! ahead of the response they precede. On an idle HTTP/1.1 connection it parks: it ends
 //! hyper's session with an end of stream and hands the still-open socket back.
 
 use std::io;
@@ -14,6 +15,7 @@ use tokio::net::TcpStream;
 
 use super::activity::Activity;
 use crate::head_errors;
+use crate::interim::Outbox;
 
 /// The client socket as hyper sees it: reports reads to [`Activity`], and on an idle HTTP/1.1
 /// connection may end hyper's session while keeping the socket (see [`Activity::try_park`]).
@@ -23,6 +25,8 @@ pub(super) struct Watched {
     activity: Arc<Activity>,
     /// An HTTP/1 connection (h2 ones are never parked, and have no heads to answer).
     may_park: bool,
+    /// The backend's early hints for this (HTTP/1) client, written ahead of hyper's bytes.
+    hints: Option<Arc<Outbox>>,
     /// hyper flushed after its last write. It flushes only once its write buffer is all
     /// written, so until then the end of a response may still be in that buffer (a client
     /// that stops reading), and a park would lose it.
@@ -34,11 +38,17 @@ pub(super) struct Watched {
 }
 
 impl Watched {
-    pub(super) fn new(inner: TcpStream, activity: Arc<Activity>, may_park: bool) -> Self {
+    /// `hints`: an HTTP/1 connection's outbox of early hints (`None` for h2).
+    pub(super) fn new(
+        inner: TcpStream,
+        activity: Arc<Activity>,
+        hints: Option<Arc<Outbox>>,
+    ) -> Self {
         Watched {
             inner: Some(inner),
             activity,
-            may_park,
+            may_park: hints.is_some(),
+            hints,
             flushed: false,
             held: Vec::new(),
             owed: Vec::new(),
@@ -107,8 +117,12 @@ impl AsyncRead for Watched {
 }
 
 impl Watched {
-    /// Writes what is owed from a replaced answer ([`head_errors`]) before anything else.
+    /// Writes what is owed — early hints from the backend, a replaced answer
+    /// ([`head_errors`]) — before anything else.
     fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(hints) = &self.hints {
+            hints.take_into(&mut self.owed);
+        }
         while !self.owed.is_empty() {
             let Some(inner) = self.inner.as_mut() else {
                 return Poll::Ready(Err(gone()));
@@ -158,6 +172,11 @@ impl AsyncWrite for Watched {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // hyper flushes on every turn of its connection, also while a response is awaited:
+        // early hints arriving then wake it, and go out here.
+        if let Some(hints) = &this.hints {
+            hints.register(cx.waker());
+        }
         ready!(this.poll_owed(cx))?;
         let polled = match this.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll_flush(cx),

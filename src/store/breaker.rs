@@ -6,6 +6,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tracing::{info, warn};
 
 use super::{
@@ -44,6 +45,8 @@ pub struct Breaker<S> {
     cooldown: Duration,
     // A std Mutex: held for a few instructions, never across an await.
     inner: Mutex<Inner>,
+    /// `flashgate_breaker_open`: 1 while open or half-open.
+    open_gauge: Option<Gauge>,
 }
 
 impl<S: Store> Breaker<S> {
@@ -58,6 +61,19 @@ impl<S: Store> Breaker<S> {
                 opened_at: Instant::now(),
                 probe_in_flight: false,
             }),
+            open_gauge: None,
+        }
+    }
+
+    /// Reports the breaker's state to `gauge` (1 open or probing, 0 closed).
+    pub fn reporting_to(mut self, gauge: Gauge) -> Self {
+        self.open_gauge = Some(gauge);
+        self
+    }
+
+    fn report(&self, state: BreakerState) {
+        if let Some(g) = &self.open_gauge {
+            g.set(i64::from(state != BreakerState::Closed));
         }
     }
 
@@ -78,6 +94,7 @@ impl<S: Store> Breaker<S> {
             BreakerState::Open if g.opened_at.elapsed() >= self.cooldown => {
                 g.state = BreakerState::HalfOpen;
                 g.probe_in_flight = true;
+                self.report(g.state);
                 info!(breaker = "half_open", "store circuit breaker: probing");
                 Ok(())
             }
@@ -100,6 +117,7 @@ impl<S: Store> Breaker<S> {
                 if trip {
                     g.state = BreakerState::Open;
                     g.opened_at = Instant::now();
+                    self.report(g.state);
                     warn!(breaker = "open", failures = g.consecutive_failures, cooldown = ?self.cooldown, error = %e, "store circuit breaker opened: failing fast");
                 }
             }
@@ -113,6 +131,7 @@ impl<S: Store> Breaker<S> {
                 }
                 g.state = BreakerState::Closed;
                 g.consecutive_failures = 0;
+                self.report(g.state);
             }
         }
     }

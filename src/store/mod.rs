@@ -43,6 +43,7 @@ pub use crate::ids::{MAX_SKU_LEN, ReservationId, Sku, UserId};
 
 pub mod breaker;
 pub mod memory;
+pub mod observed;
 pub mod reconcile;
 pub mod redis;
 

@@ -8,11 +8,17 @@ GET /big?kb=K        -> 200 with one header of K KiB
 POST /echo           -> JSON: the body as received (Content-Length or chunked)
 GET /query?...       -> JSON: the query as parse_qs reads it
 GET /count           -> JSON: how many requests this server has read (this one excluded)
+GET /hints?n=N       -> N `103 Early Hints` (each with a `Link` line, 50 ms apart), then 200
+POST /hints/...      -> the same, after reading the body (a sale route's buy)
+GET /interim?status=S&then=T
+                     -> a bare informational `S` (100 or 102) as the only answer, then
+                        T=close: closes the connection; T=hang: sends nothing more for 3 s
 
 Prints the port it listens on (127.0.0.1, ephemeral) as its first line.
 """
 import json
 import sys
+import time
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -46,7 +52,21 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.read_body()
-        self.reply({"line": self.requestline, "body": body.decode("latin-1")})
+        url = urlsplit(self.path)
+        if url.path.startswith("/hints"):
+            self.hints(parse_qs(url.query))
+        else:
+            self.reply({"line": self.requestline, "body": body.decode("latin-1")})
+
+    def hints(self, query):
+        for i in range(int(query.get("n", ["1"])[0])):
+            self.wfile.write(
+                b"HTTP/1.1 103 Early Hints\r\n"
+                + f"Link: </style{i}.css>; rel=preload; as=style\r\n\r\n".encode()
+            )
+            self.wfile.flush()
+            time.sleep(0.05)
+        self.reply({"hints": "sent"}, [("Link", "</style0.css>; rel=preload; as=style")])
 
     def log_message(self, *args):
         pass
@@ -78,6 +98,16 @@ class Handler(BaseHTTPRequestHandler):
             self.reply({"path": url.path, "query": parse_qs(url.query)})
         elif url.path == "/count":
             self.reply({"count": COUNT})
+        elif url.path == "/hints":
+            self.hints(query)
+        elif url.path == "/interim":
+            status = int(query.get("status", ["100"])[0])
+            reason = {100: "Continue", 102: "Processing"}.get(status, "Info")
+            self.wfile.write(f"HTTP/1.1 {status} {reason}\r\n\r\n".encode())
+            self.wfile.flush()
+            if query.get("then", ["close"])[0] == "hang":
+                time.sleep(3)
+            self.close_connection = True
         elif url.path == "/big":
             kb = int(query.get("kb", ["0"])[0])
             self.reply({"kb": kb}, [("X-Big", "b" * (kb * 1024))])

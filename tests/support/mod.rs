@@ -240,6 +240,13 @@ pub fn json_response(status: StatusCode, json: &str) -> Response<Body> {
     r
 }
 
+/// The usual flash route as a `routes:` entry: `POST /api/flash/{sku}/buy`, the buyer from
+/// `X-User-Id`, the SKU from the path, nothing else set.
+pub const FLASH_BUY_ROUTE: &str = "  - name: flash-buy\n\
+    \x20   match: { method: POST, path: \"/api/flash/{sku}/buy\" }\n\
+    \x20   identity: { header: X-User-Id }\n\
+    \x20   sale: { sku: { path_param: sku } }\n";
+
 /// A minimal YAML config pointing at `backend`, with `routes` appended verbatim.
 pub fn config(backend: &Backend, extra: &str) -> String {
     format!(
@@ -248,13 +255,16 @@ pub fn config(backend: &Backend, extra: &str) -> String {
     )
 }
 
+/// The tests' HTTP client: [`client`] or [`h2c_client`].
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
 /// A plain HTTP/1.1 client with a connection pool.
-pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
 /// A client speaking h2c with prior knowledge.
-pub fn h2c_client() -> Client<HttpConnector, Full<Bytes>> {
+pub fn h2c_client() -> HttpClient {
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build(HttpConnector::new())
@@ -280,7 +290,7 @@ impl Answer {
 
 /// Sends a request and collects the answer; headers as (name, value) pairs.
 pub async fn send(
-    client: &Client<HttpConnector, Full<Bytes>>,
+    client: &HttpClient,
     method: &str,
     url: &str,
     headers: &[(&str, &str)],

@@ -1,12 +1,13 @@
 //! A raw HTTP/1.1 client: the request goes out byte for byte as written (hyper's client would
 //! normalize the method and the request target), and the answer is read with just enough
 //! parsing to know where it ends — `Content-Length`, `chunked`, or the connection closing —
-//! all bounded by a timeout.
+//! all bounded by a timeout. For a connection the test holds open itself (keep-alive,
+//! pipelining, a paused writer): [`read_answer`] and [`read_to_close`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// One parsed answer.
@@ -97,6 +98,29 @@ pub async fn exchange_text(addr: SocketAddr, request: &[u8], timeout: Duration) 
         .await
         .unwrap_or_else(|_| panic!("no answer within {timeout:?}"));
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Reads one answer off `stream`, a connection the test opened and writes to itself
+/// (keep-alive, pipelining, pauses mid-request); panics, saying why, if none could be read
+/// within `timeout`.
+pub async fn read_answer(stream: &mut TcpStream, timeout: Duration) -> RawResponse {
+    tokio::time::timeout(timeout, read_response(stream, false))
+        .await
+        .unwrap_or_else(|_| panic!("no answer within {timeout:?}"))
+        .unwrap_or_else(|e| panic!("no answer: {e}"))
+}
+
+/// Reads until the peer closes (or the connection fails); returns what arrived. Unbounded:
+/// wrap it in a timeout.
+pub async fn read_to_close(stream: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return all,
+            Ok(n) => all.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
 
 async fn read_response(stream: &mut TcpStream, head_only: bool) -> Result<RawResponse, RawError> {

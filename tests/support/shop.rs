@@ -1,21 +1,26 @@
 //! The flash-sale operator's kit for integration tests: which store flashgate runs on
 //! (embedded or a private `redis-server`), a sale config with one flash route, shop backends
-//! that take every order, buyers (one, or many at once), and the admin API calls an operator
-//! makes (set stock, read the sale status until settle has landed).
+//! (taking every order, slowly, or refusing some), buyers (one, or many at once), and the admin
+//! API calls an operator makes (set stock, read the sale status until settle has landed).
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::StatusCode;
+use flashgate::body::Body;
+use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::redis::RedisServer;
-use super::{ADMIN_TOKEN, Answer, Backend, Flashgate, Seen, client, json_response, send};
+use super::{
+    ADMIN_TOKEN, Answer, Backend, Flashgate, HttpClient, Seen, client, json_response, send,
+};
 
 /// Bound on one whole test.
 pub const TEST_DEADLINE: Duration = Duration::from_secs(60);
@@ -72,11 +77,12 @@ pub fn redis_yaml(server: &RedisServer) -> String {
 // Config
 
 /// A config with the admin API, one flash route `POST {path}` (identity `X-User-Id`, no rate
-/// limits) with `sale` as a YAML flow mapping, then a catch-all ordinary route. (`\x20` keeps
-/// the YAML indentation that a `\` line continuation would swallow.)
+/// limits) with `sale` as a YAML flow mapping, then a catch-all ordinary route. `top_level` is
+/// added at the top level: the store (a [`StoreFixture`]'s `yaml`), `server:` limits, or both.
+/// (`\x20` keeps the YAML indentation that a `\` line continuation would swallow.)
 pub fn sale_config(
     upstream: &str,
-    store: &str,
+    top_level: &str,
     request_timeout: &str,
     path: &str,
     sale: &str,
@@ -84,7 +90,7 @@ pub fn sale_config(
     format!(
         "upstream: {{ url: \"{upstream}\", connect_timeout: 500ms, request_timeout: {request_timeout} }}\n\
          admin: {{ listen: \"127.0.0.1:0\" }}\n\
-         {store}\
+         {top_level}\
          routes:\n\
          \x20 - name: flash-buy\n\
          \x20   match: {{ method: POST, path: \"{path}\" }}\n\
@@ -98,13 +104,38 @@ pub fn sale_config(
 /// The usual flash route: SKU from the path, one unit per user.
 pub const PATH_SALE: &str = "{ sku: { path_param: sku }, release_on: [connect_error, 503] }";
 
+/// flashgate on `store` with the usual flash route ([`PATH_SALE`] on [`BUY_PATH`]) in front of
+/// `backend_url`, request timeout 5 s.
 pub async fn start(backend_url: &str, store: &StoreFixture) -> Flashgate {
+    start_with_timeout(backend_url, store, "5s").await
+}
+
+/// [`start`] with another upstream `request_timeout`.
+pub async fn start_with_timeout(
+    backend_url: &str,
+    store: &StoreFixture,
+    request_timeout: &str,
+) -> Flashgate {
+    start_sale(backend_url, store, request_timeout, PATH_SALE).await
+}
+
+/// [`start`] with other `sale` settings on the flash route (a YAML flow mapping).
+pub async fn start_with_sale(backend_url: &str, store: &StoreFixture, sale: &str) -> Flashgate {
+    start_sale(backend_url, store, "5s", sale).await
+}
+
+async fn start_sale(
+    backend_url: &str,
+    store: &StoreFixture,
+    request_timeout: &str,
+    sale: &str,
+) -> Flashgate {
     Flashgate::start(&sale_config(
         backend_url,
         &store.yaml,
-        "5s",
+        request_timeout,
         BUY_PATH,
-        PATH_SALE,
+        sale,
     ))
     .await
 }
@@ -112,9 +143,44 @@ pub async fn start(backend_url: &str, store: &StoreFixture) -> Flashgate {
 // ---------------------------------------------------------------------------
 // Backends
 
-/// A backend that takes every order: 200 with a small JSON body.
+/// What a shop answers an order it takes (with 200).
+pub const ACCEPTED: &str = r#"{"order":"accepted"}"#;
+
+fn accepted() -> Response<Body> {
+    json_response(StatusCode::OK, ACCEPTED)
+}
+
+/// A backend that takes every order: 200 with [`ACCEPTED`].
 pub async fn shop() -> Backend {
-    Backend::start(|_req| async { json_response(StatusCode::OK, r#"{"order":"accepted"}"#) }).await
+    Backend::start(|_req| async { accepted() }).await
+}
+
+/// [`shop`] on an already bound listener (a backend that comes up where flashgate points).
+pub fn shop_on(listener: TcpListener) -> Backend {
+    Backend::serve(listener, |_req| async { accepted() })
+}
+
+/// A shop that takes every order after `delay`.
+pub async fn slow_shop(delay: Duration) -> Backend {
+    Backend::start(move |_req| async move {
+        tokio::time::sleep(delay).await;
+        accepted()
+    })
+    .await
+}
+
+/// A shop that answers the `n`th request it gets (from 0), for `path`, with
+/// `refuse(n, path)` — a status and a JSON body — or, when that is `None`, takes the order.
+pub async fn shop_refusing(
+    refuse: impl Fn(usize, &str) -> Option<(StatusCode, &'static str)> + Send + Sync + 'static,
+) -> Backend {
+    let calls = AtomicUsize::new(0);
+    Backend::start(move |req| {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        let answer = refuse(n, req.uri().path()).map(|(status, body)| json_response(status, body));
+        async move { answer.unwrap_or_else(accepted) }
+    })
+    .await
 }
 
 /// A backend that also keeps every request body it receives, in order.
@@ -126,7 +192,7 @@ pub async fn recording_shop() -> (Backend, Arc<Mutex<Vec<Bytes>>>) {
         async move {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             keep.lock().unwrap().push(body);
-            json_response(StatusCode::OK, r#"{"order":"accepted"}"#)
+            accepted()
         }
     })
     .await;
@@ -169,21 +235,15 @@ pub fn is_reservation_id(id: &str) -> bool {
 // ---------------------------------------------------------------------------
 // Buyers
 
+/// `user` buys `sku` on the flash route of the default config ([`BUY_PATH`]).
 pub async fn buy(client: &HttpClient, fg: &Flashgate, sku: &str, user: &str) -> Answer {
-    send(
-        client,
-        "POST",
-        &fg.url(&BUY_PATH.replace("{sku}", sku)),
-        &[("x-user-id", user)],
-        Bytes::new(),
-    )
-    .await
+    order(client, &fg.url(&BUY_PATH.replace("{sku}", sku)), user).await
 }
 
-pub type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Full<Bytes>,
->;
+/// `user` POSTs an order with no body to `url`.
+pub async fn order(client: &HttpClient, url: &str, user: &str) -> Answer {
+    send(client, "POST", url, &[("x-user-id", user)], Bytes::new()).await
+}
 
 /// What one buyer got back.
 #[derive(Debug, Clone)]
@@ -242,30 +302,107 @@ pub fn tally(outcomes: &[Outcome]) -> HashMap<(u16, String), usize> {
 // ---------------------------------------------------------------------------
 // Admin API (over HTTP, with the bearer token)
 
-pub async fn admin(fg: &Flashgate, method: &str, path: &str, body: Option<Value>) -> Answer {
-    let auth = format!("Bearer {ADMIN_TOKEN}");
-    send(
-        &client(),
-        method,
-        &format!("{}{path}", fg.admin_url()),
-        &[
-            ("authorization", auth.as_str()),
-            ("content-type", "application/json"),
-        ],
-        body.map(|b| b.to_string()).unwrap_or_default(),
-    )
-    .await
+/// The admin API of one flashgate, called with the full token. [`AdminApi::marked`] also
+/// asserts that every answer says it comes from the admin API (`x-flashgate-admin: 1`): the
+/// cases about the admin API itself (`tests/stock_ops.rs`) check that on every call. The free
+/// functions below ([`admin`], [`set_stock`], …) are [`AdminApi::of`].
+#[derive(Clone, Copy)]
+pub struct AdminApi<'a> {
+    fg: &'a Flashgate,
+    check_marked: bool,
 }
 
+impl<'a> AdminApi<'a> {
+    pub fn of(fg: &'a Flashgate) -> AdminApi<'a> {
+        AdminApi {
+            fg,
+            check_marked: false,
+        }
+    }
+
+    pub fn marked(fg: &'a Flashgate) -> AdminApi<'a> {
+        AdminApi {
+            fg,
+            check_marked: true,
+        }
+    }
+
+    /// One call with `headers` besides the token and the JSON content type, `body` as sent.
+    pub async fn call_with(
+        self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Answer {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let mut all = vec![
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        all.extend_from_slice(headers);
+        let url = format!("{}{path}", self.fg.admin_url());
+        let a = send(&client(), method, &url, &all, body.to_owned()).await;
+        if self.check_marked {
+            assert_eq!(
+                a.headers.get("x-flashgate-admin").map(|v| v.as_bytes()),
+                Some(&b"1"[..]),
+                "every admin answer says it is one: {method} {path} → {} {}",
+                a.status,
+                a.text()
+            );
+        }
+        a
+    }
+
+    /// One call with `body` (if any) as JSON.
+    pub async fn call(self, method: &str, path: &str, body: Option<Value>) -> Answer {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.call_with(method, path, &[], &body).await
+    }
+
+    /// `PUT /v1/stock/{sku}`; asserts 200.
+    pub async fn put_stock(self, sku: &str, units: u64) -> Answer {
+        let a = self
+            .call(
+                "PUT",
+                &format!("/v1/stock/{sku}"),
+                Some(json!({ "stock": units })),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        a
+    }
+
+    /// `GET /v1/sales/{sku}`; asserts 200.
+    pub async fn sale_status(self, sku: &str) -> Value {
+        let a = self.call("GET", &format!("/v1/sales/{sku}"), None).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        a.json()
+    }
+
+    /// Polls the sale status until `pred` holds (settle runs off the response path); panics
+    /// with the last status after [`SETTLE_DEADLINE`].
+    pub async fn status_until(self, sku: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + SETTLE_DEADLINE;
+        loop {
+            let s = self.sale_status(sku).await;
+            if pred(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "sale status never settled: {s}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+pub async fn admin(fg: &Flashgate, method: &str, path: &str, body: Option<Value>) -> Answer {
+    AdminApi::of(fg).call(method, path, body).await
+}
+
+/// Sets the stock; asserts 200 and the answer's echo of it.
 pub async fn set_stock(fg: &Flashgate, sku: &str, units: u64) {
-    let a = admin(
-        fg,
-        "PUT",
-        &format!("/v1/stock/{sku}"),
-        Some(json!({ "stock": units })),
-    )
-    .await;
-    assert_eq!(a.status, 200, "{}", a.text());
+    let a = AdminApi::of(fg).put_stock(sku, units).await;
     assert_eq!(a.json(), json!({ "sku": sku, "stock": units }));
 }
 
@@ -290,35 +427,30 @@ pub async fn stock(fg: &Flashgate, sku: &str) -> u64 {
 }
 
 pub async fn sale_status(fg: &Flashgate, sku: &str) -> Value {
-    let a = admin(fg, "GET", &format!("/v1/sales/{sku}"), None).await;
-    assert_eq!(a.status, 200, "{}", a.text());
-    a.json()
+    AdminApi::of(fg).sale_status(sku).await
 }
 
-/// Polls the sale status until `pred` holds (settle runs off the response path); panics with
-/// the last status after [`SETTLE_DEADLINE`].
+/// [`AdminApi::status_until`].
 pub async fn status_until(fg: &Flashgate, sku: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + SETTLE_DEADLINE;
-    loop {
-        let s = sale_status(fg, sku).await;
-        if pred(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "sale status never settled: {s}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    AdminApi::of(fg).status_until(sku, pred).await
 }
 
 pub fn counts(held: u64, sold: u64, released: u64, uncertain: u64) -> Value {
     json!({ "held": held, "sold": sold, "released": released, "uncertain": uncertain })
 }
 
+/// flashgate answered `status` itself: a JSON answer with `error`.
 pub fn assert_rejected(a: &Answer, status: u16, error: &str) {
-    assert_eq!(a.status, status, "{}", a.text());
+    assert_error(a, status, error);
     assert_eq!(
         a.headers.get("content-type").map(|v| v.to_str().unwrap()),
         Some("application/json")
     );
+}
+
+/// `status`, and `error` in the JSON body (the content type unchecked).
+pub fn assert_error(a: &Answer, status: u16, error: &str) {
+    assert_eq!(a.status, status, "{}", a.text());
     assert_eq!(a.json()["error"], error, "{}", a.text());
 }
 
