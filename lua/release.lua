@@ -1,4 +1,5 @@
--- flashgate: give a held reservation's units back, at most once.
+-- flashgate: give a held reservation's units back, at most once; or, for the operator,
+-- settle a reservation that needs reconciling.
 --
 -- Called when the backend definitely did not take the order. Only a `held`
 -- reservation is released; any other state (already released, sold,
@@ -6,30 +7,51 @@
 --
 -- KEYS[1] stock, KEYS[2] buyers, KEYS[3] res, KEYS[4] stats (see reserve.lua)
 -- ARGV[1] reservation id
--- ARGV[2] 'release' (default) or 'cancel': the caller sent a reserve with this
---         id and never got the reply. A held unit is released as usual; an
---         unknown id gets a tombstone `cancelled|0|unix_ms|`, so that the
---         reserve, if it is still queued (a stalled server runs what waits in
---         its sockets when it thaws), is refused by reserve.lua's id check.
+-- ARGV[2] 'release' (default), 'cancel' or 'resolve':
+--   'cancel': the caller sent a reserve with this id and never got the reply. A held unit is
+--         released as usual; an unknown id gets a tombstone `cancelled|0|unix_ms|`, so that
+--         the reserve, if it is still queued (a stalled server runs what waits in its
+--         sockets when it thaws), is refused by reserve.lua's id check.
+--   'resolve': the operator checked the shop's orders. An `uncertain` reservation, or a
+--         `held` one reserved at least ARGV[3] ms ago (by the Redis clock: one left behind by
+--         a flashgate that died mid-order), moves to ARGV[4]: 'released' (exactly what a
+--         release does: units back, the user's slot freed) or 'sold'. Any other state is a
+--         no-op, so resolving twice changes nothing the second time.
+-- ARGV[3] (resolve) minimum age in ms of a held reservation; '' never resolves a held one
+-- ARGV[4] (resolve) 'released' | 'sold'
 --
 -- Returns one of:
---   {'released', remaining}
---   {'not_held', state}   the reservation exists in another state (or was
---                         just tombstoned: 'cancelled')
---   {'not_held'}          unknown reservation id
+--   {'released', remaining}               (release, cancel)
+--   {'not_held', state}                   (release, cancel) the reservation exists in another
+--                                         state (or was just tombstoned: 'cancelled')
+--   {'not_held'}                          unknown reservation id (every mode)
+--   {'resolved', from, qty, remaining}    (resolve) remaining: the stock after a release;
+--                                         -1 after a resolve to sold
+--   {'unresolvable', state, age_ms}       (resolve) nothing changed
 
 -- Redis < 5 needs this before writing after TIME (see reserve.lua).
 if redis.replicate_commands then
   redis.replicate_commands()
 end
 
-local id = ARGV[1]
+local id, mode = ARGV[1], ARGV[2]
+local to = 'released'
+if mode == 'resolve' then
+  to = ARGV[4]
+  if to ~= 'released' and to ~= 'sold' then
+    return redis.error_reply('ERR flashgate release: resolve to released or sold')
+  end
+end
+
+local function now_ms()
+  local now = redis.call('TIME')
+  return now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+end
+
 local rec = redis.call('HGET', KEYS[3], id)
 if not rec then
-  if ARGV[2] == 'cancel' then
-    local now = redis.call('TIME')
-    local unix_ms = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
-    redis.call('HSET', KEYS[3], id, 'cancelled|0|' .. unix_ms .. '|')
+  if mode == 'cancel' then
+    redis.call('HSET', KEYS[3], id, 'cancelled|0|' .. now_ms() .. '|')
     return {'not_held', 'cancelled'}
   end
   return {'not_held'}
@@ -41,27 +63,38 @@ local qty = tonumber(qty_s)
 if not state or not qty then
   return redis.error_reply('ERR flashgate release: malformed reservation record')
 end
-if state ~= 'held' then
+if mode == 'resolve' then
+  -- A record time that is not a number counts as reserved long ago.
+  local age = math.max(tonumber(now_ms()) - (tonumber(unix_ms) or 0), 0)
+  local min_age = tonumber(ARGV[3])
+  if state ~= 'uncertain' and not (state == 'held' and min_age and age >= min_age) then
+    return {'unresolvable', state, age}
+  end
+elseif state ~= 'held' then
   return {'not_held', state}
 end
 
--- Put the units back. If an operator deleted the stock key (sale switched
--- off) we do not recreate it: a missing key means "not configured", and a
--- late release must not quietly reopen the sale.
-local remaining = 0
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  remaining = redis.call('INCRBY', KEYS[1], qty)
+local remaining = -1
+if to == 'released' then
+  -- Put the units back. If an operator deleted the stock key (sale switched
+  -- off) we do not recreate it: a missing key means "not configured", and a
+  -- late release must not quietly reopen the sale.
+  remaining = 0
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    remaining = math.max(redis.call('INCRBY', KEYS[1], qty), 0)
+  end
+  -- Free the user's slot so they (or anyone) can win the unit again.
+  if redis.call('HINCRBY', KEYS[2], user, -qty) <= 0 then
+    redis.call('HDEL', KEYS[2], user)
+  end
 end
 
--- Free the user's slot so they (or anyone) can win the unit again.
-if redis.call('HINCRBY', KEYS[2], user, -qty) <= 0 then
-  redis.call('HDEL', KEYS[2], user)
+redis.call('HSET', KEYS[3], id, to .. '|' .. qty .. '|' .. unix_ms .. '|' .. user)
+redis.call('HINCRBY', KEYS[4], 'res:' .. state, -1)
+redis.call('HINCRBY', KEYS[4], 'units:' .. state, -qty)
+redis.call('HINCRBY', KEYS[4], 'res:' .. to, 1)
+redis.call('HINCRBY', KEYS[4], 'units:' .. to, qty)
+if mode == 'resolve' then
+  return {'resolved', state, qty, remaining}
 end
-
-redis.call('HSET', KEYS[3], id, 'released|' .. qty .. '|' .. unix_ms .. '|' .. user)
-redis.call('HINCRBY', KEYS[4], 'res:held', -1)
-redis.call('HINCRBY', KEYS[4], 'units:held', -qty)
-redis.call('HINCRBY', KEYS[4], 'res:released', 1)
-redis.call('HINCRBY', KEYS[4], 'units:released', qty)
-if remaining < 0 then remaining = 0 end
 return {'released', remaining}

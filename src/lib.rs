@@ -19,10 +19,12 @@
 //! 6. [`forward`] sends the request to the backend over a pooled client, streaming both ways;
 //!    [`interim`] passes the backend's `103 Early Hints` on and bounds a bare `100`/`102`.
 //!
-//! Configuration is parsed, validated and compiled once by [`config`].
+//! Configuration is parsed, validated and compiled once by [`config`]. Around the path:
+//! [`admin`] (the operator's API and CLI) and [`audit`] (do a sale's books balance?).
 
 pub mod access_log;
 pub mod admin;
+pub mod audit;
 pub mod body;
 pub mod canonical;
 pub mod client_ip;

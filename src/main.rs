@@ -1,14 +1,16 @@
-//! The `flashgate` command: `serve` runs the proxy, `check` validates a config like `nginx -t`.
+//! The `flashgate` command: `serve` runs the proxy, `check` validates a config like `nginx -t`;
+//! the operator's commands (`stock`, `sale`, `audit`, `reservations`) are in `admin/cli.rs`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use flashgate::admin::client::{self, CallError};
+use flashgate::admin::cli::{
+    self, AdminArgs, AuditArgs, ReservationsArgs, SaleAction, StockAction,
+};
+use flashgate::admin::client;
 use flashgate::config;
 use flashgate::state::App;
-use flashgate::store::MAX_UNITS;
-use serde_json::{Value, json};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -59,10 +61,28 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// A sale's status, or close and reopen it, through the admin API.
+    /// A sale's status (--watch to follow it), every sale (list), or close and reopen one,
+    /// through the admin API.
     Sale {
         #[command(subcommand)]
         action: SaleAction,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Check that each sale's books balance (added = stock + held + sold + uncertain) and
+    /// that no reservation was left held; print a table, exit 1 on any problem.
+    Audit {
+        #[command(flatten)]
+        args: AuditArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List a sale's reservations that need reconciling (`reservations SKU [--state
+    /// uncertain|held]`), or settle one (`reservations resolve SKU ID sold|released`).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Reservations {
+        #[command(flatten)]
+        args: ReservationsArgs,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -95,67 +115,6 @@ enum Command {
     },
 }
 
-#[derive(clap::Args)]
-struct AdminArgs {
-    /// Base URL of flashgate's admin API.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:9090")]
-    admin: String,
-    /// Bearer token of the admin API.
-    #[arg(
-        long,
-        global = true,
-        env = "FLASHGATE_ADMIN_TOKEN",
-        hide_env_values = true
-    )]
-    token: Option<String>,
-    /// Print the admin API's JSON answer as it is (for scripts), errors included.
-    #[arg(long, global = true)]
-    json: bool,
-}
-
-/// Units on the command line: 0 to 2^53 - 1 (what the stores can count exactly).
-fn units_arg() -> clap::builder::RangedU64ValueParser<u64> {
-    clap::value_parser!(u64).range(0..=MAX_UNITS)
-}
-
-/// A delta on the command line: within ±(2^53 - 1).
-fn delta_arg() -> clap::builder::RangedI64ValueParser<i64> {
-    let max = i64::try_from(MAX_UNITS).unwrap_or(i64::MAX);
-    clap::value_parser!(i64).range(-max..=max)
-}
-
-#[derive(Subcommand)]
-enum StockAction {
-    /// Set the units left (0 to 2^53 - 1).
-    Set {
-        sku: String,
-        #[arg(value_parser = units_arg())]
-        units: u64,
-        /// Only if the stock is still this many units (compare-and-set); otherwise print
-        /// the current stock, change nothing and exit 1.
-        #[arg(long, value_parser = units_arg())]
-        expect: Option<u64>,
-    },
-    /// Add units (negative removes); the stock must stay within 0 to 2^53 - 1.
-    Add {
-        sku: String,
-        #[arg(allow_hyphen_values = true, value_parser = delta_arg())]
-        delta: i64,
-    },
-    /// Read the units left.
-    Get { sku: String },
-}
-
-#[derive(Subcommand)]
-enum SaleAction {
-    /// Stock, units ever added, open or closed, buyers, reservations and units by state.
-    Status { sku: String },
-    /// Close the sale: every buyer gets 410 `closed`, on every instance; stock is untouched.
-    Close { sku: String },
-    /// Reopen a closed sale.
-    Open { sku: String },
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Held until exit: dropping it flushes the log lines still queued.
@@ -176,22 +135,10 @@ fn main() -> ExitCode {
                 }
             }
         }),
-        Command::Stock { action, admin } => {
-            let (op, sku) = match action {
-                StockAction::Set { sku, units, expect } => (AdminOp::Set { units, expect }, sku),
-                StockAction::Add { sku, delta } => (AdminOp::Add { delta }, sku),
-                StockAction::Get { sku } => (AdminOp::Get, sku),
-            };
-            admin_call(&admin, op, &sku)
-        }
-        Command::Sale { action, admin } => {
-            let (op, sku) = match action {
-                SaleAction::Status { sku } => (AdminOp::Status, sku),
-                SaleAction::Close { sku } => (AdminOp::Close, sku),
-                SaleAction::Open { sku } => (AdminOp::Open, sku),
-            };
-            admin_call(&admin, op, &sku)
-        }
+        Command::Stock { action, admin } => cli::stock(&admin, action),
+        Command::Sale { action, admin } => cli::sale(&admin, action),
+        Command::Audit { args, admin } => cli::audit(&admin, args),
+        Command::Reservations { args, admin } => cli::reservations(&admin, args),
         Command::Verify {
             key_env,
             key_id,
@@ -242,132 +189,6 @@ fn run_async(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
             eprintln!("cannot start the runtime: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// One admin CLI command.
-#[derive(Debug, Clone, Copy)]
-enum AdminOp {
-    Set { units: u64, expect: Option<u64> },
-    Add { delta: i64 },
-    Get,
-    Status,
-    Close,
-    Open,
-}
-
-impl AdminOp {
-    /// The admin API call: method, path, body.
-    fn request(self, sku: &str) -> (http::Method, String, Option<Value>) {
-        use http::Method;
-        match self {
-            AdminOp::Set { units, expect } => {
-                let mut body = json!({ "stock": units });
-                if let Some(e) = expect {
-                    body["expect"] = json!(e);
-                }
-                (Method::PUT, format!("/v1/stock/{sku}"), Some(body))
-            }
-            AdminOp::Add { delta } => (
-                Method::POST,
-                format!("/v1/stock/{sku}/add"),
-                Some(json!({ "delta": delta })),
-            ),
-            AdminOp::Get => (Method::GET, format!("/v1/stock/{sku}"), None),
-            AdminOp::Status => (Method::GET, format!("/v1/sales/{sku}"), None),
-            AdminOp::Close => (Method::POST, format!("/v1/sales/{sku}/close"), None),
-            AdminOp::Open => (Method::POST, format!("/v1/sales/{sku}/open"), None),
-        }
-    }
-}
-
-/// Runs one admin command. It never does nothing silently: the SKU is checked (and
-/// percent-encoded) before anything is sent, an answer without `X-Flashgate-Admin: 1` is
-/// refused as not flashgate's, and a refused connection names the address tried.
-fn admin_call(admin: &AdminArgs, op: AdminOp, sku: &str) -> ExitCode {
-    let segment = match client::sku_segment(sku) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let Some(token) = admin.token.as_deref() else {
-        eprintln!("no admin token: pass --token or set FLASHGATE_ADMIN_TOKEN");
-        return ExitCode::FAILURE;
-    };
-    let (method, path, body) = op.request(&segment);
-    run_async(async move {
-        let answer = match client::call(&admin.admin, token, method, &path, body).await {
-            Ok(a) => a,
-            Err(e @ CallError::Refused { .. }) => {
-                eprintln!(
-                    "cannot reach flashgate's admin API: {e}.\n\
-                     Is flashgate running with `admin.listen` at that address (and its admin \
-                     token variable set, without which the admin API is off)? Check \
-                     admin.listen in its config, or point this command elsewhere with --admin URL."
-                );
-                return ExitCode::FAILURE;
-            }
-            Err(e) => {
-                eprintln!("cannot reach flashgate's admin API: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        if !answer.from_admin {
-            let mut head: String = answer.body.chars().take(200).collect();
-            if head.len() < answer.body.len() {
-                head.push('…');
-            }
-            eprintln!(
-                "{}{path} answered {} but is not flashgate's admin API (no X-Flashgate-Admin \
-                 header; Server: {}; body: {head:?}), so flashgate's admin API did not do this. \
-                 Check --admin against admin.listen in flashgate's config.",
-                admin.admin.trim_end_matches('/'),
-                answer.status,
-                answer.server.as_deref().unwrap_or("not given"),
-            );
-            return ExitCode::FAILURE;
-        }
-        let parsed: Option<Value> = serde_json::from_str(&answer.body).ok();
-        if admin.json {
-            println!("{}", answer.body);
-            if !answer.status.is_success() {
-                eprintln!("{}", answer.status);
-                return ExitCode::FAILURE;
-            }
-            return ExitCode::SUCCESS;
-        }
-        let Some(v) = parsed else {
-            eprintln!("{}: {}", answer.status, answer.body);
-            return ExitCode::FAILURE;
-        };
-        if answer.status.is_success() {
-            println!("{}", human(op, sku, &v));
-            ExitCode::SUCCESS
-        } else {
-            eprintln!("{}", client::human_error(answer.status, sku, &v));
-            ExitCode::FAILURE
-        }
-    })
-}
-
-/// A successful answer, for people.
-fn human(op: AdminOp, sku: &str, v: &Value) -> String {
-    let n = |key: &str| v[key].as_u64().map_or("?".to_owned(), |n| n.to_string());
-    match op {
-        AdminOp::Set { expect: None, .. } => format!("{sku}: stock set to {}", n("stock")),
-        AdminOp::Set {
-            expect: Some(e), ..
-        } => format!("{sku}: stock set to {} (was {e})", n("stock")),
-        AdminOp::Add { delta } => format!("{sku}: stock {} ({delta:+})", n("stock")),
-        AdminOp::Get => format!("{sku}: {} units left", n("stock")),
-        AdminOp::Close => format!(
-            "{sku}: sale closed: buyers get 410 closed on every instance; stock unchanged \
-             (reopen with `flashgate sale open {sku}`)"
-        ),
-        AdminOp::Open => format!("{sku}: sale open"),
-        AdminOp::Status => client::sale_status(sku, v),
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::BodyExt;
+use support::audit::assert_audit_clean;
 use support::storm::{Storm, tally};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -148,6 +149,7 @@ async fn refused_backend_releases_every_unit_and_leaks_no_slot() {
         );
         assert_eq!(status.buyers, 0, "every user's slot came back: {status:?}");
         assert_no_slot_leaked(&fg).await;
+        assert_audit_clean(&fg, "refused-1").await;
     })
     .await;
 }
@@ -202,6 +204,7 @@ async fn slow_backend_answers_504_keeps_units_uncertain_and_leaks_no_slot() {
             "{settled:?}"
         );
         assert_no_slot_leaked(&fg).await;
+        assert_audit_clean(&fg, "slow-2").await;
     })
     .await;
 }
@@ -286,6 +289,7 @@ async fn backend_breaking_mid_body_is_a_body_error_not_a_hang() {
             assert!(sold, "rst={rst}: {status:?}");
             assert_eq!(status.stock, Some(8));
             assert_no_slot_leaked(&fg).await;
+            assert_audit_clean(&fg, "mid-1").await;
             task.abort();
         }
     })
@@ -349,6 +353,7 @@ async fn one_shot_run(announce: bool) -> OneShotRun {
     let status = fg.app.store.status(&sku("close-1")).await.unwrap();
     assert!(settled, "won {won}, 502 {failed}: {status:?}");
     assert_no_slot_leaked(&fg).await;
+    assert_audit_clean(&fg, "close-1").await;
     task.abort();
     OneShotRun {
         flash,

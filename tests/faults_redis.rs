@@ -180,6 +180,7 @@ async fn assert_sold_exactly(
         "{status:?}; 503 answers: {told_503}"
     );
     assert_eq!(status.buyers, stock, "{status:?}");
+    support::audit::assert_audit_clean(fg, sku).await;
 }
 
 /// Runs `f` on a blocking thread (the Redis helpers wait with std sleeps) and hands the server

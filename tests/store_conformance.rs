@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flashgate::store::{
-    MAX_UNITS, MemoryStore, RedisConfig, RedisStore, ReleaseOutcome, ReservationId, ReserveOutcome,
-    ReserveRequest, Settlement, Sku, StateCounts, Store, StoreError, UserId,
+    MAX_UNITS, MemoryStore, OpenState, RedisConfig, RedisStore, ReleaseOutcome, ReservationId,
+    ReservationQuery, ReserveOutcome, ReserveRequest, Resolution, ResolveOutcome, Settlement, Sku,
+    StateCounts, Store, StoreError, UserId,
 };
 use redis_support::RedisServer;
 
@@ -551,6 +552,170 @@ mod cases {
         assert_eq!(status.units.uncertain, 40);
         assert_eq!(status.units.sold, 80);
     }
+
+    /// The operator's resolve: uncertain → released (units and the user's slot back) or sold,
+    /// once; a held reservation only past the minimum age; the books balance throughout.
+    pub async fn resolve_once(store: Arc<dyn Store>) {
+        let s = sku("resolve-1");
+        let hour = Duration::from_secs(3600);
+        store.set_stock(&s, 10).await.unwrap();
+        let alice = win(&*store, &req("resolve-1", "alice", 1, 1), 9).await;
+        let bob = win(&*store, &req("resolve-1", "bob", 2, 2), 7).await;
+        let carol = win(&*store, &req("resolve-1", "carol", 1, 1), 6).await;
+        for id in [&alice, &bob] {
+            assert!(store.settle(&s, id, Settlement::Uncertain).await.unwrap());
+        }
+        let balanced = |status| {
+            let audit = flashgate::audit::check(&status, 0, false, hour);
+            assert!(audit.ok, "{:?}", audit.problems);
+        };
+        balanced(store.status(&s).await.unwrap());
+
+        let resolve = |id: &ReservationId, to, min_age| {
+            let (store, s, id) = (Arc::clone(&store), s.clone(), id.clone());
+            async move { store.resolve(&s, &id, to, min_age).await.unwrap() }
+        };
+        assert_eq!(
+            resolve(&alice, Resolution::Released, hour).await,
+            ResolveOutcome::Resolved {
+                from: OpenState::Uncertain,
+                quantity: 1,
+                remaining: Some(7)
+            }
+        );
+        win(&*store, &req("resolve-1", "alice", 1, 1), 6).await;
+        assert_eq!(
+            resolve(&bob, Resolution::Sold, hour).await,
+            ResolveOutcome::Resolved {
+                from: OpenState::Uncertain,
+                quantity: 2,
+                remaining: None
+            }
+        );
+        // Twice is once, whatever the second asks for.
+        for (id, to, state) in [
+            (&alice, Resolution::Released, "released"),
+            (&alice, Resolution::Sold, "released"),
+            (&bob, Resolution::Released, "sold"),
+        ] {
+            match resolve(id, to, hour).await {
+                ResolveOutcome::NotResolvable { state: got, .. } => assert_eq!(got, state),
+                other => panic!("{id} → {to:?}: {other:?}"),
+            }
+        }
+        // Held: only past the minimum age.
+        match resolve(&carol, Resolution::Released, hour).await {
+            ResolveOutcome::NotResolvable { state, age_ms } => {
+                assert_eq!(state, "held");
+                assert!(age_ms < 60_000, "{age_ms}");
+            }
+            other => panic!("a young held reservation: {other:?}"),
+        }
+        assert_eq!(
+            resolve(&carol, Resolution::Released, Duration::ZERO).await,
+            ResolveOutcome::Resolved {
+                from: OpenState::Held,
+                quantity: 1,
+                remaining: Some(7)
+            }
+        );
+        assert!(
+            !store.settle(&s, &carol, Settlement::Sold).await.unwrap(),
+            "the instance that held it can no longer settle it"
+        );
+        assert_eq!(
+            resolve(&unknown_id(), Resolution::Sold, hour).await,
+            ResolveOutcome::Unknown
+        );
+        let other = store
+            .resolve(&sku("never-1"), &alice, Resolution::Sold, hour)
+            .await
+            .unwrap();
+        assert_eq!(other, ResolveOutcome::Unknown);
+
+        let status = store.status(&s).await.unwrap();
+        assert_eq!(status.stock, Some(7));
+        assert_eq!(
+            status.buyers, 2,
+            "alice (again) and bob; carol's slot is free"
+        );
+        assert_eq!(status.units, counts(1, 2, 2, 0));
+        balanced(status);
+    }
+
+    /// Listings: only the state asked for, oldest first, bounded, filtered by age.
+    pub async fn reservations_are_listed_bounded(store: Arc<dyn Store>) {
+        let s = sku("list-1");
+        store.set_stock(&s, 10).await.unwrap();
+        let mut ids = Vec::new();
+        for (i, user) in ["u0", "u1", "u2", "u3", "u4", "u5"].iter().enumerate() {
+            ids.push(win(&*store, &req("list-1", user, 1, 1), 9 - i as u64).await);
+        }
+        for id in &ids[..3] {
+            store.settle(&s, id, Settlement::Uncertain).await.unwrap();
+        }
+        store.settle(&s, &ids[3], Settlement::Sold).await.unwrap();
+        let query = |state, limit, older_than| ReservationQuery {
+            state,
+            older_than,
+            limit,
+        };
+        let page = store
+            .reservations(&s, &query(OpenState::Uncertain, 10, Duration::ZERO))
+            .await
+            .unwrap();
+        assert!(!page.truncated);
+        let mut users: Vec<&str> = page.reservations.iter().map(|r| r.user.as_str()).collect();
+        users.sort_unstable();
+        assert_eq!(users, ["u0", "u1", "u2"]);
+        assert!(
+            page.reservations
+                .windows(2)
+                .all(|w| w[0].reserved_at_ms <= w[1].reserved_at_ms),
+            "oldest first: {page:?}"
+        );
+        for r in &page.reservations {
+            assert_eq!((r.state, r.quantity), (OpenState::Uncertain, 1));
+            assert!(ids.contains(&r.id));
+        }
+        let two = store
+            .reservations(&s, &query(OpenState::Uncertain, 2, Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!((two.reservations.len(), two.truncated), (2, true));
+        let held = store
+            .reservations(&s, &query(OpenState::Held, 10, Duration::ZERO))
+            .await
+            .unwrap();
+        let held_ids: HashSet<_> = held.reservations.iter().map(|r| r.id.clone()).collect();
+        assert_eq!(held_ids, ids[4..].iter().cloned().collect());
+        let old = store
+            .reservations(&s, &query(OpenState::Held, 10, Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        assert!(old.reservations.is_empty() && !old.truncated, "{old:?}");
+        let none = store
+            .reservations(
+                &sku("never-2"),
+                &query(OpenState::Uncertain, 10, Duration::ZERO),
+            )
+            .await
+            .unwrap();
+        assert!(none.reservations.is_empty());
+    }
+
+    /// The SKUs ever stocked (set or add), sorted; a sale only closed is not one yet.
+    pub async fn stocked_skus_are_listed(store: Arc<dyn Store>) {
+        store.set_stock(&sku("sku-b"), 1).await.unwrap();
+        store.add_stock(&sku("sku-a"), 0).await.unwrap();
+        store.set_stock(&sku("sku-b"), 2).await.unwrap();
+        store.set_closed(&sku("sku-c"), true).await.unwrap();
+        let all = store.list_skus(10).await.unwrap();
+        assert_eq!(all.skus, [sku("sku-a"), sku("sku-b")]);
+        assert!(!all.truncated);
+        let one = store.list_skus(1).await.unwrap();
+        assert_eq!((one.skus, one.truncated), (vec![sku("sku-a")], true));
+    }
 }
 
 /// One `#[tokio::test]` per case, for the store `$fixture` builds.
@@ -585,6 +750,9 @@ macro_rules! all_cases {
             concurrent_buyers_never_oversell,
             buyers_arriving_together_are_decided_in_turn,
             concurrent_settles_move_each_reservation_once,
+            resolve_once,
+            reservations_are_listed_bounded,
+            stocked_skus_are_listed,
         );
     };
 }

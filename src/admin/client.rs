@@ -1,8 +1,9 @@
-//! The client side of the admin API, used by `flashgate stock …` and `flashgate sale …`:
-//! the call (verifying that flashgate answered), the SKU's path segment, and the
-//! human-readable rendering of answers.
+//! The client side of the admin API, used by the CLI (`admin/cli.rs`): the call (verifying
+//! that flashgate answered) and the SKU's path segment. Answers are rendered for people by
+//! `admin/render.rs`.
 
 use std::fmt;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Uri};
@@ -10,7 +11,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use serde_json::Value;
 
 use super::ADMIN_HEADER;
 
@@ -59,6 +59,7 @@ pub enum CallError {
     /// No answer in time.
     Timeout {
         url: String,
+        after: Duration,
     },
     Failed {
         url: String,
@@ -76,19 +77,41 @@ impl fmt::Display for CallError {
             CallError::Refused { url, addr } => {
                 write!(f, "{url}: connection refused: nothing listens on {addr}")
             }
-            CallError::Timeout { url } => write!(f, "{url}: no answer within 10s"),
+            CallError::Timeout { url, after } => {
+                write!(
+                    f,
+                    "{url}: no answer within {}",
+                    humantime::format_duration(*after)
+                )
+            }
             CallError::Failed { url, error } => write!(f, "{url}: {error}"),
         }
     }
 }
 
-/// Sends one call to `base` + `path`; any answer is returned, whatever its status.
+/// How long [`call`] waits for an answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends one call to `base` + `path`; any answer is returned, whatever its status. Waits at
+/// most [`CALL_TIMEOUT`].
 pub async fn call(
     base: &str,
     token: &str,
     method: Method,
     path: &str,
     body: Option<serde_json::Value>,
+) -> Result<Answer, CallError> {
+    call_within(base, token, method, path, body, CALL_TIMEOUT).await
+}
+
+/// [`call`], waiting at most `timeout` (an audit of many sales takes longer than a stock set).
+pub async fn call_within(
+    base: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    timeout: Duration,
 ) -> Result<Answer, CallError> {
     let url = format!("{}{}", base.trim_end_matches('/'), path);
     let bad = |why: String| CallError::BadUrl {
@@ -110,9 +133,12 @@ pub async fn call(
             body.map(|b| b.to_string()).unwrap_or_default(),
         )))
         .map_err(|e| bad(e.to_string()))?;
-    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
+    let resp = tokio::time::timeout(timeout, client.request(req))
         .await
-        .map_err(|_| CallError::Timeout { url: url.clone() })?
+        .map_err(|_| CallError::Timeout {
+            url: url.clone(),
+            after: timeout,
+        })?
         .map_err(|e| {
             if refused(&e) {
                 CallError::Refused {
@@ -174,90 +200,4 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = err.source();
     }
     out
-}
-
-/// `flashgate sale status`, for people, with the audit checked.
-pub fn sale_status(sku: &str, v: &Value) -> String {
-    let counts = |kind: &str| {
-        let c = &v[kind];
-        let n = |s: &str| c[s].as_u64().unwrap_or(0);
-        format!(
-            "held {}, sold {}, released {}, uncertain {}",
-            n("held"),
-            n("sold"),
-            n("released"),
-            n("uncertain")
-        )
-    };
-    let state = if v["closed"] == true {
-        "closed"
-    } else {
-        "open"
-    };
-    let stock = v["stock"].as_u64();
-    let added = v["added"].as_u64();
-    let units = &v["units"];
-    let u = |s: &str| units[s].as_u64().unwrap_or(0);
-    let audit = match (added, stock) {
-        (Some(added), Some(stock)) => {
-            let total = u128::from(stock)
-                + u128::from(u("held"))
-                + u128::from(u("sold"))
-                + u128::from(u("uncertain"));
-            let verdict = if u128::from(added) == total {
-                "ok"
-            } else {
-                "MISMATCH"
-            };
-            format!(
-                "{verdict}: added {added} {} stock {stock} + held {} + sold {} + uncertain {}{}",
-                if verdict == "ok" { "=" } else { "!=" },
-                u("held"),
-                u("sold"),
-                u("uncertain"),
-                if verdict == "ok" {
-                    String::new()
-                } else {
-                    format!(" (= {total}); reconcile `uncertain` orders and check Redis")
-                },
-            )
-        }
-        (None, Some(_)) => "not recorded yet: the next stock set or add starts it".to_owned(),
-        _ => "n/a (not configured)".to_owned(),
-    };
-    format!(
-        "sale {sku}: {state}\n\
-         \x20 stock         {}\n\
-         \x20 added         {}\n\
-         \x20 buyers        {}\n\
-         \x20 units         {}\n\
-         \x20 reservations  {}\n\
-         \x20 audit         {audit}",
-        stock.map_or("not configured".to_owned(), |s| s.to_string()),
-        added.map_or("not recorded".to_owned(), |a| a.to_string()),
-        v["buyers"].as_u64().unwrap_or(0),
-        counts("units"),
-        counts("reservations"),
-    )
-}
-
-/// A refusal from the admin API, for people: the status, the reason, what to do.
-pub fn human_error(status: http::StatusCode, sku: &str, v: &Value) -> String {
-    let reason = v["error"].as_str().unwrap_or("error");
-    let message = v["message"].as_str().unwrap_or("");
-    if reason == "stock_changed" {
-        let current = v["stock"]
-            .as_u64()
-            .map_or("not configured".to_owned(), |c| c.to_string());
-        let expected = v["expected"]
-            .as_u64()
-            .map_or("?".to_owned(), |e| e.to_string());
-        return format!(
-            "{sku}: stock changed: it is {current}, not {expected}; nothing was set ({status} {reason})"
-        );
-    }
-    match v["field"].as_str() {
-        Some(field) => format!("{status} {reason}: {field}: {message}"),
-        None => format!("{status} {reason}: {message}"),
-    }
 }

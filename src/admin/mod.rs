@@ -1,5 +1,6 @@
 //! The admin API, on its own listener (keep it on loopback or a private network): set, add and
-//! read stock per SKU, close and reopen a sale, and read a sale's status. Every call but
+//! read stock per SKU, close and reopen a sale, read a sale's status, list the sales, audit
+//! them and reconcile their reservations (`reconcile.rs`). Every call but
 //! `/healthz` needs `Authorization: Bearer <token>`, the token coming from an environment
 //! variable. Every answer carries `X-Flashgate-Admin: 1`, so the CLI can tell flashgate's
 //! admin API from whatever else answers on that address.
@@ -17,6 +18,13 @@
 //! | `GET /v1/sales/{sku}` | | stock, `added`, `closed`, buyers, reservations and units by state |
 //! | `POST /v1/sales/{sku}/close` | none | `{"sku","closed":true}`: buyers get 410 `closed`, stock untouched |
 //! | `POST /v1/sales/{sku}/open` | none | `{"sku","closed":false}` |
+//! | `GET /v1/sales?limit=N` | | `{"sales":[status…],"truncated"}`: every SKU ever stocked, sorted (at most N, default 1000, up to 10000) |
+//! | `GET /v1/audit?sku=A&sku=B&held_older_than=60s` | | `{"ok","held_older_than_ms","sales":[…],"truncated"}`: per SKU `added == stock + held + sold + uncertain` and no `held` reservation older than the threshold (default: 2 × `upstream.request_timeout`, at least 60s); every listed SKU when none is named. Always 200: `"ok"` is the verdict |
+//! | `GET /v1/sales/{sku}/reservations?state=uncertain&older_than=0s&limit=100` | | `{"sku","state","reservations":[{"id","user","quantity","state","reserved_at_ms","age_ms"}…],"truncated"}`, oldest first; `state` `uncertain` (default) or `held`; `limit` up to 1000 |
+//! | `POST /v1/sales/{sku}/reservations/{id}/resolve` | `{"to": "sold" \| "released"}` | `{"sku","id","from","to","quantity","stock"}`: an `uncertain` reservation, or a `held` one older than the audit's default threshold, settled once (`released`: units back to stock, the user's slot freed); 409 `not_resolvable` with its `"state"` (a second resolve included); 404 `unknown_reservation` |
+//!
+//! `GET` calls work with the read-only token too; every other call needs the write token.
+//! Every write is logged at `info` with the token kind, the SKU and the value before and after.
 //!
 //! The listener is served like the proxy's: HTTP/1.1 with the same `server.header_read_timeout`,
 //! `server.max_header_bytes` and `server.max_headers`, so a half-sent head cannot hold an admin
@@ -45,6 +53,8 @@ use crate::ids::Sku;
 use crate::reject::Reject;
 use crate::state::App;
 use crate::store::{MAX_UNITS, StockSet, StoreError};
+
+mod reconcile;
 
 /// Admin request bodies are tiny.
 const MAX_ADMIN_BODY: usize = 4096;
@@ -208,6 +218,13 @@ async fn handle(
         return metrics(app, req.headers()).await;
     }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Audit and reconciliation: their own module.
+    if let Some(call) = reconcile::Call::from_path(&segments) {
+        return match call {
+            Ok(call) => reconcile::handle(app, who, call, req).await,
+            Err(resp) => *resp,
+        };
+    }
     let method = req.method().clone();
     let (sku, call) = match segments.as_slice() {
         ["v1", "stock", sku] => (*sku, Call::Stock),
@@ -217,20 +234,9 @@ async fn handle(
         ["v1", "sales", sku, "open"] => (*sku, Call::Open),
         _ => return error(StatusCode::NOT_FOUND, "not_found", "no such admin call"),
     };
-    // One decoding, then the buyers' SKU rule: what the CLI percent-encodes comes back whole.
-    let sku = match percent_encoding::percent_decode_str(sku).decode_utf8() {
+    let sku = match sku_segment(sku) {
         Ok(sku) => sku,
-        Err(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "the SKU is not UTF-8 once percent-decoded",
-            );
-        }
-    };
-    let sku = match Sku::parse(&sku) {
-        Ok(sku) => sku,
-        Err(e) => return Reject::from(e).into_response(),
+        Err(resp) => return *resp,
     };
     let if_match = req
         .headers()
@@ -349,8 +355,29 @@ async fn handle(
     };
     match result {
         Ok(v) => reply(StatusCode::OK, v),
-        Err(StoreError::Invalid(m)) => error(StatusCode::BAD_REQUEST, "bad_request", &m),
-        Err(e) => error(
+        Err(e) => store_error(e),
+    }
+}
+
+/// A `{sku}` path segment: one percent-decoding, then the buyers' SKU rule, so what the CLI
+/// percent-encodes comes back whole.
+/// (The refusal is boxed: a `Response` is large to carry in every `Result`.)
+fn sku_segment(raw: &str) -> Result<Sku, Box<Response<Body>>> {
+    let Ok(sku) = percent_encoding::percent_decode_str(raw).decode_utf8() else {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the SKU is not UTF-8 once percent-decoded",
+        )));
+    };
+    Sku::parse(&sku).map_err(|e| Box::new(Reject::from(e).into_response()))
+}
+
+/// A store failure: 400 for what the store refused, else 503.
+fn store_error(e: StoreError) -> Response<Body> {
+    match e {
+        StoreError::Invalid(m) => error(StatusCode::BAD_REQUEST, "bad_request", &m),
+        e => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             &e.to_string(),
@@ -505,4 +532,6 @@ fn error(status: StatusCode, reason: &str, message: &str) -> Response<Body> {
 }
 
 pub mod auth;
+pub mod cli;
 pub mod client;
+pub mod render;

@@ -10,8 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tracing::{info, warn};
 
 use super::{
-    ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, SaleStatus, Settlement, Sku,
-    StockSet, Store, StoreError, StoreImpl,
+    ReleaseOutcome, ReservationId, ReservationPage, ReservationQuery, ReserveOutcome,
+    ReserveRequest, Resolution, ResolveOutcome, SaleStatus, Settlement, Sku, SkuList, StockSet,
+    Store, StoreError, StoreImpl,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,6 +218,29 @@ impl<S: Store> StoreImpl for Breaker<S> {
     async fn status(&self, sku: &Sku) -> Result<SaleStatus, StoreError> {
         self.guarded(self.store.status(sku)).await
     }
+
+    async fn list_skus(&self, limit: usize) -> Result<SkuList, StoreError> {
+        self.guarded(self.store.list_skus(limit)).await
+    }
+
+    async fn reservations(
+        &self,
+        sku: &Sku,
+        query: &ReservationQuery,
+    ) -> Result<ReservationPage, StoreError> {
+        self.guarded(self.store.reservations(sku, query)).await
+    }
+
+    async fn resolve(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
+        to: Resolution,
+        held_min_age: Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        self.guarded(self.store.resolve(sku, reservation, to, held_min_age))
+            .await
+    }
 }
 
 #[cfg(test)]
@@ -272,6 +296,25 @@ mod tests {
             }
         }
         async fn status(&self, _: &Sku) -> Result<SaleStatus, StoreError> {
+            Err(StoreError::Invalid("unused".into()))
+        }
+        async fn list_skus(&self, _: usize) -> Result<SkuList, StoreError> {
+            Err(StoreError::Invalid("unused".into()))
+        }
+        async fn reservations(
+            &self,
+            _: &Sku,
+            _: &ReservationQuery,
+        ) -> Result<ReservationPage, StoreError> {
+            Err(StoreError::Invalid("unused".into()))
+        }
+        async fn resolve(
+            &self,
+            _: &Sku,
+            _: &ReservationId,
+            _: Resolution,
+            _: Duration,
+        ) -> Result<ResolveOutcome, StoreError> {
             Err(StoreError::Invalid("unused".into()))
         }
     }

@@ -10,13 +10,15 @@
 //! cheaper than an async one. The lock is also what makes each operation
 //! atomic, like a Lua script on the Redis server.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{
-    MAX_UNITS, ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, SaleStatus,
-    Settlement, Sku, StateCounts, StockSet, StoreError, StoreImpl, UserId, new_reservation_id,
-    validate_delta, validate_reserve, validate_units,
+    MAX_UNITS, OpenState, ReleaseOutcome, ReservationId, ReservationInfo, ReservationPage,
+    ReservationQuery, ReserveOutcome, ReserveRequest, Resolution, ResolveOutcome, SaleStatus,
+    Settlement, Sku, SkuList, StateCounts, StockSet, StoreError, StoreImpl, UserId,
+    new_reservation_id, validate_delta, validate_reserve, validate_units,
 };
 
 /// In-process [`Store`]; see the module docs.
@@ -33,6 +35,9 @@ struct Sale {
     /// user → units held (held + sold + uncertain); zero entries are removed.
     buyers: HashMap<UserId, u64>,
     reservations: HashMap<ReservationId, Reservation>,
+    /// The reservations still `held` or `uncertain`: what a listing reads, so listing the few
+    /// that need attention never walks a million sold ones under the lock.
+    open: HashSet<ReservationId>,
     res_counts: StateCounts,
     unit_counts: StateCounts,
     /// Units ever added, net (see [`SaleStatus::added`]); `None` until stock is first set.
@@ -46,6 +51,8 @@ struct Reservation {
     state: State,
     quantity: u64,
     user: UserId,
+    /// When it was reserved, Unix milliseconds (this process's clock: one instance only).
+    at_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +72,41 @@ impl State {
             State::Uncertain => "uncertain",
         }
     }
+}
+
+impl From<OpenState> for State {
+    fn from(s: OpenState) -> Self {
+        match s {
+            OpenState::Held => State::Held,
+            OpenState::Uncertain => State::Uncertain,
+        }
+    }
+}
+
+impl From<Resolution> for State {
+    fn from(r: Resolution) -> Self {
+        match r {
+            Resolution::Sold => State::Sold,
+            Resolution::Released => State::Released,
+        }
+    }
+}
+
+impl State {
+    fn open(self) -> Option<OpenState> {
+        match self {
+            State::Held => Some(OpenState::Held),
+            State::Uncertain => Some(OpenState::Uncertain),
+            State::Sold | State::Released => None,
+        }
+    }
+}
+
+/// Now, in Unix milliseconds.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl From<Settlement> for State {
@@ -125,6 +167,34 @@ impl Sale {
         let u = counter(&mut self.unit_counts, to);
         *u = u.saturating_add(quantity);
     }
+
+    /// Moves reservation `id` from `from` to `to` (the caller checked it is in `from`). A move
+    /// to `released` returns the units to stock and the user's slot, like release.lua; the
+    /// answer is the stock afterwards.
+    fn transition(&mut self, id: &ReservationId, from: State, to: State) -> u64 {
+        let Some(res) = self.reservations.get_mut(id) else {
+            return self.stock.unwrap_or(0);
+        };
+        res.state = to;
+        let (quantity, user) = (res.quantity, res.user.clone());
+        if to.open().is_none() {
+            self.open.remove(id);
+        }
+        if to == State::Released {
+            // Like release.lua: a deleted (unconfigured) stock is not recreated.
+            if let Some(stock) = self.stock.as_mut() {
+                *stock = stock.saturating_add(quantity);
+            }
+            if let Some(units) = self.buyers.get_mut(&user) {
+                *units = units.saturating_sub(quantity);
+                if *units == 0 {
+                    self.buyers.remove(&user);
+                }
+            }
+        }
+        self.count_transition(Some(from), to, quantity);
+        self.stock.unwrap_or(0)
+    }
 }
 
 impl MemoryStore {
@@ -175,8 +245,10 @@ impl MemoryStore {
                 state: State::Held,
                 quantity,
                 user: req.user.clone(),
+                at_ms: now_ms(),
             },
         );
+        sale.open.insert(reservation.clone());
         sale.count_transition(None, State::Held, quantity);
         Ok(ReserveOutcome::Won {
             reservation,
@@ -189,7 +261,7 @@ impl MemoryStore {
         let Some(sale) = sales.get_mut(sku) else {
             return Ok(ReleaseOutcome::NotHeld { state: None });
         };
-        let Some(res) = sale.reservations.get_mut(id) else {
+        let Some(res) = sale.reservations.get(id) else {
             return Ok(ReleaseOutcome::NotHeld { state: None });
         };
         if res.state != State::Held {
@@ -197,25 +269,7 @@ impl MemoryStore {
                 state: Some(res.state.as_str().to_owned()),
             });
         }
-        res.state = State::Released;
-        let (quantity, user) = (res.quantity, res.user.clone());
-
-        // Like release.lua: a deleted (unconfigured) stock is not recreated.
-        let remaining = match sale.stock {
-            Some(stock) => {
-                let s = stock.saturating_add(quantity);
-                sale.stock = Some(s);
-                s
-            }
-            None => 0,
-        };
-        if let Some(units) = sale.buyers.get_mut(&user) {
-            *units = units.saturating_sub(quantity);
-            if *units == 0 {
-                sale.buyers.remove(&user);
-            }
-        }
-        sale.count_transition(Some(State::Held), State::Released, quantity);
+        let remaining = sale.transition(id, State::Held, State::Released);
         Ok(ReleaseOutcome::Released { remaining })
     }
 
@@ -229,15 +283,13 @@ impl MemoryStore {
         let Some(sale) = sales.get_mut(sku) else {
             return Ok(false);
         };
-        let Some(res) = sale.reservations.get_mut(id) else {
+        let Some(res) = sale.reservations.get(id) else {
             return Ok(false);
         };
         if res.state != State::Held {
             return Ok(false);
         }
-        res.state = to.into();
-        let quantity = res.quantity;
-        sale.count_transition(Some(State::Held), to.into(), quantity);
+        sale.transition(id, State::Held, to.into());
         Ok(true)
     }
 
@@ -329,6 +381,90 @@ impl MemoryStore {
         };
         Ok(status)
     }
+
+    fn list_skus_now(&self, limit: usize) -> SkuList {
+        let sales = self.sales();
+        // A sale is listed once stock was set or added (`added` is recorded then); a sale
+        // that was only closed is not one yet, as in Redis's registry.
+        let mut skus: Vec<Sku> = sales
+            .iter()
+            .filter(|(_, sale)| sale.added.is_some())
+            .map(|(sku, _)| sku.clone())
+            .collect();
+        drop(sales);
+        skus.sort();
+        let truncated = skus.len() > limit;
+        skus.truncate(limit);
+        SkuList { skus, truncated }
+    }
+
+    fn reservations_now(&self, sku: &Sku, query: &ReservationQuery) -> ReservationPage {
+        let now = now_ms();
+        let older_than = u64::try_from(query.older_than.as_millis()).unwrap_or(u64::MAX);
+        let sales = self.sales();
+        let mut found: Vec<ReservationInfo> = sales
+            .get(sku)
+            .into_iter()
+            .flat_map(|sale| {
+                sale.open
+                    .iter()
+                    .filter_map(|id| sale.reservations.get(id).map(|r| (id, r)))
+            })
+            .filter(|(_, r)| r.state.open() == Some(query.state))
+            .map(|(id, r)| ReservationInfo {
+                id: id.clone(),
+                user: r.user.clone(),
+                quantity: r.quantity,
+                state: query.state,
+                reserved_at_ms: r.at_ms,
+                age_ms: now.saturating_sub(r.at_ms),
+            })
+            .filter(|r| r.age_ms >= older_than)
+            .collect();
+        drop(sales);
+        found.sort_by(|a, b| (a.reserved_at_ms, &a.id).cmp(&(b.reserved_at_ms, &b.id)));
+        let truncated = found.len() > query.limit;
+        found.truncate(query.limit);
+        ReservationPage {
+            reservations: found,
+            truncated,
+        }
+    }
+
+    fn resolve_now(
+        &self,
+        sku: &Sku,
+        id: &ReservationId,
+        to: Resolution,
+        held_min_age: Duration,
+    ) -> ResolveOutcome {
+        let mut sales = self.sales();
+        let Some(sale) = sales.get_mut(sku) else {
+            return ResolveOutcome::Unknown;
+        };
+        let Some(res) = sale.reservations.get(id) else {
+            return ResolveOutcome::Unknown;
+        };
+        let age_ms = now_ms().saturating_sub(res.at_ms);
+        let min_age = u64::try_from(held_min_age.as_millis()).unwrap_or(u64::MAX);
+        let from = match res.state.open() {
+            Some(OpenState::Uncertain) => OpenState::Uncertain,
+            Some(OpenState::Held) if age_ms >= min_age => OpenState::Held,
+            _ => {
+                return ResolveOutcome::NotResolvable {
+                    state: res.state.as_str().to_owned(),
+                    age_ms,
+                };
+            }
+        };
+        let quantity = res.quantity;
+        let remaining = sale.transition(id, from.into(), to.into());
+        ResolveOutcome::Resolved {
+            from,
+            quantity,
+            remaining: (to == Resolution::Released).then_some(remaining),
+        }
+    }
 }
 
 // Each method does its work inside the future (lazily, like the Redis store)
@@ -382,5 +518,27 @@ impl StoreImpl for MemoryStore {
 
     async fn status(&self, sku: &Sku) -> Result<SaleStatus, StoreError> {
         self.status_now(sku)
+    }
+
+    async fn list_skus(&self, limit: usize) -> Result<SkuList, StoreError> {
+        Ok(self.list_skus_now(limit))
+    }
+
+    async fn reservations(
+        &self,
+        sku: &Sku,
+        query: &ReservationQuery,
+    ) -> Result<ReservationPage, StoreError> {
+        Ok(self.reservations_now(sku, query))
+    }
+
+    async fn resolve(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
+        to: Resolution,
+        held_min_age: Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        Ok(self.resolve_now(sku, reservation, to, held_min_age))
     }
 }

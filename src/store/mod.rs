@@ -25,11 +25,13 @@
 //! | `fg:{sku}:buyers` | hash user → units | units each user holds (held + sold + uncertain): the per-user limit |
 //! | `fg:{sku}:res` | hash id → `state\|qty\|unix_ms\|user` | every reservation; `unix_ms` is the reservation time from the Redis clock |
 //! | `fg:{sku}:stats` | hash | `res:<state>` / `units:<state>` counters, kept by the scripts; `added` (units ever added, net); `closed` (`1` while the operator has closed the sale) |
+//! | `fg:skus` | set | every SKU ever stocked (set or add), for audits and `sale list`; written by a separate `SADD` before the stock script (it is no sale's key, so no script may touch it) |
 //!
 //! Reservation states: `held` → `sold` | `uncertain` (settle), or `held` →
-//! `released` (release, which returns the units and the user's slot). A
-//! `cancelled` record is a tombstone for a reserve whose reply was lost
-//! (see [`RedisStore`]): it holds nothing and is never counted.
+//! `released` (release, which returns the units and the user's slot). The operator
+//! reconciles: `uncertain` (or a `held` one left behind long ago) → `sold` | `released`
+//! ([`Store::resolve`], see [`reconcile`]). A `cancelled` record is a tombstone for a reserve
+//! whose reply was lost (see [`RedisStore`]): it holds nothing and is never counted.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -42,9 +44,14 @@ pub use crate::ids::{MAX_SKU_LEN, ReservationId, Sku, UserId};
 pub mod breaker;
 pub mod memory;
 pub mod observed;
+pub mod reconcile;
 pub mod redis;
 
 pub use self::memory::MemoryStore;
+pub use self::reconcile::{
+    OpenState, ReservationInfo, ReservationPage, ReservationQuery, Resolution, ResolveOutcome,
+    SkuList,
+};
 pub use self::redis::{RedisConfig, RedisStore};
 
 /// A boxed, `Send` future: lets [`Store`] be used as `Arc<dyn Store>`.
@@ -201,6 +208,19 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn get_stock<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
     fn status<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>>;
+    fn list_skus(&self, limit: usize) -> BoxFuture<'_, Result<SkuList, StoreError>>;
+    fn reservations<'a>(
+        &'a self,
+        sku: &'a Sku,
+        query: &'a ReservationQuery,
+    ) -> BoxFuture<'a, Result<ReservationPage, StoreError>>;
+    fn resolve<'a>(
+        &'a self,
+        sku: &'a Sku,
+        reservation: &'a ReservationId,
+        to: Resolution,
+        held_min_age: Duration,
+    ) -> BoxFuture<'a, Result<ResolveOutcome, StoreError>>;
 
     /// Set the units left, whatever they were. Returns the new stock.
     fn set_stock<'a>(&'a self, sku: &'a Sku, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
@@ -276,6 +296,29 @@ pub trait StoreImpl: Send + Sync + 'static {
 
     /// Stock, buyers and per-state counters of one sale.
     fn status(&self, sku: &Sku) -> impl Future<Output = Result<SaleStatus, StoreError>> + Send;
+
+    /// The SKUs ever stocked (set or add) through this store, sorted; at most `limit`.
+    fn list_skus(&self, limit: usize) -> impl Future<Output = Result<SkuList, StoreError>> + Send;
+
+    /// Reservations of one sale in `query.state`, oldest first, at most `query.limit`. Bounded
+    /// work: a sale with a million reservations is read in pages, and only as far as needed.
+    fn reservations(
+        &self,
+        sku: &Sku,
+        query: &ReservationQuery,
+    ) -> impl Future<Output = Result<ReservationPage, StoreError>> + Send;
+
+    /// The operator's reconciliation, atomically and at most once: an `uncertain`
+    /// reservation, or a `held` one reserved at least `held_min_age` ago, becomes `to`. A
+    /// release returns the units to stock and frees the user's slot, exactly like a release
+    /// after a refused order. Anything else changes nothing.
+    fn resolve(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
+        to: Resolution,
+        held_min_age: Duration,
+    ) -> impl Future<Output = Result<ResolveOutcome, StoreError>> + Send;
 }
 
 impl<T: StoreImpl> Store for T {
@@ -326,6 +369,25 @@ impl<T: StoreImpl> Store for T {
     }
     fn status<'a>(&'a self, sku: &'a Sku) -> BoxFuture<'a, Result<SaleStatus, StoreError>> {
         Box::pin(StoreImpl::status(self, sku))
+    }
+    fn list_skus(&self, limit: usize) -> BoxFuture<'_, Result<SkuList, StoreError>> {
+        Box::pin(StoreImpl::list_skus(self, limit))
+    }
+    fn reservations<'a>(
+        &'a self,
+        sku: &'a Sku,
+        query: &'a ReservationQuery,
+    ) -> BoxFuture<'a, Result<ReservationPage, StoreError>> {
+        Box::pin(StoreImpl::reservations(self, sku, query))
+    }
+    fn resolve<'a>(
+        &'a self,
+        sku: &'a Sku,
+        reservation: &'a ReservationId,
+        to: Resolution,
+        held_min_age: Duration,
+    ) -> BoxFuture<'a, Result<ResolveOutcome, StoreError>> {
+        Box::pin(StoreImpl::resolve(self, sku, reservation, to, held_min_age))
     }
 }
 
@@ -416,6 +478,13 @@ pub fn key(prefix: &str, sku: &Sku, part: KeyPart) -> String {
     format!("{prefix}:{{{sku}}}:{}", part.suffix())
 }
 
+/// The one key that belongs to no sale: `{prefix}:skus`, the set of SKUs ever stocked. It has
+/// no hash tag, so it may live on any Cluster slot: it is written by its own command, never
+/// inside a sale's script.
+pub fn registry_key(prefix: &str) -> String {
+    format!("{prefix}:skus")
+}
+
 /// Checks shared by both stores, so they refuse exactly the same requests. (SKU and user are
 /// typed: only the quantity is left to check.)
 pub(crate) fn validate_reserve(req: &ReserveRequest) -> Result<(), StoreError> {
@@ -495,6 +564,7 @@ mod tests {
     fn keys_carry_the_hash_tag() {
         let sku = |s| Sku::parse(s).unwrap();
         assert_eq!(key("fg", &sku("abc-1"), KeyPart::Stock), "fg:{abc-1}:stock");
+        assert_eq!(registry_key("fg"), "fg:skus");
         let k = SaleKeys::new("fg", &sku("abc-1"));
         assert_eq!(
             k.script_keys(),

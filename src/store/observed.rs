@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, SaleStatus, Settlement, Sku,
-    StockSet, Store, StoreError, StoreImpl,
+    ReleaseOutcome, ReservationId, ReservationPage, ReservationQuery, ReserveOutcome,
+    ReserveRequest, Resolution, ResolveOutcome, SaleStatus, Settlement, Sku, SkuList, StockSet,
+    Store, StoreError, StoreImpl,
 };
 use crate::metrics::Metrics;
 
@@ -95,5 +96,32 @@ impl<S: Store> StoreImpl for Observed<S> {
 
     async fn status(&self, sku: &Sku) -> Result<SaleStatus, StoreError> {
         self.timed("status", self.store.status(sku)).await
+    }
+
+    async fn list_skus(&self, limit: usize) -> Result<SkuList, StoreError> {
+        self.timed("list_skus", self.store.list_skus(limit)).await
+    }
+
+    async fn reservations(
+        &self,
+        sku: &Sku,
+        query: &ReservationQuery,
+    ) -> Result<ReservationPage, StoreError> {
+        self.timed("reservations", self.store.reservations(sku, query))
+            .await
+    }
+
+    async fn resolve(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
+        to: Resolution,
+        held_min_age: std::time::Duration,
+    ) -> Result<ResolveOutcome, StoreError> {
+        self.timed(
+            "resolve",
+            self.store.resolve(sku, reservation, to, held_min_age),
+        )
+        .await
     }
 }

@@ -15,7 +15,10 @@
 //! - `settle.rs`: settles batched the same way, one `settle.lua` call per batch.
 //! - `batch.rs`: the per-thread, per-SKU queue both kinds of batch wait in.
 //! - `reply.rs`: turning script replies into outcomes and errors.
+//! - `audit.rs`: the registry of SKUs, bounded listings of a sale's open reservations, the
+//!   operator's resolve.
 
+mod audit;
 mod batch;
 mod pool;
 mod reply;
@@ -41,8 +44,9 @@ use self::reserve::ReserveWaiter;
 use self::scripts::LuaScript;
 use self::settle::SettleQueues;
 use super::{
-    MAX_UNITS, ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, SaleKeys, SaleStatus,
-    Settlement, Sku, StateCounts, StockSet, StoreError, StoreImpl, validate_delta, validate_units,
+    MAX_UNITS, ReleaseOutcome, ReservationId, ReservationPage, ReservationQuery, ReserveOutcome,
+    ReserveRequest, Resolution, ResolveOutcome, SaleKeys, SaleStatus, Settlement, Sku, SkuList,
+    StateCounts, StockSet, StoreError, StoreImpl, validate_delta, validate_units,
 };
 
 /// How to reach Redis and how long to wait for it.
@@ -251,6 +255,7 @@ impl Shared {
             Some(e) => validate_units("expect", e)?.to_string(),
             None => String::new(),
         };
+        self.register(sku).await?;
         let reply = self
             .run_script(
                 &self.set_stock,
@@ -276,6 +281,7 @@ impl Shared {
         let keys = self.keys(sku);
         validate_delta(delta)?;
         let delta_arg = delta.to_string();
+        self.register(sku).await?;
         let reply = self
             .run_script(&self.add_stock, &keys, &[delta_arg.as_bytes()])
             .await?;
@@ -435,9 +441,33 @@ impl StoreImpl for RedisStore {
     fn status(&self, sku: &Sku) -> impl Future<Output = Result<SaleStatus, StoreError>> + Send {
         self.shared.status_inner(sku)
     }
+
+    fn list_skus(&self, limit: usize) -> impl Future<Output = Result<SkuList, StoreError>> + Send {
+        self.shared.list_skus_inner(limit)
+    }
+
+    fn reservations(
+        &self,
+        sku: &Sku,
+        query: &ReservationQuery,
+    ) -> impl Future<Output = Result<ReservationPage, StoreError>> + Send {
+        self.shared.reservations_inner(sku, query)
+    }
+
+    fn resolve(
+        &self,
+        sku: &Sku,
+        reservation: &ReservationId,
+        to: Resolution,
+        held_min_age: Duration,
+    ) -> impl Future<Output = Result<ResolveOutcome, StoreError>> + Send {
+        self.shared
+            .resolve_inner(sku, reservation, to, held_min_age)
+    }
 }
 
-/// How `release.lua` treats its reservation id.
+/// How `release.lua` treats its reservation id. (Its third mode, the operator's `resolve`, is
+/// run by `audit.rs`.)
 #[derive(Debug, Clone, Copy)]
 enum Mode {
     /// The backend did not take the order: return a held unit.
