@@ -99,24 +99,12 @@ pub async fn run(
     }
 }
 
-/// `GET /metrics`: the SKU gauges refreshed from the store (each SKU's status, at most
-/// [`SKU_STATUS_TIMEOUT`] each, all at once), then the exposition: OpenMetrics when the
+/// `GET /metrics`: the SKU gauges refreshed from the store
+/// ([`Metrics::refresh_skus`](crate::metrics::Metrics::refresh_skus)), then the exposition: OpenMetrics when the
 /// scraper asks for it (Prometheus does), else Prometheus' classic text format.
 async fn metrics(app: &App, headers: &http::HeaderMap) -> Response<Body> {
     let metrics = &app.metrics;
-    {
-        let _one_at_a_time = metrics.refreshing().await;
-        let skus = metrics.skus();
-        let statuses = skus.iter().map(|sku| async move {
-            let status = tokio::time::timeout(SKU_STATUS_TIMEOUT, app.store.status(sku)).await;
-            (sku, status)
-        });
-        for (sku, status) in futures_util::future::join_all(statuses).await {
-            if let Ok(Ok(status)) = status {
-                metrics.set_sku(sku, &status);
-            }
-        }
-    }
+    metrics.refresh_skus(app.store.as_ref()).await;
     let openmetrics = headers.get_all(http::header::ACCEPT).iter().any(|v| {
         v.as_bytes()
             .windows(19)
@@ -140,9 +128,6 @@ async fn metrics(app: &App, headers: &http::HeaderMap) -> Response<Body> {
     );
     resp
 }
-
-/// How long a scrape waits for one SKU's status; a SKU that takes longer keeps its last values.
-const SKU_STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Which call a path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
