@@ -17,6 +17,8 @@
 //! | `GET /v1/sales/{sku}` | | stock, `added`, `closed`, buyers, reservations and units by state |
 //! | `POST /v1/sales/{sku}/close` | none | `{"sku","closed":true}`: buyers get 410 `closed`, stock untouched |
 //! | `POST /v1/sales/{sku}/open` | none | `{"sku","closed":false}` |
+//! | `GET /v1/events` | | the live dashboard's server-sent events ([`events`]) |
+//! | `GET /dashboard` (no token) | | the live dashboard page ([`dashboard`]) |
 //!
 //! The listener is served like the proxy's: HTTP/1.1 with the same `server.header_read_timeout`,
 //! `server.max_header_bytes` and `server.max_headers`, so a half-sent head cannot hold an admin
@@ -60,6 +62,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let auth = Arc::new((tokens, Throttle::default()));
+    // Ends the dashboard's event streams when the listener stops.
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let _stop_streams = stopping.clone().drop_guard();
+    let events = events::Events::start(app.clone(), stopping);
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin API listening");
     }
@@ -84,11 +90,12 @@ pub async fn run(
             () = &mut shutdown => return,
         };
         let (app, auth, h1) = (app.clone(), auth.clone(), h1.clone());
+        let events = events.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let (app, auth) = (app.clone(), auth.clone());
+                let (app, auth, events) = (app.clone(), auth.clone(), events.clone());
                 async move {
-                    let mut resp = handle(&app, &auth, peer.ip(), req).await;
+                    let mut resp = handle(&app, &auth, &events, peer.ip(), req).await;
                     resp.headers_mut()
                         .insert(ADMIN_HEADER, HeaderValue::from_static("1"));
                     Ok::<_, Infallible>(resp)
@@ -142,12 +149,17 @@ enum Call {
 async fn handle(
     app: &App,
     (tokens, throttle): &(Tokens, Throttle),
+    events: &events::Events,
     ip: IpAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let path = req.uri().path().to_owned();
     if path == "/healthz" {
         return reply(StatusCode::OK, json!({"status": "ok"}));
+    }
+    // The page holds no data: it asks for the token itself.
+    if let Some(page) = dashboard::serve(&path, req.method()) {
+        return page;
     }
     let metrics_open = app
         .snapshot()
@@ -191,6 +203,9 @@ async fn handle(
     let who = access.as_str();
     if path == "/metrics" && req.method() == Method::GET {
         return metrics(app, req.headers()).await;
+    }
+    if path == events::PATH {
+        return events.subscribe(req.method());
     }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -491,3 +506,5 @@ fn error(status: StatusCode, reason: &str, message: &str) -> Response<Body> {
 
 pub mod auth;
 pub mod client;
+pub mod dashboard;
+pub mod events;
