@@ -2,6 +2,7 @@
 //! plain HTTP client — all on real sockets bound to 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod raw;
 pub mod redis;
 pub mod shop;
