@@ -105,13 +105,11 @@ impl Browser {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let (ws, _) = tokio::time::timeout(
-            CALL_TIMEOUT,
-            tokio_tungstenite::connect_async(&endpoint),
-        )
-        .await
-        .expect("DevTools connect timed out")
-        .unwrap_or_else(|e| panic!("cannot connect to {endpoint}: {e}"));
+        let (ws, _) =
+            tokio::time::timeout(CALL_TIMEOUT, tokio_tungstenite::connect_async(&endpoint))
+                .await
+                .expect("DevTools connect timed out")
+                .unwrap_or_else(|e| panic!("cannot connect to {endpoint}: {e}"));
         let (mut sink, mut stream) = ws.split();
         let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
         tokio::spawn(async move {
@@ -157,7 +155,12 @@ impl Browser {
 
     /// One DevTools call (to a tab's `session`, or to the browser); its `result`, or the
     /// protocol's error as `Err`.
-    async fn call(&self, session: Option<&str>, method: &str, params: Value) -> Result<Value, String> {
+    async fn call(
+        &self,
+        session: Option<&str>,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, String> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({"id": id, "method": method, "params": params});
         if let Some(s) = session {
@@ -263,8 +266,11 @@ impl Page<'_> {
     pub async fn goto(&self, url: &str) {
         let nav = self.call("Page.navigate", json!({"url": url})).await;
         assert!(nav.get("errorText").is_none(), "navigate to {url}: {nav}");
-        self.wait_for("document.readyState === 'complete'", Duration::from_secs(15))
-            .await;
+        self.wait_for(
+            "document.readyState === 'complete'",
+            Duration::from_secs(15),
+        )
+        .await;
     }
 
     /// The value of a JavaScript expression (awaited if it is a promise).
@@ -298,7 +304,9 @@ impl Page<'_> {
                 return v;
             }
             if Instant::now() >= deadline {
-                let text = self.eval("document.body ? document.body.innerText : ''").await;
+                let text = self
+                    .eval("document.body ? document.body.innerText : ''")
+                    .await;
                 panic!(
                     "`{expression}` did not hold within {within:?} (last: {v}); the page shows:\n{}",
                     text.as_str().unwrap_or_default()
