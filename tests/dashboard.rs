@@ -24,7 +24,7 @@ use support::*;
 
 const SKU: &str = "dash-tee";
 /// The page's viewport (and so the screenshot's size).
-const VIEWPORT: (u32, u32) = (1280, 860);
+const VIEWPORT: (u32, u32) = (1280, 680);
 /// Bound on the page showing something the stream has sent (events come every second).
 const SHOWS: Duration = Duration::from_secs(15);
 

@@ -240,7 +240,7 @@
       row.title = s.fresh ? '' : 'the last read failed: last known values';
       row.cells[0].textContent = s.sku;
       const pill = row.cells[1].firstChild;
-      pill.className = 'state ' + cls;
+      pill.className = 'pill ' + cls;
       pill.textContent = label;
       row.cells[2].textContent = fmtInt(s.stock);
       row.cells[3].textContent = fmtInt(u.sold);
@@ -264,8 +264,10 @@
         const sw = document.createElement('span');
         sw.className = 'swatch';
         sw.style.background = color;
-        li.append(sw, document.createTextNode(name.replace(/_/g, ' ') + ' '), document.createElement('b'),
-          document.createTextNode('/s · '), document.createElement('span'));
+        const total = document.createElement('span');
+        total.className = 'total';
+        li.append(sw, document.createTextNode(name.replace(/_/g, ' ')), document.createElement('b'),
+          document.createTextNode('/s ·'), total);
         ul.appendChild(li);
       }
     }
@@ -306,11 +308,13 @@
       g.beginPath(); g.moveTo(left, y + 0.5); g.lineTo(right, y + 0.5); g.stroke();
       g.fillText(fmtRate(max * i / 4), left - 6, y);
     }
+    // The time axis grows with the data, from 30 s to the whole window.
+    const span = Math.min(WINDOW, Math.max(30, samples.length));
     g.textAlign = 'left'; g.textBaseline = 'alphabetic';
-    g.fillText('−2 min', left, h - 4);
+    g.fillText(span >= 120 ? '−2 min' : `−${span} s`, left, h - 4);
     g.textAlign = 'right';
     g.fillText('now', right, h - 4);
-    const x = (i) => right - (right - left) * ((samples.length - 1 - i) / (WINDOW - 1));
+    const x = (i) => right - (right - left) * ((samples.length - 1 - i) / (span - 1));
     const y = (v) => bottom - (bottom - top) * (v / max);
     g.lineWidth = 2;
     g.lineJoin = 'round';
