@@ -456,3 +456,35 @@ async fn the_page_is_served_without_a_token_under_a_strict_policy() {
     assert_error(&post, 405, "method_not_allowed");
     assert_eq!(post.headers["allow"], "GET, HEAD");
 }
+
+/// The policy holds in a real browser: a script or style injected into the page is blocked and
+/// reported (which is how the other browser cases know the page itself breaks no rule).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_enforces_the_pages_policy() {
+    let backend = shop().await;
+    let fg = start(&backend.url(), &memory()).await;
+    let browser = Browser::launch().await;
+    let page = browser.page(VIEWPORT.0, VIEWPORT.1).await;
+    page.goto(&dashboard_url(&fg, "")).await;
+    page.wait_for("!document.getElementById('login').hidden", SHOWS)
+        .await;
+    assert_eq!(page.problems(), Vec::<String>::new(), "errors in the page");
+    page.eval(
+        "const s = document.createElement('script'); s.textContent = 'window.injected = 1'; \
+         document.body.appendChild(s); \
+         const d = document.createElement('div'); d.setAttribute('style', 'color: red'); \
+         document.body.appendChild(d); true",
+    )
+    .await;
+    assert_eq!(page.eval("window.injected === undefined").await, true);
+    let problems = page.problems();
+    for directive in ["script-src 'self'", "style-src 'self'"] {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("Content Security Policy") && p.contains(directive)),
+            "no {directive} violation reported: {problems:?}"
+        );
+    }
+    browser.close().await;
+}
