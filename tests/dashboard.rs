@@ -8,8 +8,10 @@
 //! temporary file and the repository is left alone.
 mod support;
 
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -247,6 +249,100 @@ async fn the_page_asks_for_a_token_and_refuses_a_wrong_one() {
         page.eval("document.getElementById('login').hidden").await,
         true
     );
+    assert_eq!(page.problems(), Vec::<String>::new(), "errors in the page");
+    browser.close().await;
+}
+
+/// A TCP relay between the browser and the admin API whose connections the test can cut, as a
+/// network drop or a restarted flashgate would.
+struct Relay {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (up2, links2) = (up.clone(), links.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    continue; // refused: dropped at once
+                }
+                links2.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                }));
+            }
+        });
+        Relay {
+            addr,
+            up,
+            links,
+            task,
+        }
+    }
+
+    /// Closes every relayed connection and refuses new ones until [`Relay::restore`].
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}
+
+/// When the stream drops, the page says so and reconnects by itself, with backoff, once the
+/// admin API can be reached again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_reconnects_when_the_stream_drops() {
+    let backend = shop().await;
+    let fg = start(&backend.url(), &memory()).await;
+    set_stock(&fg, SKU, 9).await;
+    let relay = Relay::start(fg.admin.expect("an admin API")).await;
+    let browser = Browser::launch().await;
+    let page = browser.page(VIEWPORT.0, VIEWPORT.1).await;
+    page.goto(&format!(
+        "http://{}/dashboard#token={ADMIN_READ_TOKEN}",
+        relay.addr
+    ))
+    .await;
+    page.wait_for(&format!("{} === '9'", stock_cell(SKU)), SHOWS)
+        .await;
+    relay.cut();
+    page.wait_for(
+        &format!("({} || '').startsWith('disconnected')", text_of("#conn")),
+        SHOWS,
+    )
+    .await;
+    set_stock(&fg, SKU, 7).await;
+    // Still down: the page keeps its last values and keeps trying.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(page.eval(&stock_cell(SKU)).await, "9");
+    relay.restore();
+    page.wait_for(
+        &format!("{} === '7'", stock_cell(SKU)),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(page.eval(&text_of("#conn")).await, "live");
     assert_eq!(page.problems(), Vec::<String>::new(), "errors in the page");
     browser.close().await;
 }

@@ -87,6 +87,14 @@ impl Events {
                 .insert(http::header::ALLOW, HeaderValue::from_static("GET"));
             return resp;
         }
+        if self.stopping.is_cancelled() {
+            // A connection kept alive past the admin API's stop: no stream that ends at once.
+            return super::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the admin API is stopping",
+            );
+        }
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
             let mut resp = super::error(
                 StatusCode::SERVICE_UNAVAILABLE,
