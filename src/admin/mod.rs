@@ -107,8 +107,9 @@ pub async fn run(
 }
 
 /// `GET /metrics`: the SKU gauges refreshed from the store
-/// ([`Metrics::refresh_skus`](crate::metrics::Metrics::refresh_skus)), then the exposition: OpenMetrics when the
-/// scraper asks for it (Prometheus does), else Prometheus' classic text format.
+/// ([`Metrics::refresh_skus`](crate::metrics::Metrics::refresh_skus)), then the exposition:
+/// OpenMetrics when the scraper asks for it (Prometheus does), else Prometheus' classic text
+/// format.
 async fn metrics(app: &App, headers: &http::HeaderMap) -> Response<Body> {
     let metrics = &app.metrics;
     metrics.refresh_skus(app.store.as_ref()).await;
