@@ -235,6 +235,16 @@ async fn the_page_asks_for_a_token_and_refuses_a_wrong_one() {
         Value::Null
     );
     assert_eq!(page.eval(&text_of("#conn")).await, "not signed in");
+    // Not even a possible token: refused before any request.
+    page.eval(&submit("tökén")).await;
+    page.wait_for(
+        &format!(
+            "({} || '').includes('not a token')",
+            text_of("#login-error")
+        ),
+        SHOWS,
+    )
+    .await;
     // A wrong token in the fragment: the same.
     page.goto(&dashboard_url(&fg, "#token=also-wrong")).await;
     page.wait_for(
