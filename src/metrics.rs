@@ -20,10 +20,16 @@ use prometheus_client::registry::Registry;
 
 use crate::ids::Sku;
 use crate::reject::Reject;
-use crate::store::{SaleStatus, Settlement};
+use crate::store::{SaleStatus, Settlement, Store};
+
+mod totals;
+pub use totals::Totals;
 
 /// SKUs whose stock and units are exported; past it new SKUs are not added (documented).
 pub const MAX_SKUS: usize = 1000;
+
+/// How long a refresh waits for one SKU's status; a SKU that takes longer keeps its last values.
+pub const SKU_STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The route label of a request no route matched.
 pub const UNMATCHED: &str = "(unmatched)";
@@ -132,6 +138,9 @@ pub struct Metrics {
     sku_stock: Family<SkuLabel, Gauge>,
     sku_units: Family<SkuState, Gauge>,
     skus: RwLock<HashSet<Sku>>,
+    /// Every route name given a [`RouteMetrics`] (from the config, so bounded), with whether
+    /// it is a sale route: what [`Metrics::totals`] sums over.
+    routes: RwLock<Vec<(String, bool)>>,
     unmatched: OnceLock<Arc<RouteMetrics>>,
     /// One scrape at a time refreshes the SKU gauges.
     refreshing: tokio::sync::Mutex<()>,
@@ -155,6 +164,7 @@ impl Metrics {
             sku_stock: Family::default(),
             sku_units: Family::default(),
             skus: RwLock::new(HashSet::new()),
+            routes: RwLock::new(Vec::new()),
             unmatched: OnceLock::new(),
             refreshing: tokio::sync::Mutex::new(()),
             registry: Registry::default(),
@@ -230,6 +240,7 @@ impl Metrics {
 
     /// The handles of route `name` (`sale`: it decides admissions).
     pub fn route(&self, name: &str, sale: bool) -> Arc<RouteMetrics> {
+        self.note_route(name, sale);
         let label = RouteLabel {
             route: name.to_owned(),
         };
@@ -337,6 +348,26 @@ impl Metrics {
     /// Held while a scrape refreshes the SKU gauges from the store.
     pub async fn refreshing(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.refreshing.lock().await
+    }
+
+    /// Refreshes the SKU gauges from `store` (one at a time; each SKU's status all at once, at
+    /// most [`SKU_STATUS_TIMEOUT`] each) and returns what was read: every exported SKU with its
+    /// status, `None` for one whose read failed or took too long (its gauges keep their last
+    /// values). Used by `GET /metrics` and the dashboard's event stream alike.
+    pub async fn refresh_skus(&self, store: &dyn Store) -> Vec<(Sku, Option<SaleStatus>)> {
+        let _one_at_a_time = self.refreshing().await;
+        let skus = self.skus();
+        let statuses = skus.into_iter().map(|sku| async move {
+            let status = tokio::time::timeout(SKU_STATUS_TIMEOUT, store.status(&sku)).await;
+            (sku, status.ok().and_then(Result::ok))
+        });
+        let read = futures_util::future::join_all(statuses).await;
+        for (sku, status) in &read {
+            if let Some(status) = status {
+                self.set_sku(sku, status);
+            }
+        }
+        read
     }
 
     /// The exposition in OpenMetrics text.

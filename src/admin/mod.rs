@@ -25,6 +25,8 @@
 //!
 //! `GET` calls work with the read-only token too; every other call needs the write token.
 //! Every write is logged at `info` with the token kind, the SKU and the value before and after.
+//! | `GET /v1/events` | | the live dashboard's server-sent events ([`events`]) |
+//! | `GET /dashboard` (no token) | | the live dashboard page ([`dashboard`]) |
 //!
 //! The listener is served like the proxy's: HTTP/1.1 with the same `server.header_read_timeout`,
 //! `server.max_header_bytes` and `server.max_headers`, so a half-sent head cannot hold an admin
@@ -70,6 +72,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let auth = Arc::new((tokens, Throttle::default()));
+    // Ends the dashboard's event streams when the listener stops.
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let _stop_streams = stopping.clone().drop_guard();
+    let events = events::Events::start(app.clone(), stopping);
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin API listening");
     }
@@ -94,11 +100,12 @@ pub async fn run(
             () = &mut shutdown => return,
         };
         let (app, auth, h1) = (app.clone(), auth.clone(), h1.clone());
+        let events = events.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let (app, auth) = (app.clone(), auth.clone());
+                let (app, auth, events) = (app.clone(), auth.clone(), events.clone());
                 async move {
-                    let mut resp = handle(&app, &auth, peer.ip(), req).await;
+                    let mut resp = handle(&app, &auth, &events, peer.ip(), req).await;
                     resp.headers_mut()
                         .insert(ADMIN_HEADER, HeaderValue::from_static("1"));
                     Ok::<_, Infallible>(resp)
@@ -109,24 +116,13 @@ pub async fn run(
     }
 }
 
-/// `GET /metrics`: the SKU gauges refreshed from the store (each SKU's status, at most
-/// [`SKU_STATUS_TIMEOUT`] each, all at once), then the exposition: OpenMetrics when the
-/// scraper asks for it (Prometheus does), else Prometheus' classic text format.
+/// `GET /metrics`: the SKU gauges refreshed from the store
+/// ([`Metrics::refresh_skus`](crate::metrics::Metrics::refresh_skus)), then the exposition:
+/// OpenMetrics when the scraper asks for it (Prometheus does), else Prometheus' classic text
+/// format.
 async fn metrics(app: &App, headers: &http::HeaderMap) -> Response<Body> {
     let metrics = &app.metrics;
-    {
-        let _one_at_a_time = metrics.refreshing().await;
-        let skus = metrics.skus();
-        let statuses = skus.iter().map(|sku| async move {
-            let status = tokio::time::timeout(SKU_STATUS_TIMEOUT, app.store.status(sku)).await;
-            (sku, status)
-        });
-        for (sku, status) in futures_util::future::join_all(statuses).await {
-            if let Ok(Ok(status)) = status {
-                metrics.set_sku(sku, &status);
-            }
-        }
-    }
+    metrics.refresh_skus(app.store.as_ref()).await;
     let openmetrics = headers.get_all(http::header::ACCEPT).iter().any(|v| {
         v.as_bytes()
             .windows(19)
@@ -151,9 +147,6 @@ async fn metrics(app: &App, headers: &http::HeaderMap) -> Response<Body> {
     resp
 }
 
-/// How long a scrape waits for one SKU's status; a SKU that takes longer keeps its last values.
-const SKU_STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// Which call a path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Call {
@@ -167,12 +160,17 @@ enum Call {
 async fn handle(
     app: &App,
     (tokens, throttle): &(Tokens, Throttle),
+    events: &events::Events,
     ip: IpAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let path = req.uri().path().to_owned();
     if path == "/healthz" {
         return reply(StatusCode::OK, json!({"status": "ok"}));
+    }
+    // The page holds no data: it asks for the token itself.
+    if let Some(page) = dashboard::serve(&path, req.method()) {
+        return page;
     }
     let metrics_open = app
         .snapshot()
@@ -216,6 +214,9 @@ async fn handle(
     let who = access.as_str();
     if path == "/metrics" && req.method() == Method::GET {
         return metrics(app, req.headers()).await;
+    }
+    if path == events::PATH {
+        return events.subscribe(req.method());
     }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     // Audit and reconciliation: their own module.
@@ -535,3 +536,5 @@ pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod render;
+pub mod dashboard;
+pub mod events;
