@@ -5,6 +5,7 @@
 pub mod raw;
 pub mod redis;
 pub mod shop;
+pub mod sse;
 pub mod storm;
 
 use std::convert::Infallible;
