@@ -165,7 +165,11 @@ async fn the_stream_opens_with_the_stock_now() {
         assert_eq!(outcomes[0].status, 200);
         until(&mut sse, (4, "open")).await;
         // A trailing slash is the same path, canonical like any other.
-        watch(&fg, "cap/", (4, "open")).await;
+        let mut slash = Sse::open(fg.addr, "/api/flash/cap/events/", "HTTP/1.1")
+            .await
+            .unwrap();
+        assert_eq!(slash.status, 200);
+        assert_eq!(event(&slash.next_event(WAIT).await.unwrap()), (4, "open"));
         let streamed = backend
             .seen()
             .into_iter()
