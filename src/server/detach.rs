@@ -243,6 +243,32 @@ fn advance(parts: &mut [&[u8]; 3], mut n: usize) {
 mod tests {
     use super::*;
 
+    /// A client that stops reading is dropped once a write makes no progress for the stall
+    /// bound, instead of flashgate buffering for it.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_dropped() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        let started = std::time::Instant::now();
+        let mut failed = None;
+        // The kernel's buffers fill after a few MiB at most; bounded anyway.
+        for _ in 0..4096 {
+            if let Err(e) = write_all(&server, [&chunk, &[], &[]], Duration::from_millis(200)).await
+            {
+                failed = Some(e);
+                break;
+            }
+        }
+        let e = failed.expect("writes to a client that never reads went on");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        drop(client);
+    }
+
     #[test]
     fn advance_across_parts() {
         let mut parts: [&[u8]; 3] = [b"ab", b"cde", b"f"];

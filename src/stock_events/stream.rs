@@ -136,3 +136,64 @@ impl Subscription {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::source::{Live, StockState};
+    use super::*;
+
+    fn live(remaining: u64, heartbeat: u32) -> Published {
+        Published::Live(Live {
+            event: Event {
+                remaining,
+                state: StockState::Open,
+            },
+            frame: Bytes::from(format!("data: {remaining}\n\n")),
+            heartbeat,
+        })
+    }
+
+    async fn next(s: &mut Subscription) -> Option<Bytes> {
+        tokio::time::timeout(std::time::Duration::from_secs(1), s.next())
+            .await
+            .expect("a value in time")
+    }
+
+    #[tokio::test]
+    async fn each_event_once_the_newest_only_and_keep_alives() {
+        let tx = watch::Sender::new(live(5, 0));
+        let mut s = Subscription::new(tx.subscribe());
+        assert_eq!(next(&mut s).await.unwrap(), "data: 5\n\n");
+        // Two changes before the subscriber reads: only the newest is written.
+        tx.send_replace(live(4, 0));
+        tx.send_replace(live(3, 0));
+        assert_eq!(next(&mut s).await.unwrap(), "data: 3\n\n");
+        // The same event again (a slow reader that missed a change back): nothing.
+        tx.send_replace(live(2, 0));
+        tx.send_replace(live(3, 0));
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(50), s.next()).await;
+        assert!(quiet.is_err(), "an event repeated");
+        // The heartbeat with no change: a comment.
+        tx.send_replace(live(3, 1));
+        assert_eq!(next(&mut s).await.unwrap(), KEEP_ALIVE);
+        // The source gone (a shutdown): the stream ends.
+        drop(tx);
+        assert_eq!(next(&mut s).await, None);
+    }
+
+    #[test]
+    fn stream_paths() {
+        let route = |stream: &str| {
+            let yaml = format!(
+                "upstream: {{ url: \"http://127.0.0.1:1\" }}\nroutes:\n  - name: b\n    \
+                 match: {{ method: POST, path: \"/b/{{sku}}\" }}\n    identity: {{ header: U }}\n    \
+                 sale: {{ sku: {{ path_param: sku }}, stock_events: \"{stream}\" }}\n"
+            );
+            crate::config::parse(&yaml, "t.yaml").unwrap().routes
+        };
+        let paths = Paths::new(&route("/e/{sku}/events"));
+        assert_eq!(paths.sku_in("/e/tee/events"), Some("tee"));
+        assert_eq!(paths.sku_in("/e/tee"), None);
+        assert_eq!(Paths::new(&[]).sku_in("/e/tee/events"), None);
+    }
+}
