@@ -226,6 +226,10 @@ async fn a_burst_of_changes_is_coalesced() {
         let events = until(&mut sse, (1100, "open")).await;
         // One event at the start of the burst, then at most one per 100 ms.
         let allowed = 2 + (burst.as_millis() / 100) as usize;
+        eprintln!(
+            "a burst of 100 changes in {burst:?}: {} events",
+            events.len()
+        );
         assert!(
             events.len() <= allowed,
             "{} events for a burst of {burst:?}: {events:?}",
