@@ -324,6 +324,34 @@ async fn a_change_made_in_redis_is_followed() {
     .await;
 }
 
+/// Two instances share one Redis: a shopper watching through one sees buys made through the
+/// other (by its store re-reads), falling to `sold_out`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buys_through_another_instance_are_followed() {
+    bounded(async {
+        let backend = shop().await;
+        let store = redis();
+        let watched = start_streaming(&backend, &store).await;
+        let other = start_streaming(&backend, &store).await;
+        set_stock(&other, "tee", 6).await;
+        let mut sse = watch(&watched, "tee", (6, "open")).await;
+        let buyers = (0..10).map(|i| format!("buyer-{i}")).collect();
+        let outcomes = fire(&[&other], "tee", buyers).await;
+        assert_eq!(tally(&outcomes).get(&(200, String::new())), Some(&6));
+        let mut events = vec![StockEvent {
+            sku: "tee".into(),
+            remaining: 6,
+            state: "open".into(),
+        }];
+        events.extend(until(&mut sse, (0, "sold_out")).await);
+        assert_falls(&events);
+        // Stock added through the other instance's admin API reopens it here too.
+        add_stock(&other, "tee", 3).await;
+        until(&mut sse, (3, "open")).await;
+    })
+    .await;
+}
+
 /// A shutdown ends every stream with the last chunk, without waiting out `drain_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_ends_the_streams() {
