@@ -30,7 +30,7 @@ use crate::sale;
 use crate::state::{App, Snapshot};
 use crate::store::{ReserveOutcome, ReserveRequest, StoreError};
 use crate::trace::{TRACEPARENT, Trace};
-use crate::{canonical, fence, hygiene};
+use crate::{canonical, fence, hygiene, stock_events};
 
 /// Marks a request whose head declared both `Content-Length` and `Transfer-Encoding`
 /// (set by the server from the raw head bytes; see `framing.rs`).
@@ -134,6 +134,12 @@ async fn admit_and_forward<'s>(
         .map_err(|a| Reject::BadRequest(a.message().into()))?;
     if let Cow::Owned(p) = &path {
         set_path(&mut req, p)?;
+    }
+    // 2a. A sale's stock stream is flashgate's own answer, read from the canonical path and
+    //     never forwarded; before routing, as the config lets no route but a catch-all share
+    //     a stream path (see `stock_events`).
+    if let Some(sku) = snap.stock_streams.sku_in(canonical::match_form(&path)) {
+        return stock_events::answer(app, req.method(), sku).await;
     }
     // First match wins; then the fence: no other spelling of a sale path gets through.
     let matched = snap.route_for(req.method(), canonical::match_form(&path));
@@ -262,7 +268,11 @@ async fn admit_sale(
         quantity: order.quantity,
         per_user_limit: sale.per_user_limit,
     };
-    let reservation = match app.store.reserve(&request).await {
+    // The SKU's stock stream, if shoppers watch it, learns what this reserve decided.
+    let probe = app.stock_events.probe(&order.sku);
+    let reserved = app.store.reserve(&request).await;
+    app.stock_events.decided(probe, &reserved);
+    let reservation = match reserved {
         Ok(ReserveOutcome::Won { reservation, .. }) => {
             seen.won = true;
             app.metrics.saw_sku(&order.sku);

@@ -16,6 +16,9 @@
 //! 5. On a sale route, [`sale`] reads the order (SKU, quantity) — parsed once into the
 //!    [`ids`] newtypes the store takes — and the store reserves a unit;
 //!    [`order`] forwards the winner and records the outcome (sold, released, uncertain).
+//!
+//! Before routing, a sale's stock stream (`sale.stock_events`) is answered by
+//! [`stock_events`] itself: server-sent events, never forwarded.
 //! 6. [`forward`] sends the request to the backend over a pooled client, streaming both ways;
 //!    [`interim`] passes the backend's `103 Early Hints` on and bounds a bare `100`/`102`.
 //!
@@ -50,5 +53,6 @@ pub mod sale;
 pub mod server;
 pub mod signing;
 pub mod state;
+pub mod stock_events;
 pub mod store;
 pub mod trace;

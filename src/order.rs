@@ -19,7 +19,7 @@ use crate::ids::{ReservationId, Sku, UserId};
 use crate::metrics::Metrics;
 use crate::signing::Admission;
 use crate::state::App;
-use crate::store::{Record, Settlement, Store, record_retrying};
+use crate::store::{Record, ReleaseOutcome, Settlement, Store, record_retrying};
 
 // Static names: `insert("x-flashgate-…")` with a `&str` would copy the name on every winner.
 const X_RESERVATION: HeaderName = HeaderName::from_static("x-flashgate-reservation");
@@ -122,7 +122,10 @@ impl Won {
                 let released = app.store.release(&sku, &reservation).await;
                 pending.done();
                 match released {
-                    Ok(_) => {
+                    Ok(released) => {
+                        if let ReleaseOutcome::Released { remaining } = released {
+                            app.stock_events.stock_set(&sku, remaining);
+                        }
                         app.sold_out.clear(&sku);
                         info!(%sku, %reservation, "backend did not take the order: unit released");
                     }

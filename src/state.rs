@@ -20,6 +20,7 @@ use crate::identity::Reader;
 use crate::limit::RouteGuards;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::sale::SoldOut;
+use crate::stock_events::StockEvents;
 use crate::store::breaker::Breaker;
 use crate::store::observed::Observed;
 use crate::store::{MemoryStore, RedisConfig, RedisStore, Store};
@@ -44,6 +45,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// The access log, when `access_log.enabled` (opened at start; a reload keeps it).
     pub access_log: Option<AccessLog>,
+    /// Shoppers' stock streams: one source per watched SKU (lives across reloads).
+    pub stock_events: StockEvents,
 }
 
 pub struct Snapshot {
@@ -56,6 +59,8 @@ pub struct Snapshot {
     pub upstream: Arc<Upstream>,
     /// Requests no route matched.
     pub unmatched: Arc<RouteMetrics>,
+    /// The sale routes' `stock_events` paths, answered before routing.
+    pub stock_streams: crate::stock_events::Paths,
 }
 
 pub struct RouteState {
@@ -113,6 +118,7 @@ impl Snapshot {
         };
         Snapshot {
             unmatched: metrics.unmatched().clone(),
+            stock_streams: crate::stock_events::Paths::new(&config.routes),
             fence: Fence::new(&config.routes),
             hygiene: hygiene_rules(&config),
             config: Arc::new(config),
@@ -204,7 +210,6 @@ impl App {
         info!(store = store.kind(), "stock store ready");
         let app = Arc::new(App {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None, &metrics)),
-            store,
             sold_out: SoldOut::default(),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
@@ -212,6 +217,8 @@ impl App {
             signer,
             metrics,
             access_log,
+            stock_events: StockEvents::new(store.clone()),
+            store,
         });
         tokio::spawn(evict_idle_keys(Arc::downgrade(&app)));
         Ok(app)

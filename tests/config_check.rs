@@ -324,6 +324,21 @@ const BAD: &[(&str, u64, &[&str])] = &[
             "admitted by the rules of \"any-action\"",
         ],
     ),
+    (
+        "stock_events_no_sku",
+        9,
+        &["routes[0].sale.stock_events: ", "has no `{sku}`"],
+    ),
+    // A stream path another route matches: reported at the sale route, naming both.
+    (
+        "stock_events_shared",
+        3,
+        &[
+            "routes[0].sale.stock_events: stock stream `/api/flash/{sku}/events` (line 3) and route \"item-pages\" (line 8)",
+            "e.g. /api/flash/x/events",
+            "only a catch-all route",
+        ],
+    ),
 ];
 
 #[test]
@@ -390,6 +405,7 @@ fn example_config_checks_ok_and_lists_routes() {
             "       window: start (none), end (none)",
             "       release_on: connect_error (always), 503",
             "       sold_out_recheck: 1s",
+            "       stock_events: GET /api/flash/{sku}/events (server-sent events)",
             "       max_body: 16384 bytes (body not read)",
             "  2. everything-else * /{*rest}",
             "unmatched: proxy",

@@ -278,6 +278,7 @@ async fn handle(
             match store.set_stock_if(&sku, units, expect).await {
                 Ok(StockSet::Set { stock }) => {
                     app.sold_out.clear(&sku);
+                    app.stock_events.stock_set(&sku, stock);
                     info!(token = who, %sku, ?old, stock, ?expect, "admin write: stock set");
                     Ok(json!({"sku": sku, "stock": stock}))
                 }
@@ -322,6 +323,7 @@ async fn handle(
                 if d > 0 {
                     app.sold_out.clear(&sku);
                 }
+                app.stock_events.stock_set(&sku, n);
                 info!(token = who, %sku, ?old, delta = d, stock = n, "admin write: stock added");
                 json!({"sku": sku, "stock": n})
             })
@@ -337,6 +339,7 @@ async fn handle(
             let closed = call == Call::Close;
             let was = store.status(&sku).await.map(|s| s.closed).ok();
             store.set_closed(&sku, closed).await.map(|()| {
+                app.stock_events.closed(&sku, closed);
                 let what = if closed {
                     "sale closed"
                 } else {
@@ -535,6 +538,6 @@ fn error(status: StatusCode, reason: &str, message: &str) -> Response<Body> {
 pub mod auth;
 pub mod cli;
 pub mod client;
-pub mod render;
 pub mod dashboard;
 pub mod events;
+pub mod render;

@@ -204,6 +204,9 @@ fn sale_lines(out: &mut String, r: &Route, sale: &Sale) {
     release.extend(sale.release_on_status.iter().map(u16::to_string));
     let _ = writeln!(out, "{IN}release_on: {}", release.join(", "));
     let _ = writeln!(out, "{IN}sold_out_recheck: {}", dur(sale.sold_out_recheck));
+    if let Some(path) = &sale.stock_events {
+        let _ = writeln!(out, "{IN}stock_events: GET {path} (server-sent events)");
+    }
     let _ = writeln!(
         out,
         "{IN}max_body: {} bytes ({})",

@@ -9,6 +9,7 @@ mod jwt;
 mod raw;
 mod route;
 mod shadow;
+mod stock_stream;
 mod store;
 pub mod values;
 
@@ -113,6 +114,9 @@ pub struct Sale {
     pub end: Option<SystemTime>,
     pub max_body: usize,
     pub sold_out_recheck: Duration,
+    /// The path template (with `{sku}`) of the SKU's stock stream, checked by
+    /// `config/stock_stream.rs`; served by `stock_events.rs`.
+    pub stock_events: Option<String>,
 }
 
 /// Where a request value (SKU, quantity) is read from.
@@ -403,6 +407,9 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
     }
     // First match wins: a route above a sale route must not take its buys.
     shadow::refuse_shadowed_sales(&routes, &route_at, &err)?;
+    // Stock streams are answered before routing: no route but a catch-all may share a path.
+    let health = raw.health_path.as_ref().map(|p| p.value.as_str());
+    stock_stream::refuse_collisions(&routes, &route_at, health, &err)?;
 
     Ok(Config {
         file: file.to_owned(),

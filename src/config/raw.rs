@@ -328,6 +328,10 @@ pub struct RawSale {
     /// How long this instance answers `sold_out` without asking the store again.
     #[serde(default = "d_1s")]
     pub sold_out_recheck: Dur,
+    /// Where shoppers read the SKU's stock as a server-sent event stream: a path template
+    /// with `{sku}` (see `stock_events.rs`).
+    #[serde(default)]
+    pub stock_events: Option<Spanned<String>>,
 }
 
 fn default_per_user_limit() -> NonZeroU32 {

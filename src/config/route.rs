@@ -185,6 +185,14 @@ fn compile_sale(
     {
         return Err(err(at, "end", "must be after `start`".into()));
     }
+    let stock_events = raw
+        .stock_events
+        .map(|s| {
+            super::stock_stream::check_template(&s.value)
+                .map(|()| s.value)
+                .map_err(|m| err(&s.referenced, "stock_events", m))
+        })
+        .transpose()?;
     Ok(Sale {
         sku,
         quantity,
@@ -194,6 +202,7 @@ fn compile_sale(
         end,
         max_body: usize::try_from(raw.max_body.0).unwrap_or(usize::MAX),
         sold_out_recheck: raw.sold_out_recheck.0,
+        stock_events,
     })
 }
 

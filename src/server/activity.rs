@@ -38,6 +38,8 @@ pub(super) struct Activity {
     parking: AtomicBool,
     /// Where the I/O puts the socket back when hyper drops it after a park.
     parked: std::sync::Mutex<Option<TcpStream>>,
+    /// A long-lived response's body waiting to be taken out of hyper (`detach.rs`).
+    pub(super) detach: super::detach::Slot,
 }
 
 const UNACCOUNTED: u64 = u64::MAX;
@@ -78,6 +80,7 @@ impl Activity {
             park_wanted: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             parked: std::sync::Mutex::new(None),
+            detach: super::detach::Slot::default(),
         }
     }
 
@@ -192,6 +195,12 @@ impl Activity {
         }
     }
 
+    /// hyper's session is about to be dropped with a response in flight (`detach.rs`): its
+    /// I/O hands the socket back, as for a park.
+    pub(super) fn keep_socket(&self) {
+        self.parking.store(true, Ordering::Release);
+    }
+
     pub(super) fn is_parking(&self) -> bool {
         self.parking.load(Ordering::Acquire)
     }
@@ -269,6 +278,12 @@ impl Activity {
 
 /// Held while a request is in flight on the connection (until its response body is done).
 pub(super) struct Busy(Arc<Activity>);
+
+impl Busy {
+    pub(super) fn activity(&self) -> &Arc<Activity> {
+        &self.0
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {

@@ -22,8 +22,8 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use super::activity::{Activity, HeadLimits, Verdict};
+use super::detach;
 use super::watched::Watched;
-use crate::body;
 use crate::config::Server as ServerConfig;
 use crate::gate;
 use crate::interim::Outbox;
@@ -67,6 +67,9 @@ enum Ended {
     Closed,
     /// hyper let go of an idle HTTP/1.1 connection: the socket is back, open and idle.
     Parked(TcpStream),
+    /// hyper wrote the head of a long-lived response and let go of the connection; the
+    /// socket and the response's body are back (see `detach.rs`).
+    Detached(TcpStream, crate::body::Body),
 }
 
 /// Serves one accepted connection until it closes or the server stops; between requests an
@@ -141,10 +144,12 @@ pub(super) async fn serve_connection(
                 if marks.uri_too_long {
                     req.extensions_mut().insert(gate::UriTooLong);
                 }
+                // A long-lived response leaves hyper on HTTP/1.1 only (chunked framing).
+                let may_detach = !is_h2 && req.version() == http::Version::HTTP_11;
                 let app = app.clone();
                 async move {
                     let resp = gate::handle(app, peer, hints, req).await?;
-                    Ok::<_, std::convert::Infallible>(resp.map(|b| body::guarded(b, busy)))
+                    Ok::<_, std::convert::Infallible>(detach::offer(resp, busy, may_detach))
                 }
             })
         };
@@ -165,6 +170,11 @@ pub(super) async fn serve_connection(
         match ended {
             Ended::Closed => return,
             Ended::Parked(s) => stream = s,
+            Ended::Detached(s, body) => {
+                // Boxed: only detached connections carry the writer's state.
+                Box::pin(detach::stream(s, body, &mut stop)).await;
+                return;
+            }
         }
     }
 }
@@ -254,6 +264,15 @@ where
                 drop(conn);
                 return match activity.take_parked() {
                     Some(stream) if !graceful => Ended::Parked(stream),
+                    _ => Ended::Closed,
+                };
+            }
+            // A long-lived response's head is out: the connection leaves hyper.
+            () = activity.detach.ready() => {
+                activity.keep_socket();
+                drop(conn);
+                return match (activity.take_parked(), activity.detach.take()) {
+                    (Some(stream), Some(body)) => Ended::Detached(stream, body),
                     _ => Ended::Closed,
                 };
             }

@@ -17,6 +17,7 @@
 
 mod activity;
 mod conn;
+mod detach;
 mod per_core;
 mod watched;
 
@@ -34,6 +35,7 @@ use crate::config::Server as ServerConfig;
 use crate::state::App;
 use activity::HeadLimits;
 
+pub use detach::Detach;
 pub use per_core::{bind_reuseport, run_per_core};
 
 /// Serves `listener` until `shutdown` resolves, then drains. Used by `main` and by tests
@@ -106,6 +108,8 @@ async fn drain(app: &App, cfg: &ServerConfig, tracker: TaskTracker, stop_tx: wat
     let drain_started = Instant::now();
     tracker.close();
     info!(connections = tracker.len(), drain_timeout = ?cfg.drain_timeout, "shutting down: draining");
+    // Stock streams never finish by themselves: end them rather than wait out the drain.
+    app.stock_events.shutdown();
     let _ = stop_tx.send(true);
     if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
         .await

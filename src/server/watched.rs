@@ -183,6 +183,9 @@ impl AsyncWrite for Watched {
             None => Poll::Ready(Ok(())),
         };
         this.flushed = matches!(polled, Poll::Ready(Ok(())));
+        if this.flushed {
+            this.activity.detach.flushed();
+        }
         polled
     }
 
