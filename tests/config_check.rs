@@ -119,10 +119,7 @@ const BAD: &[(&str, u64, &[&str])] = &[
     (
         "redis_tls",
         3,
-        &[
-            "store.redis: ",
-            "TLS (`rediss://`) is not built into flashgate",
-        ],
+        &["store.tls: ", "needs a `rediss://` URL in `store.redis`"],
     ),
     // Reported at the last key of the top-level mapping (line 2), where the parser noticed
     // the field was missing; the message is what matters here.
