@@ -25,24 +25,7 @@ async fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
 }
 
 async fn cli_as(url: &str, token: &str, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_flashgate"))
-            .args(args)
-            .args(["--admin", url, "--token", token])
-            .env_remove("FLASHGATE_ADMIN_TOKEN")
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("flashgate CLI did not finish")
-    .expect("run flashgate");
-    (
-        out.status.code().expect("exited, not killed"),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    run_cli(&[args, &["--admin", url, "--token", token]].concat()).await
 }
 
 fn json_of(stdout: &str) -> Value {

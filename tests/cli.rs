@@ -4,7 +4,6 @@
 //! port, nothing listening).
 mod support;
 
-use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -14,23 +13,7 @@ use tokio::net::TcpListener;
 
 /// Runs `flashgate args…` with no token in the environment; exit code, stdout, stderr.
 async fn flashgate(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_flashgate"))
-            .args(args)
-            .env_remove("FLASHGATE_ADMIN_TOKEN")
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("flashgate CLI did not finish")
-    .expect("run flashgate");
-    (
-        out.status.code().expect("exited, not killed"),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    run_cli(args).await
 }
 
 /// `flashgate cmd… --admin URL --token T [more…]`.

@@ -339,3 +339,25 @@ pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> boo
 pub fn sku(s: &str) -> Sku {
     Sku::parse(s).unwrap_or_else(|e| panic!("test SKU {s:?}: {e}"))
 }
+
+/// Runs the `flashgate` binary with `args` (no admin token in the environment); exit code,
+/// stdout, stderr. Bounded: a CLI that hangs fails the test after 30 s.
+pub async fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_flashgate"))
+            .args(args)
+            .env_remove("FLASHGATE_ADMIN_TOKEN")
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("flashgate CLI did not finish")
+    .expect("run flashgate");
+    (
+        out.status.code().expect("exited, not killed"),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}

@@ -50,20 +50,7 @@ impl Shared {
         let mut skus = Vec::new();
         let mut cursor = "0".to_owned();
         loop {
-            let reply = self
-                .with_conn(|mut c| {
-                    let (key, cursor) = (key.clone(), cursor.clone());
-                    async move {
-                        redis::cmd("SSCAN")
-                            .arg(&key)
-                            .arg(&cursor)
-                            .arg("COUNT")
-                            .arg(SCAN_COUNT)
-                            .query_async::<Value>(&mut c)
-                            .await
-                    }
-                })
-                .await?;
+            let reply = self.scan_page("SSCAN", &key, &cursor).await?;
             let (next, members): (String, Vec<String>) = convert(reply, "SSCAN")?;
             skus.extend(members.iter().filter_map(|m| Sku::parse(m).ok()));
             cursor = next;
@@ -77,6 +64,26 @@ impl Shared {
         let truncated = skus.len() > limit;
         skus.truncate(limit);
         Ok(SkuList { skus, truncated })
+    }
+
+    /// One page of `SSCAN`/`HSCAN` (`cmd`) over `key` from `cursor`.
+    async fn scan_page(
+        &self,
+        cmd: &'static str,
+        key: &str,
+        cursor: &str,
+    ) -> Result<Value, StoreError> {
+        let (key, cursor) = (key.to_owned(), cursor.to_owned());
+        self.with_conn(|mut c| async move {
+            redis::cmd(cmd)
+                .arg(&key)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async::<Value>(&mut c)
+                .await
+        })
+        .await
     }
 
     /// Reservations of `sku` in `query.state`, read with `HSCAN`. The scan stops as soon as it
@@ -109,21 +116,7 @@ impl Shared {
         let mut seen_in_state = HashSet::new();
         let mut cursor = "0".to_owned();
         while (seen_in_state.len() as u64) < expected && found.len() <= query.limit {
-            let res_key = keys.reservations.clone();
-            let reply = self
-                .with_conn(|mut c| {
-                    let cursor = cursor.clone();
-                    async move {
-                        redis::cmd("HSCAN")
-                            .arg(&res_key)
-                            .arg(&cursor)
-                            .arg("COUNT")
-                            .arg(SCAN_COUNT)
-                            .query_async::<Value>(&mut c)
-                            .await
-                    }
-                })
-                .await?;
+            let reply = self.scan_page("HSCAN", &keys.reservations, &cursor).await?;
             let (next, items): (String, Vec<Value>) = convert(reply, "HSCAN")?;
             for pair in items.chunks(2) {
                 let [field, value] = pair else { continue };
