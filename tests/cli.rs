@@ -4,7 +4,6 @@
 //! port, nothing listening).
 mod support;
 
-
 use http::StatusCode;
 use serde_json::{Value, json};
 use support::shop::*;
