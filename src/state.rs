@@ -193,7 +193,7 @@ impl App {
             None => Arc::new(Observed::new(MemoryStore::new(), metrics.clone())),
             Some(s) => {
                 let redis = RedisStore::connect(&RedisConfig {
-                    url: s.redis.clone(),
+                    target: s.redis.clone(),
                     connections: s.connections,
                     connect_timeout: s.connect_timeout,
                     response_timeout: s.response_timeout,

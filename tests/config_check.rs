@@ -121,6 +121,24 @@ const BAD: &[(&str, u64, &[&str])] = &[
         3,
         &["store.tls: ", "needs a `rediss://` URL in `store.redis`"],
     ),
+    (
+        "cluster_and_redis",
+        3,
+        &[
+            "store.cluster: ",
+            "either `redis` (one server) or `cluster`",
+        ],
+    ),
+    (
+        "cluster_seed",
+        3,
+        &["store.cluster[1]: ", "mixes redis:// and rediss://"],
+    ),
+    (
+        "key_prefix_brace",
+        3,
+        &["store.key_prefix: ", "must not contain `{` or `}`"],
+    ),
     // Reported at the last key of the top-level mapping (line 2), where the parser noticed
     // the field was missing; the message is what matters here.
     ("missing_upstream", 2, &["missing field `upstream`"]),

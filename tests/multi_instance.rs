@@ -13,9 +13,10 @@ use support::redis::RedisServer;
 use support::shop::*;
 use support::*;
 
-/// `SCRIPT LOAD` calls the server has run so far (how redis-rs recovers from NOSCRIPT).
+/// `EVAL` calls the server has run so far (how the store recovers from NOSCRIPT: the call
+/// again with the script's source).
 fn script_loads(server: &RedisServer) -> u64 {
-    server.command_calls(&["cmdstat_script|load"])
+    server.command_calls(&["cmdstat_eval"])
 }
 
 /// Two instances, one Redis, 100 units, 1,000 buyers split between them: 100 orders in

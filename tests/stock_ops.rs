@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flashgate::store::{
-    MAX_UNITS, MemoryStore, RedisConfig, RedisStore, ReleaseOutcome, ReservationId, ReserveOutcome,
-    ReserveRequest, Settlement, StockSet, Store, StoreError, UserId,
+    MAX_UNITS, MemoryStore, RedisConfig, RedisStore, RedisTarget, ReleaseOutcome, ReservationId,
+    ReserveOutcome, ReserveRequest, Settlement, StockSet, Store, StoreError, UserId,
 };
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -39,7 +39,7 @@ async fn store_of(f: &StoreFixture) -> Arc<dyn Store> {
         None => Arc::new(MemoryStore::new()),
         Some(server) => Arc::new(
             RedisStore::connect(&RedisConfig {
-                url: server.url(),
+                target: RedisTarget::Node(server.url()),
                 connections: 2,
                 connect_timeout: Duration::from_millis(500),
                 response_timeout: Duration::from_secs(2),

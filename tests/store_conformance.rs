@@ -1,9 +1,11 @@
-//! One behaviour, two stores: every case in `cases` runs against the
-//! in-process `MemoryStore` and against `RedisStore` on a real, private
-//! `redis-server`. A `redis_only` module adds what only Redis can do wrong:
+//! One behaviour, three stores: every case in `cases` runs against the
+//! in-process `MemoryStore`, against `RedisStore` on a real, private
+//! `redis-server`, and against `RedisStore` on a real 3-master Redis Cluster. A `redis_only` module adds what only Redis can do wrong:
 //! script cache loss, a dead or frozen server, several instances sharing it,
 //! and the literal key layout.
 
+#[path = "support/redis_cluster.rs"]
+mod cluster_support;
 #[path = "support/redis.rs"]
 mod redis_support;
 
@@ -12,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flashgate::store::{
-    MAX_UNITS, MemoryStore, OpenState, RedisConfig, RedisStore, ReleaseOutcome, ReservationId,
-    ReservationQuery, ReserveOutcome, ReserveRequest, Resolution, ResolveOutcome, Settlement, Sku,
-    StateCounts, Store, StoreError, UserId,
+    MAX_UNITS, MemoryStore, OpenState, RedisConfig, RedisStore, RedisTarget, ReleaseOutcome,
+    ReservationId, ReservationQuery, ReserveOutcome, ReserveRequest, Resolution, ResolveOutcome,
+    Settlement, Sku, StateCounts, Store, StoreError, UserId,
 };
 use redis_support::RedisServer;
 
@@ -31,6 +33,30 @@ async fn memory_fixture() -> Fixture {
     }
 }
 
+/// A store on a 3-master cluster (the cluster lives as long as the store's fixture).
+struct ClusterFixture {
+    store: Arc<dyn Store>,
+    _cluster: cluster_support::RedisCluster,
+}
+
+async fn cluster_fixture() -> ClusterFixture {
+    let cluster = cluster_support::RedisCluster::start(3, 0);
+    let store = RedisStore::connect(&RedisConfig {
+        target: RedisTarget::Cluster(cluster.seeds()),
+        connections: 2,
+        connect_timeout: Duration::from_millis(500),
+        response_timeout: Duration::from_secs(2),
+        key_prefix: "fg".into(),
+        tls: None,
+    })
+    .await
+    .unwrap();
+    ClusterFixture {
+        store: Arc::new(store),
+        _cluster: cluster,
+    }
+}
+
 async fn redis_fixture() -> Fixture {
     let server = RedisServer::start();
     let store = RedisStore::connect(&config(&server)).await.unwrap();
@@ -42,7 +68,7 @@ async fn redis_fixture() -> Fixture {
 
 fn config(server: &RedisServer) -> RedisConfig {
     RedisConfig {
-        url: server.url(),
+        target: RedisTarget::Node(server.url()),
         connections: 4,
         connect_timeout: Duration::from_millis(500),
         response_timeout: Duration::from_secs(2),
@@ -770,6 +796,11 @@ mod memory {
 mod redis {
     use super::*;
     all_cases!(redis_fixture);
+}
+
+mod cluster {
+    use super::*;
+    all_cases!(cluster_fixture);
 }
 
 /// What only the Redis store can get wrong.

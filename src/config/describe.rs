@@ -30,7 +30,7 @@ pub fn describe(cfg: &Config) -> String {
         Some(s) => writeln!(
             out,
             "store: redis {} (connections {}, response_timeout {}, key_prefix {})",
-            mask_password(&s.redis),
+            s.redis.describe(),
             s.connections,
             dur(s.response_timeout),
             s.key_prefix

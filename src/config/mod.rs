@@ -32,7 +32,7 @@ use crate::canonical::PathPolicy;
 use raw::RawConfig;
 use route::compile_route;
 pub use shadow::templates_overlap;
-pub use store::RedisTls;
+pub use store::{RedisTarget, RedisTls};
 pub use values::{PathTemplate, UpstreamUrl};
 
 /// hyper refuses header buffers below this size.
@@ -92,7 +92,7 @@ pub struct Signing {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
-    pub redis: String,
+    pub redis: RedisTarget,
     pub connections: usize,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,

@@ -39,7 +39,7 @@ pub struct RawConfig {
     #[serde(default = "default_health_path")]
     pub health_path: Option<Spanned<String>>,
     pub admin: Option<RawAdmin>,
-    pub store: Option<RawStore>,
+    pub store: Option<Spanned<RawStore>>,
     #[serde(default)]
     pub signing: Option<RawSigning>,
     #[serde(default)]
@@ -102,7 +102,11 @@ pub struct RawSigning {
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
     /// `redis://host:port/db`, or `redis+unix:///path/to/redis.sock`.
-    pub redis: Spanned<String>,
+    #[serde(default)]
+    pub redis: Option<Spanned<String>>,
+    /// A Redis Cluster's seed nodes (`redis://` or `rediss://` URLs), instead of `redis`.
+    #[serde(default)]
+    pub cluster: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default = "default_store_connections")]
     pub connections: NonZeroUsize,
     #[serde(default = "d_500ms")]
@@ -110,7 +114,7 @@ pub struct RawStore {
     #[serde(default = "d_250ms")]
     pub response_timeout: Dur,
     #[serde(default = "default_key_prefix")]
-    pub key_prefix: String,
+    pub key_prefix: Spanned<String>,
     /// Consecutive store failures that open the circuit breaker.
     #[serde(default = "default_breaker_failures")]
     pub breaker_failures: NonZeroU32,
@@ -141,8 +145,8 @@ fn default_breaker_failures() -> NonZeroU32 {
 fn default_store_connections() -> NonZeroUsize {
     NonZeroUsize::new(4).expect("non-zero literal")
 }
-fn default_key_prefix() -> String {
-    "fg".to_owned()
+fn default_key_prefix() -> Spanned<String> {
+    Spanned::new("fg".to_owned(), Location::UNKNOWN, Location::UNKNOWN)
 }
 fn d_250ms() -> Dur {
     Dur(Duration::from_millis(250))

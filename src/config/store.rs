@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use serde_saphyr::Location;
+use serde_saphyr::{Location, Spanned};
 
 use super::raw::{RawRedisTls, RawStore};
 use super::{ConfigError, StoreConfig, describe};
@@ -18,47 +18,154 @@ pub struct RedisTls {
     pub client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+/// Where Redis is: one server, or a Redis Cluster reached through its seed nodes (any of
+/// them will do; the cluster tells flashgate the rest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    Node(String),
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// The URLs, passwords masked, for logs and `check`.
+    pub fn describe(&self) -> String {
+        match self {
+            RedisTarget::Node(url) => describe::mask_password(url),
+            RedisTarget::Cluster(seeds) => format!(
+                "cluster [{}]",
+                seeds
+                    .iter()
+                    .map(|s| describe::mask_password(s))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    fn uses_tls(&self) -> bool {
+        match self {
+            RedisTarget::Node(url) => url.starts_with("rediss://"),
+            RedisTarget::Cluster(seeds) => seeds.iter().all(|s| s.starts_with("rediss://")),
+        }
+    }
+}
+
 pub(super) fn compile_store(
-    s: RawStore,
+    section: Spanned<RawStore>,
     err: &impl Fn(&Location, String, String) -> ConfigError,
 ) -> Result<StoreConfig, ConfigError> {
-    let url = &s.redis;
-    let scheme = url.value.split("://").next().unwrap_or("");
-    match scheme {
-        "redis" | "rediss" | "redis+unix" | "unix" if url.value.contains("://") => {}
-        _ => {
+    let at = section.referenced;
+    let s = section.value;
+    let redis = match (s.redis, s.cluster) {
+        (Some(url), None) => {
+            let scheme = url.value.split("://").next().unwrap_or("");
+            match scheme {
+                "redis" | "rediss" | "redis+unix" | "unix" if url.value.contains("://") => {}
+                _ => {
+                    return Err(err(
+                        &url.referenced,
+                        "store.redis".into(),
+                        format!(
+                            "`{}` is not a Redis URL: use redis://host:port/db, \
+                             rediss://host:port/db (TLS) or redis+unix:///path",
+                            describe::mask_password(&url.value)
+                        ),
+                    ));
+                }
+            }
+            RedisTarget::Node(url.value)
+        }
+        (None, Some(seeds)) => RedisTarget::Cluster(compile_seeds(seeds, err)?),
+        (Some(_), Some(c)) => {
             return Err(err(
-                &url.referenced,
-                "store.redis".into(),
-                format!(
-                    "`{}` is not a Redis URL: use redis://host:port/db, rediss://host:port/db \
-                     (TLS) or redis+unix:///path",
-                    describe::mask_password(&url.value)
-                ),
+                &c.referenced,
+                "store.cluster".into(),
+                "give either `redis` (one server) or `cluster` (seed nodes), not both".into(),
             ));
         }
+        (None, None) => {
+            return Err(err(
+                &at,
+                "store".into(),
+                "needs `redis: redis://host:port` (one server) or `cluster: [redis://host:port, \
+                 ...]` (a Redis Cluster's seed nodes)"
+                    .into(),
+            ));
+        }
+    };
+    if s.key_prefix.value.contains(['{', '}']) {
+        return Err(err(
+            &s.key_prefix.referenced,
+            "store.key_prefix".into(),
+            format!(
+                "`{}` must not contain `{{` or `}}`: every key's hash tag is its SKU, so a \
+                 sale's keys share one Redis Cluster slot",
+                s.key_prefix.value
+            ),
+        ));
     }
     let tls = match s.tls {
         None => None,
-        Some(t) if scheme != "rediss" => {
+        Some(t) if !redis.uses_tls() => {
             return Err(err(
                 &t.referenced,
                 "store.tls".into(),
-                "needs a `rediss://` URL in `store.redis`".into(),
+                "needs a `rediss://` URL in `store.redis` (or every `store.cluster` seed)".into(),
             ));
         }
         Some(t) => Some(compile_tls(t.value, &t.referenced, err)?),
     };
     Ok(StoreConfig {
-        redis: s.redis.value,
+        redis,
         connections: s.connections.get(),
         connect_timeout: s.connect_timeout.0,
         response_timeout: s.response_timeout.0,
-        key_prefix: s.key_prefix,
+        key_prefix: s.key_prefix.value,
         breaker_failures: s.breaker_failures.get(),
         breaker_cooldown: s.breaker_cooldown.0,
         tls,
     })
+}
+
+/// `store.cluster`: at least one seed, every one `redis://host:port` or `rediss://host:port`,
+/// all with the same scheme (a cluster speaks TLS on every node or on none).
+fn compile_seeds(
+    seeds: Spanned<Vec<Spanned<String>>>,
+    err: &impl Fn(&Location, String, String) -> ConfigError,
+) -> Result<Vec<String>, ConfigError> {
+    if seeds.value.is_empty() {
+        return Err(err(
+            &seeds.referenced,
+            "store.cluster".into(),
+            "needs at least one seed node (redis://host:port)".into(),
+        ));
+    }
+    let first_scheme = seeds.value[0]
+        .value
+        .split("://")
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let mut out = Vec::with_capacity(seeds.value.len());
+    for (i, seed) in seeds.value.into_iter().enumerate() {
+        let scheme = seed.value.split("://").next().unwrap_or("");
+        let problem = if !seed.value.contains("://") || !matches!(scheme, "redis" | "rediss") {
+            Some("is not a Redis Cluster node URL: use redis://host:port or rediss://host:port")
+        } else if scheme != first_scheme {
+            Some("mixes redis:// and rediss://: every node of a cluster speaks TLS, or none")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(err(
+                &seed.referenced,
+                format!("store.cluster[{i}]"),
+                format!("`{}` {problem}", describe::mask_password(&seed.value)),
+            ));
+        }
+        out.push(seed.value);
+    }
+    Ok(out)
 }
 
 fn compile_tls(

@@ -52,7 +52,7 @@ pub use self::reconcile::{
     OpenState, ReservationInfo, ReservationPage, ReservationQuery, Resolution, ResolveOutcome,
     SkuList,
 };
-pub use self::redis::{RedisConfig, RedisStore};
+pub use self::redis::{RedisConfig, RedisStore, RedisTarget};
 
 /// A boxed, `Send` future: lets [`Store`] be used as `Arc<dyn Store>`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod browser;
 pub mod raw;
 pub mod redis;
+pub mod redis_cluster;
 pub mod shop;
 pub mod sse;
 pub mod storm;

@@ -4,6 +4,8 @@
 //! This file is the readable top: [`RedisConfig`], [`RedisStore`] and its [`Store`] impl, and
 //! the one-call operations (release, stock, status). The machinery underneath has a file each:
 //!
+//! - `link.rs`: one connection, to a single server or to a Redis Cluster (commands sent to
+//!   the node owning the sale's slot, redirects followed, never a command run twice).
 //! - `pool.rs`: the per-thread connections, (re)connected lazily in the background, so a Redis
 //!   outage is a fast 503 and never a per-request hang, and [`RedisStore::connect`] never fails
 //!   because Redis is down. Every call is bounded by `response_timeout` as a whole.
@@ -20,6 +22,7 @@
 
 mod audit;
 mod batch;
+mod link;
 mod pool;
 mod reply;
 mod reserve;
@@ -31,10 +34,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
+use redis::cluster::ClusterClient;
 use redis::{AsyncConnectionConfig, Client, Value};
 use thread_local::ThreadLocal;
 
 use self::batch::Batches;
+use self::link::Connector;
 use self::pool::Pool;
 pub use self::pool::RECONNECT_BACKOFF;
 use self::reply::{
@@ -48,13 +53,13 @@ use super::{
     ReserveRequest, Resolution, ResolveOutcome, SaleKeys, SaleStatus, Settlement, Sku, SkuList,
     StateCounts, StockSet, StoreError, StoreImpl, validate_delta, validate_units,
 };
+pub use crate::config::RedisTarget;
 
 /// How to reach Redis and how long to wait for it.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`, `rediss://host:port/db` (TLS), `unix:///path` or
-    /// `redis+unix:///path`.
-    pub url: String,
+    /// One server or a cluster's seed nodes.
+    pub target: RedisTarget,
     /// Multiplexed connections used round-robin (at least 1).
     pub connections: usize,
     /// Bound on one connect attempt (TCP/unix connect + handshake).
@@ -70,7 +75,7 @@ pub struct RedisConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
-            url: "redis://127.0.0.1:6379".into(),
+            target: RedisTarget::Node("redis://127.0.0.1:6379".into()),
             connections: 4,
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_millis(250),
@@ -81,10 +86,10 @@ impl Default for RedisConfig {
 }
 
 impl RedisConfig {
-    /// Defaults with another URL.
+    /// Defaults with one server's URL.
     pub fn new(url: impl Into<String>) -> Self {
         RedisConfig {
-            url: url.into(),
+            target: RedisTarget::Node(url.into()),
             ..RedisConfig::default()
         }
     }
@@ -140,35 +145,8 @@ impl RedisStore {
                 cfg.key_prefix
             )));
         }
-        let client = match &cfg.tls {
-            None => Client::open(cfg.url.as_str()),
-            Some(tls) => {
-                // ring, the one TLS provider built in; an error means one is installed already.
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                let certs = redis::TlsCertificates {
-                    client_tls: tls
-                        .client
-                        .as_ref()
-                        .map(|(cert, key)| redis::ClientTlsConfig {
-                            client_cert: cert.clone(),
-                            client_key: key.clone(),
-                        }),
-                    root_cert: tls.ca.clone(),
-                };
-                Client::build_with_tls(cfg.url.as_str(), certs)
-            }
-        }
-        .map_err(|e| {
-            StoreError::Invalid(format!(
-                "redis url {:?}: {e}",
-                crate::config::mask_password(&cfg.url)
-            ))
-        })?;
-        let conn_config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(cfg.connect_timeout))
-            .set_response_timeout(Some(cfg.response_timeout));
-
-        let pool = Pool::new(client, conn_config, cfg.connect_timeout, cfg.connections);
+        let connector = connector(cfg)?;
+        let pool = Pool::new(connector, cfg.connect_timeout, cfg.connections);
         // Connect this thread's slots now, so the first buyers do not pay for it.
         pool.warm_up().await;
         Ok(RedisStore {
@@ -179,6 +157,61 @@ impl RedisStore {
     /// `PING` through one connection: a readiness check for the admin API.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.shared.ping().await
+    }
+}
+
+/// How the pool's slots will connect: a client for the one server or for the cluster, with
+/// the TLS settings and timeouts. Fails only on a bad URL.
+fn connector(cfg: &RedisConfig) -> Result<Connector, StoreError> {
+    let certs = cfg.tls.as_ref().map(|tls| {
+        // ring, the one TLS provider built in; an error means one is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        redis::TlsCertificates {
+            client_tls: tls
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: tls.ca.clone(),
+        }
+    });
+    let bad_url = |url: &str, e: redis::RedisError| {
+        StoreError::Invalid(format!(
+            "redis url {:?}: {e}",
+            crate::config::mask_password(url)
+        ))
+    };
+    match &cfg.target {
+        RedisTarget::Node(url) => {
+            let client = match certs {
+                None => Client::open(url.as_str()),
+                Some(certs) => Client::build_with_tls(url.as_str(), certs),
+            }
+            .map_err(|e| bad_url(url, e))?;
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(cfg.connect_timeout))
+                .set_response_timeout(Some(cfg.response_timeout));
+            Ok(Connector::Node(client, config))
+        }
+        RedisTarget::Cluster(seeds) => {
+            if seeds.is_empty() {
+                return Err(StoreError::Invalid(
+                    "a redis cluster needs at least one seed node".into(),
+                ));
+            }
+            let mut builder = ClusterClient::builder(seeds.iter().map(String::as_str))
+                .connection_timeout(cfg.connect_timeout)
+                .response_timeout(cfg.response_timeout)
+                // No resends: `link.rs` retries only what provably did not run.
+                .retries(0);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            let client = builder.build().map_err(|e| bad_url(&seeds.join(", "), e))?;
+            Ok(Connector::Cluster(client))
+        }
     }
 }
 

@@ -26,8 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, ServerErrorKind};
+use redis::{ErrorKind, RedisError, ServerErrorKind};
 use thread_local::ThreadLocal;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -35,6 +34,7 @@ use tokio::time::Instant;
 #[cfg(doc)]
 use super::RedisStore;
 use super::Shared;
+use super::link::{Connector, Link};
 use crate::store::StoreError;
 
 /// After a failed connect attempt, a slot waits this long before the next one.
@@ -45,8 +45,7 @@ pub const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
 /// runtime that opened it; shared across the per-core runtimes, every reservation would hop to
 /// another thread and back. Each serving thread opens its own `size` connections on first use.
 pub(super) struct Pool {
-    client: Client,
-    conn_config: AsyncConnectionConfig,
+    connector: Connector,
     connect_timeout: Duration,
     size: usize,
     per_thread: ThreadLocal<Vec<Arc<Slot>>>,
@@ -57,15 +56,9 @@ pub(super) struct Pool {
 }
 
 impl Pool {
-    pub(super) fn new(
-        client: Client,
-        conn_config: AsyncConnectionConfig,
-        connect_timeout: Duration,
-        size: usize,
-    ) -> Pool {
+    pub(super) fn new(connector: Connector, connect_timeout: Duration, size: usize) -> Pool {
         Pool {
-            client,
-            conn_config,
+            connector,
             connect_timeout,
             size,
             per_thread: ThreadLocal::new(),
@@ -102,8 +95,7 @@ impl Pool {
                 .map(|index| {
                     Arc::new(Slot {
                         index,
-                        client: self.client.clone(),
-                        conn_config: self.conn_config.clone(),
+                        connector: self.connector.clone(),
                         connect_timeout: self.connect_timeout,
                         state: Mutex::new(SlotState::default()),
                         changed: Notify::new(),
@@ -121,7 +113,7 @@ impl Shared {
     /// dropped so the next call reconnects.
     pub(super) async fn with_conn<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Link) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let slots = self.pool.slots();
@@ -177,8 +169,7 @@ impl Shared {
 /// One lazily (re)connected multiplexed connection.
 struct Slot {
     index: usize,
-    client: Client,
-    conn_config: AsyncConnectionConfig,
+    connector: Connector,
     connect_timeout: Duration,
     /// A std mutex: held only for a few field updates, never across `.await`.
     state: Mutex<SlotState>,
@@ -205,7 +196,7 @@ struct Conn {
     id: u64,
     /// The pool epoch the connection was opened in.
     epoch: u64,
-    inner: MultiplexedConnection,
+    inner: Link,
 }
 
 impl Slot {
@@ -274,12 +265,7 @@ impl Slot {
         }
         let _done = Done(&self);
 
-        let attempt = tokio::time::timeout(
-            self.connect_timeout,
-            self.client
-                .get_multiplexed_async_connection_with_config(&self.conn_config),
-        )
-        .await;
+        let attempt = tokio::time::timeout(self.connect_timeout, self.connector.connect()).await;
         let mut st = self.state();
         match attempt {
             Ok(Ok(inner)) => {
@@ -313,6 +299,9 @@ impl Slot {
     /// Drop connection `id` (if it is still the current one) so the next
     /// call reconnects.
     fn forget(&self, id: u64) {
+        if !self.connector.replace_on_failure() {
+            return;
+        }
         let mut st = self.state();
         if st.conn.as_ref().is_some_and(|c| c.id == id) {
             st.conn = None;

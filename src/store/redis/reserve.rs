@@ -237,8 +237,6 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    use redis::AsyncConnectionConfig;
-
     use super::super::RedisConfig;
     use super::super::pool::Pool;
 
@@ -306,8 +304,8 @@ mod tests {
     /// A store whose Redis is nowhere: fine for everything that must not reach it.
     fn offline_store() -> Arc<Shared> {
         let cfg = RedisConfig::new("redis://127.0.0.1:1");
-        let client = redis::Client::open(cfg.url.as_str()).unwrap();
-        let pool = Pool::new(client, AsyncConnectionConfig::new(), cfg.connect_timeout, 1);
+        let connector = super::super::connector(&cfg).unwrap();
+        let pool = Pool::new(connector, cfg.connect_timeout, 1);
         Arc::new(Shared::new(pool, &cfg))
     }
 

@@ -1,7 +1,7 @@
 //! Our Lua scripts and how they are run: `lua/*.lua` are embedded at build time
 //! ([`LuaScript`]) and sent as `EVALSHA` in one buffer ([`script_cmd`]). On `NOSCRIPT`
-//! (Redis restarted, `SCRIPT FLUSH`, a failover) the script is loaded and the call
-//! run again ([`Shared::run_script_tracked`]).
+//! (Redis restarted, `SCRIPT FLUSH`, a failover) the call is sent again as `EVAL` with the
+//! script's source, which runs it and caches it ([`Shared::run_script_tracked`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -9,13 +9,6 @@ use redis::{ErrorKind, Script, ServerErrorKind, Value};
 
 use super::Shared;
 use crate::store::{SaleKeys, StoreError};
-
-/// Script runs that may meet NOSCRIPT (each loads the script again) before a call fails. A
-/// NOSCRIPT means the script did not run, so trying again is always safe; the whole call is
-/// bounded by `response_timeout` anyway. 3 was not enough on a loaded machine with SCRIPT FLUSH
-/// repeated mid-sale (a buyer got 503 in CI); a flush storm that outlasts 20 loads is a
-/// store that is not really there.
-const NOSCRIPT_TRIES: u32 = 20;
 
 impl Shared {
     /// Run one of our scripts with the sale's four keys and `args`.
@@ -42,29 +35,31 @@ impl Shared {
     ) -> Result<Value, StoreError> {
         self.with_conn(|mut c| async move {
             sent.store(true, Ordering::Relaxed);
-            // NOSCRIPT (Redis restarted, `SCRIPT FLUSH`, a failover): load the script and run
-            // it again. Another NOSCRIPT means the cache was flushed again in between: the
-            // store is there, so try again rather than fail the buyer.
-            let mut tries = 1;
-            loop {
-                match cmd.query_async::<Value>(&mut c).await {
-                    Err(e)
-                        if tries < NOSCRIPT_TRIES
-                            && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
-                    {
-                        tries += 1;
-                        redis::cmd("SCRIPT")
-                            .arg("LOAD")
-                            .arg(script.code)
-                            .query_async::<Value>(&mut c)
-                            .await?;
-                    }
-                    reply => return reply,
+            match cmd.query_async::<Value>(&mut c).await {
+                // NOSCRIPT (Redis restarted, `SCRIPT FLUSH`, a failover): the script did not
+                // run. Send it whole with EVAL, which runs it and caches it again, on the node
+                // that owns the sale's slot (a `SCRIPT LOAD` on a cluster goes to every master
+                // and fails while any one of them is down).
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    eval_cmd(script, &cmd).query_async::<Value>(&mut c).await
                 }
+                reply => reply,
             }
         })
         .await
     }
+}
+
+/// `cmd` (an `EVALSHA <sha> ...` from [`script_cmd`]) as `EVAL <source> ...`.
+fn eval_cmd(script: &LuaScript, cmd: &redis::Cmd) -> redis::Cmd {
+    let mut eval = redis::Cmd::with_capacity(cmd.args_iter().count(), script.code.len() + 256);
+    eval.arg("EVAL").arg(script.code);
+    for arg in cmd.args_iter().skip(2) {
+        if let redis::Arg::Simple(bytes) = arg {
+            eval.arg(bytes);
+        }
+    }
+    eval
 }
 
 /// `EVALSHA <script> 4 <the sale's keys>`, with room for `args` more arguments of `bytes`
@@ -88,7 +83,7 @@ pub(super) fn script_cmd(
     cmd
 }
 
-/// One of `lua/*.lua`: its source (for `SCRIPT LOAD`) and its SHA1 (for `EVALSHA`).
+/// One of `lua/*.lua`: its source (for `EVAL`) and its SHA1 (for `EVALSHA`).
 pub(super) struct LuaScript {
     code: &'static str,
     hash: String,

@@ -1,0 +1,202 @@
+//! A sale on a real Redis Cluster (`redis-server --cluster-enabled yes`, 3 masters, formed by
+//! `redis-cli --cluster create` on private loopback ports), told as the operator's story: two
+//! instances sell five SKUs whose slots live on different nodes; every node's script cache is
+//! flushed mid-sale; a master is killed and restarted; a replica takes over from a dead master.
+//!
+//! No mocks, every wait polled and bounded.
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use support::redis_cluster::RedisCluster;
+use support::shop::*;
+use support::*;
+
+/// `store.cluster` with the cluster's nodes as seeds; a generous response timeout (a debug
+/// build under thousands of buyers on 2 cores).
+fn cluster_yaml(cluster: &RedisCluster) -> String {
+    format!(
+        "store: {{ cluster: {}, connect_timeout: 2s, response_timeout: 5s }}\n",
+        cluster.yaml_seeds()
+    )
+}
+
+/// `n` SKUs whose keys live on every master in turn (so the sale touches every node).
+fn skus_on_every_master(cluster: &RedisCluster, n: usize) -> Vec<(String, u16)> {
+    let mut by_master: HashMap<u16, Vec<String>> = HashMap::new();
+    for i in 0.. {
+        let sku = format!("cl-{i}");
+        let master = cluster.master_for(&format!("fg:{{{sku}}}:stock"));
+        by_master.entry(master).or_default().push(sku);
+        let masters = by_master.len();
+        if masters >= 3 && by_master.values().map(Vec::len).sum::<usize>() >= n * 3 {
+            break;
+        }
+    }
+    let mut masters: Vec<_> = by_master.into_iter().collect();
+    masters.sort();
+    (0..n)
+        .map(|i| {
+            let (port, skus) = &masters[i % masters.len()];
+            (skus[i / masters.len()].clone(), *port)
+        })
+        .collect()
+}
+
+/// `EVAL` calls over the cluster: how the store recovers from NOSCRIPT.
+fn evals(cluster: &RedisCluster) -> u64 {
+    cluster.command_calls(&["cmdstat_eval"])
+}
+
+/// Two instances, one 3-master cluster, five SKUs spread over the masters, 100 units each;
+/// 1,000 attempts per SKU (the first 100 buyers of each try twice), split between the
+/// instances; every node's script cache flushed between two waves. Exactly 100 winners per
+/// SKU reach the backends, no buyer wins twice, no 503, and the books balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_a_cluster_sell_exactly_the_stock() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let cluster = RedisCluster::start(3, 0);
+        let store = cluster_yaml(&cluster);
+        let (shop_a, shop_b) = (shop().await, shop().await);
+        let cfg = |b: &Backend| sale_config(&b.url(), &store, "10s", BUY_PATH, PATH_SALE);
+        let fg_a = Flashgate::start(&cfg(&shop_a)).await;
+        let fg_b = Flashgate::start(&cfg(&shop_b)).await;
+
+        let skus = skus_on_every_master(&cluster, 5);
+        let masters: HashSet<u16> = skus.iter().map(|(_, m)| *m).collect();
+        assert_eq!(masters.len(), 3, "the SKUs live on all three masters");
+        for (sku, _) in &skus {
+            set_stock(&fg_a, sku, 100).await;
+            assert_eq!(stock(&fg_b, sku).await, 100, "one stock, seen by both");
+        }
+
+        let attempts: Vec<String> = (0..900)
+            .chain(0..100)
+            .map(|i| format!("user-{i:04}"))
+            .collect();
+        let wave = |range: std::ops::Range<usize>| {
+            let skus = skus.clone();
+            let attempts = attempts[range].to_vec();
+            let fgs = [&fg_a, &fg_b];
+            async move {
+                let mut out = Vec::new();
+                let fires = skus
+                    .iter()
+                    .map(|(sku, _)| fire(&fgs, sku, attempts.clone()));
+                for (outcomes, (sku, _)) in futures_util::future::join_all(fires)
+                    .await
+                    .into_iter()
+                    .zip(&skus)
+                {
+                    out.push((sku.clone(), outcomes));
+                }
+                out
+            }
+        };
+        let first = wave(0..300).await;
+        let evals_before = evals(&cluster);
+        cluster.on_every_node(&["SCRIPT", "FLUSH"]);
+        let second = wave(300..1000).await;
+        assert!(
+            evals(&cluster) > evals_before,
+            "NOSCRIPT was met on the nodes and answered with EVAL"
+        );
+
+        for ((sku, a), (_, b)) in first.iter().zip(&second) {
+            let all: Vec<&Outcome> = a.iter().chain(b).collect();
+            let won: Vec<&&Outcome> = all.iter().filter(|o| o.status == 200).collect();
+            let t = tally(&all.iter().map(|o| (*o).clone()).collect::<Vec<_>>());
+            assert_eq!(won.len(), 100, "{sku}: {t:?}");
+            assert!(
+                all.iter()
+                    .all(|o| o.status == 200 || o.status == 409 || o.status == 410),
+                "{sku}: only winners, repeat buyers and sold out, never a 503: {t:?}"
+            );
+            let winners: HashSet<&str> = won.iter().map(|o| o.user.as_str()).collect();
+            assert_eq!(winners.len(), 100, "{sku}: no buyer won twice");
+            let seen: Vec<_> = flash_seen(&shop_a, sku)
+                .into_iter()
+                .chain(flash_seen(&shop_b, sku))
+                .collect();
+            assert_eq!(seen.len(), 100, "{sku}: the backends saw exactly the stock");
+            assert_eq!(stock(&fg_b, sku).await, 0);
+            status_until(&fg_a, sku, |s| s["units"]["sold"] == 100).await;
+            support::audit::assert_audit_clean(&fg_b, sku).await;
+            assert_eq!(
+                cluster.get(&format!("fg:{{{sku}}}:stock")).as_deref(),
+                Some("0"),
+                "{sku}: the stock key lives on its slot's master"
+            );
+        }
+    })
+    .await
+    .expect("test did not finish within its deadline");
+}
+
+/// A master dies mid-sale (no replica): buys of its SKU answer 503 at once while buys of
+/// other SKUs go on; restarted (its AOF-less data lost, so the operator sets the stock
+/// again), it sells again by itself, without restarting flashgate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_master_recovers_by_itself() {
+    bounded(async {
+        let mut cluster = RedisCluster::start(3, 0);
+        let backend = shop().await;
+        let store = format!(
+            "store: {{ cluster: {}, connect_timeout: 300ms, response_timeout: 1s }}\n",
+            cluster.yaml_seeds()
+        );
+        let fg = Flashgate::start(&sale_config(
+            &backend.url(),
+            &store,
+            "5s",
+            BUY_PATH,
+            PATH_SALE,
+        ))
+        .await;
+        let skus = skus_on_every_master(&cluster, 2);
+        let ((lost, lost_master), (kept, _)) = (skus[0].clone(), skus[1].clone());
+        set_stock(&fg, &lost, 1000).await;
+        set_stock(&fg, &kept, 1000).await;
+        let client = client();
+
+        tokio::task::block_in_place(|| cluster.kill(lost_master));
+        let a = buy(&client, &fg, &lost, "during-1").await;
+        assert_rejected(&a, 503, "unavailable");
+        let a = buy(&client, &fg, &kept, "during-2").await;
+        assert_eq!(a.status, 200, "another master's SKU sells on: {}", a.text());
+
+        tokio::task::block_in_place(|| {
+            cluster.restart(lost_master);
+            cluster.wait_formed();
+        });
+        // No persistence on this node: its keys are gone, the operator sets the stock again.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let a = AdminApi::of(&fg).put_stock(&lost, 1000).await;
+            if a.status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "stock never set: {}", a.text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut n = 0;
+        loop {
+            n += 1;
+            let a = buy(&client, &fg, &lost, &format!("after-{n}")).await;
+            if a.status == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the restarted master never sold again: {} {}",
+                a.status,
+                a.text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        support::audit::assert_audit_clean(&fg, &kept).await;
+    })
+    .await;
+}
