@@ -16,6 +16,17 @@
 --                             flashgate or by hand): set the stock to fix it
 -- or an error reply for a malformed delta or a stock key that is not an integer.
 
+
+-- Cross-instance events: tell every flashgate instance, over pub/sub on '<prefix>:events',
+-- as '<what> <value> <sku>'. Prefix and SKU are read back from the stock key
+-- '<prefix>:{<sku>}:stock' (a prefix never contains '{').
+local function publish(what, value)
+  local prefix, sku = string.match(KEYS[1], '^(.-):{(.*)}:stock$')
+  if prefix then
+    redis.call('PUBLISH', prefix .. ':events', what .. ' ' .. value .. ' ' .. sku)
+  end
+end
+
 local MAX = 9007199254740991
 
 local d = ARGV[1]
@@ -66,4 +77,5 @@ end
 
 redis.call('SET', KEYS[1], string.format('%d', next))
 redis.call('HSET', KEYS[4], 'added', string.format('%d', added))
+publish('stock', string.format('%d', next))
 return {'ok', next}

@@ -29,6 +29,16 @@
 --                                         -1 after a resolve to sold
 --   {'unresolvable', state, age_ms}       (resolve) nothing changed
 
+-- Cross-instance events: tell every flashgate instance, over pub/sub on '<prefix>:events',
+-- as '<what> <value> <sku>'. Prefix and SKU are read back from the stock key
+-- '<prefix>:{<sku>}:stock' (a prefix never contains '{').
+local function publish(what, value)
+  local prefix, sku = string.match(KEYS[1], '^(.-):{(.*)}:stock$')
+  if prefix then
+    redis.call('PUBLISH', prefix .. ':events', what .. ' ' .. value .. ' ' .. sku)
+  end
+end
+
 -- Redis < 5 needs this before writing after TIME (see reserve.lua).
 if redis.replicate_commands then
   redis.replicate_commands()
@@ -82,6 +92,10 @@ if to == 'released' then
   remaining = 0
   if redis.call('EXISTS', KEYS[1]) == 1 then
     remaining = math.max(redis.call('INCRBY', KEYS[1], qty), 0)
+    -- The units bring a sold-out sale back: the other instances' sold-out flags go.
+    if remaining > 0 and remaining <= qty then
+      publish('stock', string.format('%d', remaining))
+    end
   end
   -- Free the user's slot so they (or anyone) can win the unit again.
   if redis.call('HINCRBY', KEYS[2], user, -qty) <= 0 then

@@ -33,6 +33,16 @@
 -- or an error reply when the whole batch cannot run (malformed ARGV, stock not an integer or
 -- beyond 2^53-1, where a double would no longer count units exactly); nothing changed then.
 
+-- Cross-instance events: tell every flashgate instance, over pub/sub on '<prefix>:events',
+-- as '<what> <value> <sku>'. Prefix and SKU are read back from the stock key
+-- '<prefix>:{<sku>}:stock' (a prefix never contains '{').
+local function publish(what, value)
+  local prefix, sku = string.match(KEYS[1], '^(.-):{(.*)}:stock$')
+  if prefix then
+    redis.call('PUBLISH', prefix .. ':events', what .. ' ' .. value .. ' ' .. sku)
+  end
+end
+
 -- Redis < 5 needs this before writing after TIME; newer servers always
 -- replicate effects and treat the call as a no-op.
 if redis.replicate_commands then
@@ -109,5 +119,9 @@ if won > 0 then
   redis.call('DECRBY', KEYS[1], units)
   redis.call('HINCRBY', KEYS[4], 'res:held', won)
   redis.call('HINCRBY', KEYS[4], 'units:held', units)
+  -- This batch took the last units: the other instances may set their sold-out flags now.
+  if stock <= 0 then
+    publish('stock', '0')
+  end
 end
 return replies

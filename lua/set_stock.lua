@@ -20,6 +20,17 @@
 --   {'added_overflow', added} units ever added would pass 2^53-1; nothing changed
 -- or an error reply for arguments outside 0..2^53-1 (the caller checks them first).
 
+
+-- Cross-instance events: tell every flashgate instance, over pub/sub on '<prefix>:events',
+-- as '<what> <value> <sku>'. Prefix and SKU are read back from the stock key
+-- '<prefix>:{<sku>}:stock' (a prefix never contains '{').
+local function publish(what, value)
+  local prefix, sku = string.match(KEYS[1], '^(.-):{(.*)}:stock$')
+  if prefix then
+    redis.call('PUBLISH', prefix .. ':events', what .. ' ' .. value .. ' ' .. sku)
+  end
+end
+
 local MAX = 9007199254740991
 
 -- A decimal integer 0..MAX, or nil.
@@ -77,4 +88,5 @@ end
 
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[4], 'added', string.format('%d', added))
+publish('stock', string.format('%d', new))
 return {'ok', new}

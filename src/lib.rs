@@ -34,6 +34,7 @@ pub mod client_ip;
 pub mod config;
 pub mod demo;
 pub mod fence;
+pub mod fleet;
 pub mod forward;
 pub mod framing;
 pub mod gate;

@@ -456,6 +456,11 @@ impl SoldOut {
     pub fn clear(&self, sku: &Sku) {
         self.until.remove(sku);
     }
+
+    /// Forget every flag (news of the store may have been missed: ask it again).
+    pub fn clear_all(&self) {
+        self.until.clear();
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,8 @@ pub struct App {
     pub access_log: Option<AccessLog>,
     /// Shoppers' stock streams: one source per watched SKU (lives across reloads).
     pub stock_events: StockEvents,
+    /// Follows the other instances' stock changes through a shared store.
+    pub fleet: crate::fleet::Fleet,
 }
 
 pub struct Snapshot {
@@ -189,6 +191,7 @@ impl App {
             .as_ref()
             .map(AccessLog::open)
             .transpose()?;
+        let mut events = None;
         let store: Arc<dyn Store> = match &config.store {
             None => Arc::new(Observed::new(MemoryStore::new(), metrics.clone())),
             Some(s) => {
@@ -202,6 +205,7 @@ impl App {
                 })
                 .await
                 .map_err(|e| format!("cannot set up the stock store: {e}"))?;
+                events = Some(redis.events());
                 let breaker = Breaker::new(redis, s.breaker_failures, s.breaker_cooldown)
                     .reporting_to(metrics.breaker_open.clone());
                 Arc::new(Observed::new(breaker, metrics.clone()))
@@ -219,7 +223,11 @@ impl App {
             access_log,
             stock_events: StockEvents::new(store.clone()),
             store,
+            fleet: crate::fleet::Fleet::default(),
         });
+        if let Some(events) = events {
+            app.fleet.follow(&app, events);
+        }
         tokio::spawn(evict_idle_keys(Arc::downgrade(&app)));
         Ok(app)
     }

@@ -119,82 +119,111 @@ async fn script_cache_flushed_mid_sale_never_oversells() {
     .await;
 }
 
-// Two instances sharing Redis, each with its own local sold-out flag.
+// Two instances sharing Redis, each with its own local sold-out flag, kept in step by the
+// store's stock events (Redis pub/sub on `fg:events`).
 
-const RECHECK_SALE: &str = "{ sku: { path_param: sku }, sold_out_recheck: 300ms }";
+/// A sale whose local sold-out flag would last a minute: anything faster is the event.
+const LONG_RECHECK_SALE: &str = "{ sku: { path_param: sku }, sold_out_recheck: 60s }";
 
-/// Instance B learned the SKU is sold out; stock is then raised through instance A. B's
-/// flag is only local, so B finds the new stock once `sold_out_recheck` has passed.
+/// Instance B learned the SKU is sold out; stock is then raised through instance A. B hears
+/// it from the store at once (its own flag would last a minute) and admits within 200 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stock_raised_elsewhere_is_found_after_the_recheck() {
+async fn stock_raised_elsewhere_reaches_every_instance_at_once() {
     bounded(async {
         let server = RedisServer::start();
         let store = redis_yaml(&server);
         let (shop_a, shop_b) = (shop().await, shop().await);
-        let cfg = |b: &Backend| sale_config(&b.url(), &store, "5s", BUY_PATH, RECHECK_SALE);
+        let cfg = |b: &Backend| sale_config(&b.url(), &store, "5s", BUY_PATH, LONG_RECHECK_SALE);
         let fg_a = Flashgate::start(&cfg(&shop_a)).await;
         let fg_b = Flashgate::start(&cfg(&shop_b)).await;
-        set_stock(&fg_a, "re-1", 1).await;
+        set_stock(&fg_a, "ev-1", 1).await;
         let client = client();
-        assert_eq!(buy(&client, &fg_b, "re-1", "alice").await.status, 200);
-        assert_rejected(&buy(&client, &fg_b, "re-1", "bob").await, 410, "sold_out");
+        assert_eq!(buy(&client, &fg_b, "ev-1", "alice").await.status, 200);
+        assert_rejected(&buy(&client, &fg_b, "ev-1", "bob").await, 410, "sold_out");
 
-        assert_eq!(add_stock(&fg_a, "re-1", 1).await, 1);
-        let deadline = Instant::now() + Duration::from_secs(5);
+        assert_eq!(add_stock(&fg_a, "ev-1", 1).await, 1);
+        let raised = Instant::now();
         let mut tries = 0;
-        loop {
-            tries += 1;
-            let a = buy(&client, &fg_b, "re-1", &format!("retry-{tries}")).await;
-            if a.status == 200 {
-                break;
+        let won = async {
+            loop {
+                tries += 1;
+                let a = buy(&client, &fg_b, "ev-1", &format!("retry-{tries}")).await;
+                if a.status == 200 {
+                    return;
+                }
+                assert_rejected(&a, 410, "sold_out");
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            assert_rejected(&a, 410, "sold_out");
-            assert!(Instant::now() < deadline, "B never saw the new stock");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let users: Vec<String> = flash_seen(&shop_b, "re-1")
+        };
+        tokio::time::timeout(Duration::from_millis(200), won)
+            .await
+            .expect("B still answers sold_out from its local flag 200 ms after the raise");
+        println!("B admitted {:?} after the raise", raised.elapsed());
+        let users: Vec<String> = flash_seen(&shop_b, "ev-1")
             .iter()
             .map(|s| one_header(s, "x-flashgate-user").to_owned())
             .collect();
         assert_eq!(users, ["alice".to_owned(), format!("retry-{tries}")]);
         assert_eq!(shop_a.count(), 0);
-        assert_eq!(stock(&fg_a, "re-1").await, 0);
+        assert_eq!(stock(&fg_a, "ev-1").await, 0);
     })
     .await;
 }
 
-/// DESIGN step 6: an instance answers sold out locally "until stock is raised again
-/// (admin/API or event)". Raising it through A's admin API should reach B at once via the
-/// a stock-event channel (Redis pub/sub; not built yet, so no key is reserved for it);
-/// until that exists B waits out `sold_out_recheck`.
+/// The last unit sold through A: B sets its own sold-out flag from the event, before any of
+/// its buyers asks, and answers them without a Redis call. Stock raised while closed
+/// clears B's flag; B's buyers hear the sale is closed until it reopens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "stock events across instances are not implemented: B waits sold_out_recheck"]
-async fn stock_raised_elsewhere_reaches_every_instance_at_once() {
+async fn the_last_unit_sold_elsewhere_is_known_at_once() {
     bounded(async {
         let server = RedisServer::start();
         let store = redis_yaml(&server);
-        let sale = "{ sku: { path_param: sku }, sold_out_recheck: 60s }";
         let (shop_a, shop_b) = (shop().await, shop().await);
-        let fg_a =
-            Flashgate::start(&sale_config(&shop_a.url(), &store, "5s", BUY_PATH, sale)).await;
-        let fg_b =
-            Flashgate::start(&sale_config(&shop_b.url(), &store, "5s", BUY_PATH, sale)).await;
-        set_stock(&fg_a, "ev-1", 1).await;
+        let cfg = |b: &Backend| sale_config(&b.url(), &store, "5s", BUY_PATH, LONG_RECHECK_SALE);
+        let fg_a = Flashgate::start(&cfg(&shop_a)).await;
+        let fg_b = Flashgate::start(&cfg(&shop_b)).await;
+        set_stock(&fg_a, "ev-2", 1).await;
         let client = client();
-        assert_eq!(buy(&client, &fg_b, "ev-1", "alice").await.status, 200);
-        assert_rejected(&buy(&client, &fg_b, "ev-1", "bob").await, 410, "sold_out");
-        assert_eq!(add_stock(&fg_a, "ev-1", 1).await, 1);
-        let won = async {
-            loop {
-                if buy(&client, &fg_b, "ev-1", "carol").await.status == 200 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(2), won)
-            .await
-            .expect("B still answers sold_out from its local flag");
+        let sku = flashgate::store::Sku::parse("ev-2").unwrap();
+        assert!(!fg_b.app.sold_out.is_sold_out(&sku));
+
+        assert_eq!(buy(&client, &fg_a, "ev-2", "alice").await.status, 200);
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while !fg_b.app.sold_out.is_sold_out(&sku) {
+            assert!(Instant::now() < deadline, "B never heard the SKU sold out");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // A's settle of alice's order runs a script too: let it land before counting.
+        status_until(&fg_a, "ev-2", |s| s["units"]["sold"] == 1).await;
+        let scripts = server.script_calls();
+        assert_rejected(&buy(&client, &fg_b, "ev-2", "bob").await, 410, "sold_out");
+        assert_eq!(
+            server.script_calls(),
+            scripts,
+            "B answered from its own flag"
+        );
+
+        // A unit back while the sale is closed through A: B's flag goes at once, B's buyers
+        // are told the sale is closed; reopened through A, B sells.
+        let api = AdminApi::of(&fg_a);
+        assert_eq!(
+            api.call("POST", "/v1/sales/ev-2/close", None).await.status,
+            200
+        );
+        assert_eq!(add_stock(&fg_a, "ev-2", 1).await, 1);
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while fg_b.app.sold_out.is_sold_out(&sku) {
+            assert!(Instant::now() < deadline, "B kept its flag after the raise");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_rejected(&buy(&client, &fg_b, "ev-2", "carol").await, 410, "closed");
+        let api = AdminApi::of(&fg_a);
+        assert_eq!(
+            api.call("POST", "/v1/sales/ev-2/open", None).await.status,
+            200
+        );
+        assert_eq!(buy(&client, &fg_b, "ev-2", "carol").await.status, 200);
+        assert_eq!(shop_b.count(), 1);
     })
     .await;
 }

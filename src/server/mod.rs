@@ -110,6 +110,7 @@ async fn drain(app: &App, cfg: &ServerConfig, tracker: TaskTracker, stop_tx: wat
     info!(connections = tracker.len(), drain_timeout = ?cfg.drain_timeout, "shutting down: draining");
     // Stock streams never finish by themselves: end them rather than wait out the drain.
     app.stock_events.shutdown();
+    app.fleet.shutdown();
     let _ = stop_tx.send(true);
     if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
         .await

@@ -42,11 +42,13 @@ use serde::Serialize;
 pub use crate::ids::{MAX_SKU_LEN, ReservationId, Sku, UserId};
 
 pub mod breaker;
+pub mod events;
 pub mod memory;
 pub mod observed;
 pub mod reconcile;
 pub mod redis;
 
+pub use self::events::StoreEvent;
 pub use self::memory::MemoryStore;
 pub use self::reconcile::{
     OpenState, ReservationInfo, ReservationPage, ReservationQuery, Resolution, ResolveOutcome,

@@ -17,11 +17,13 @@
 //! - `settle.rs`: settles batched the same way, one `settle.lua` call per batch.
 //! - `batch.rs`: the per-thread, per-SKU queue both kinds of batch wait in.
 //! - `reply.rs`: turning script replies into outcomes and errors.
+//! - `events.rs`: the subscription that hears the other instances' stock changes.
 //! - `audit.rs`: the registry of SKUs, bounded listings of a sale's open reservations, the
 //!   operator's resolve.
 
 mod audit;
 mod batch;
+mod events;
 mod link;
 mod pool;
 mod reply;
@@ -111,10 +113,16 @@ struct Shared {
     settle: LuaScript,
     add_stock: LuaScript,
     set_stock: LuaScript,
+    set_closed: LuaScript,
     /// Reserves waiting to be sent together (see [`Shared::reserve_inner`]).
     reserves: ThreadLocal<Arc<Batches<ReserveWaiter>>>,
     /// Settles waiting to be sent together (see [`Shared::settle_inner`]).
     settles: ThreadLocal<SettleQueues>,
+    /// Where stock changes are published (`<prefix>:events`), and the clients that may
+    /// subscribe to it (see `events.rs`).
+    events_channel: String,
+    event_clients: Vec<Client>,
+    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -145,12 +153,12 @@ impl RedisStore {
                 cfg.key_prefix
             )));
         }
-        let connector = connector(cfg)?;
+        let (connector, event_clients) = connector(cfg)?;
         let pool = Pool::new(connector, cfg.connect_timeout, cfg.connections);
         // Connect this thread's slots now, so the first buyers do not pay for it.
         pool.warm_up().await;
         Ok(RedisStore {
-            shared: Arc::new(Shared::new(pool, cfg)),
+            shared: Arc::new(Shared::new(pool, event_clients, cfg)),
         })
     }
 
@@ -160,9 +168,10 @@ impl RedisStore {
     }
 }
 
-/// How the pool's slots will connect: a client for the one server or for the cluster, with
-/// the TLS settings and timeouts. Fails only on a bad URL.
-fn connector(cfg: &RedisConfig) -> Result<Connector, StoreError> {
+/// How the pool's slots will connect (a client for the one server or for the cluster, with
+/// the TLS settings and timeouts), and the clients the event subscription tries in turn (the
+/// server, or each seed). Fails only on a bad URL.
+fn connector(cfg: &RedisConfig) -> Result<(Connector, Vec<Client>), StoreError> {
     let certs = cfg.tls.as_ref().map(|tls| {
         // ring, the one TLS provider built in; an error means one is installed already.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -183,17 +192,20 @@ fn connector(cfg: &RedisConfig) -> Result<Connector, StoreError> {
             crate::config::mask_password(url)
         ))
     };
+    let node_client = |url: &str| {
+        match certs.clone() {
+            None => Client::open(url),
+            Some(certs) => Client::build_with_tls(url, certs),
+        }
+        .map_err(|e| bad_url(url, e))
+    };
     match &cfg.target {
         RedisTarget::Node(url) => {
-            let client = match certs {
-                None => Client::open(url.as_str()),
-                Some(certs) => Client::build_with_tls(url.as_str(), certs),
-            }
-            .map_err(|e| bad_url(url, e))?;
+            let client = node_client(url)?;
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(cfg.connect_timeout))
                 .set_response_timeout(Some(cfg.response_timeout));
-            Ok(Connector::Node(client, config))
+            Ok((Connector::Node(client.clone(), config), vec![client]))
         }
         RedisTarget::Cluster(seeds) => {
             if seeds.is_empty() {
@@ -206,18 +218,25 @@ fn connector(cfg: &RedisConfig) -> Result<Connector, StoreError> {
                 .response_timeout(cfg.response_timeout)
                 // No resends: `link.rs` retries only what provably did not run.
                 .retries(0);
-            if let Some(certs) = certs {
+            if let Some(certs) = certs.clone() {
                 builder = builder.certs(certs);
             }
             let client = builder.build().map_err(|e| bad_url(&seeds.join(", "), e))?;
-            Ok(Connector::Cluster(client))
+            let seeds = seeds
+                .iter()
+                .map(|s| node_client(s))
+                .collect::<Result<_, _>>()?;
+            Ok((Connector::Cluster(client), seeds))
         }
     }
 }
 
 impl Shared {
-    fn new(pool: Pool, cfg: &RedisConfig) -> Shared {
+    fn new(pool: Pool, event_clients: Vec<Client>, cfg: &RedisConfig) -> Shared {
         Shared {
+            events_channel: format!("{}:events", cfg.key_prefix),
+            event_clients,
+            connect_timeout: cfg.connect_timeout,
             pool,
             next: AtomicUsize::new(0),
             prefix: cfg.key_prefix.clone(),
@@ -227,6 +246,7 @@ impl Shared {
             settle: LuaScript::new(include_str!("../../../lua/settle.lua")),
             add_stock: LuaScript::new(include_str!("../../../lua/add_stock.lua")),
             set_stock: LuaScript::new(include_str!("../../../lua/set_stock.lua")),
+            set_closed: LuaScript::new(include_str!("../../../lua/set_closed.lua")),
             reserves: ThreadLocal::new(),
             settles: ThreadLocal::new(),
         }
@@ -338,24 +358,17 @@ impl Shared {
         }
     }
 
-    /// The flag is a field of the stats hash, which `reserve.lua` already reads: closing
-    /// costs a buyer no extra key and no extra round trip.
+    /// `set_closed.lua`: the flag, and the event every instance hears.
     async fn set_closed_inner(&self, sku: &Sku, closed: bool) -> Result<(), StoreError> {
         let keys = self.keys(sku);
-        let stats = keys.stats;
-        self.with_conn(|mut c| async move {
-            let cmd = if closed {
-                let mut cmd = redis::cmd("HSET");
-                cmd.arg(&stats).arg("closed").arg("1");
-                cmd
-            } else {
-                let mut cmd = redis::cmd("HDEL");
-                cmd.arg(&stats).arg("closed");
-                cmd
-            };
-            cmd.query_async::<Value>(&mut c).await.map(drop)
-        })
-        .await
+        let flag: &[u8] = if closed { b"1" } else { b"0" };
+        let reply = self.run_script(&self.set_closed, &keys, &[flag]).await?;
+        match reply {
+            Value::Okay | Value::SimpleString(_) | Value::BulkString(_) => Ok(()),
+            other => Err(StoreError::Protocol(format!(
+                "set_closed answered {other:?}"
+            ))),
+        }
     }
 
     async fn get_stock_inner(&self, sku: &Sku) -> Result<Option<u64>, StoreError> {

@@ -304,9 +304,9 @@ mod tests {
     /// A store whose Redis is nowhere: fine for everything that must not reach it.
     fn offline_store() -> Arc<Shared> {
         let cfg = RedisConfig::new("redis://127.0.0.1:1");
-        let connector = super::super::connector(&cfg).unwrap();
+        let (connector, event_clients) = super::super::connector(&cfg).unwrap();
         let pool = Pool::new(connector, cfg.connect_timeout, 1);
-        Arc::new(Shared::new(pool, &cfg))
+        Arc::new(Shared::new(pool, event_clients, &cfg))
     }
 
     fn waiter(n: u128) -> (ReserveWaiter, ReplyReceiver) {
