@@ -67,6 +67,9 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         cluster.wait_formed();
+        if replicas > 0 {
+            cluster.wait_replicas_synced();
+        }
         cluster
     }
 
@@ -172,6 +175,26 @@ impl RedisCluster {
         self.spawn(i);
     }
 
+    /// Wait until every live replica has synced with its master (a replica that never did
+    /// cannot take over).
+    pub fn wait_replicas_synced(&self) {
+        let deadline = Instant::now() + FORM_DEADLINE;
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            loop {
+                let info: String = self.cli(n.port, &["INFO", "replication"]);
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "replica {} never synced: {info}",
+                    n.port
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     /// Wait until every live node says `cluster_state:ok`.
     pub fn wait_formed(&self) {
         let deadline = Instant::now() + FORM_DEADLINE;
@@ -229,6 +252,8 @@ impl RedisCluster {
                 "nodes.conf",
             ])
             .args(["--cluster-node-timeout", "1000"])
+            // A replica's first sync at once (the default waits 5 s for more replicas).
+            .args(["--repl-diskless-sync-delay", "0"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(&node.dir)
