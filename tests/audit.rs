@@ -189,16 +189,6 @@ async fn audit_passes_after_a_sell_out(store: StoreFixture) {
     assert_audit_clean(&fg, "tee-1").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_passes_after_a_sell_out_memory() {
-    bounded(audit_passes_after_a_sell_out(memory())).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_passes_after_a_sell_out_redis() {
-    bounded(audit_passes_after_a_sell_out(redis())).await;
-}
-
 /// Half the orders are refused by the shop (503, in `release_on`): their units come back and
 /// are sold again; the operator sets and adds stock mid-sale. The books still balance.
 async fn audit_passes_after_releases_and_stock_changes(store: StoreFixture) {
@@ -234,16 +224,6 @@ async fn audit_passes_after_releases_and_stock_changes(store: StoreFixture) {
     let sale = sale_in(&report, "rel-1");
     assert_eq!(sale["added"], 13, "{sale}");
     assert_audit_clean(&fg, "rel-1").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_passes_after_releases_and_stock_changes_memory() {
-    bounded(audit_passes_after_releases_and_stock_changes(memory())).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_passes_after_releases_and_stock_changes_redis() {
-    bounded(audit_passes_after_releases_and_stock_changes(redis())).await;
 }
 
 /// A `cancelled|0|…` tombstone counts zero: written the way flashgate writes one, it changes
@@ -447,16 +427,6 @@ async fn uncertain_orders_are_listed_and_resolved_once(store: StoreFixture) {
     assert_audit_clean(&fg, "unc-1").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uncertain_orders_are_listed_and_resolved_once_memory() {
-    bounded(uncertain_orders_are_listed_and_resolved_once(memory())).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uncertain_orders_are_listed_and_resolved_once_redis() {
-    bounded(uncertain_orders_are_listed_and_resolved_once(redis())).await;
-}
-
 /// 40 uncertain orders, listed 15 at a time: resolving what was listed and listing again walks
 /// through them all, each resolved once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,22 +613,6 @@ async fn audit_flags_a_held_reservation_older_than_the_threshold(store: StoreFix
     assert_audit_clean(&fg, "slow-1").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_flags_a_held_reservation_older_than_the_threshold_memory() {
-    bounded(audit_flags_a_held_reservation_older_than_the_threshold(
-        memory(),
-    ))
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_flags_a_held_reservation_older_than_the_threshold_redis() {
-    bounded(audit_flags_a_held_reservation_older_than_the_threshold(
-        redis(),
-    ))
-    .await;
-}
-
 /// A flashgate died mid-order ten minutes ago, leaving a `held` reservation nobody will
 /// settle (written into Redis the way `reserve.lua` writes it). The audit fails with the
 /// default threshold; the operator lists it and releases it (it is old enough); all is clean.
@@ -793,16 +747,6 @@ async fn sales_are_listed_and_a_status_watched(store: StoreFixture) {
     assert!(refreshes.iter().all(|v| v["stock"] == 3), "{out}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sales_are_listed_and_a_status_watched_memory() {
-    bounded(sales_are_listed_and_a_status_watched(memory())).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sales_are_listed_and_a_status_watched_redis() {
-    bounded(sales_are_listed_and_a_status_watched(redis())).await;
-}
-
 /// Bad input is refused with what is wrong: the CLI before sending anything (exit 2), the API
 /// with 400 naming the parameter (or 405 for the wrong method).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -918,3 +862,14 @@ async fn bad_input_is_refused_clearly() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// The stories above that take a store, each run on both
+
+on_each_store!(
+    audit_passes_after_a_sell_out,
+    audit_passes_after_releases_and_stock_changes,
+    uncertain_orders_are_listed_and_resolved_once,
+    audit_flags_a_held_reservation_older_than_the_threshold,
+    sales_are_listed_and_a_status_watched,
+);
