@@ -108,6 +108,11 @@ async fn gated_shop() -> (Backend, tokio::sync::watch::Sender<bool>) {
     (backend, open)
 }
 
+/// The row of a CLI table (`audit`, `sale list`) that starts with `sku`; empty when none does.
+fn row_of<'o>(out: &'o str, sku: &str) -> &'o str {
+    out.lines().find(|l| l.starts_with(sku)).unwrap_or_default()
+}
+
 fn users(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
@@ -184,16 +189,6 @@ async fn audit_passes_after_a_sell_out(store: StoreFixture) {
     assert_audit_clean(&fg, "tee-1").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_passes_after_a_sell_out_memory() {
-    bounded(audit_passes_after_a_sell_out(memory())).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_passes_after_a_sell_out_redis() {
-    bounded(audit_passes_after_a_sell_out(redis())).await;
-}
-
 /// Half the orders are refused by the shop (503, in `release_on`): their units come back and
 /// are sold again; the operator sets and adds stock mid-sale. The books still balance.
 async fn audit_passes_after_releases_and_stock_changes(store: StoreFixture) {
@@ -229,16 +224,6 @@ async fn audit_passes_after_releases_and_stock_changes(store: StoreFixture) {
     let sale = sale_in(&report, "rel-1");
     assert_eq!(sale["added"], 13, "{sale}");
     assert_audit_clean(&fg, "rel-1").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_passes_after_releases_and_stock_changes_memory() {
-    bounded(audit_passes_after_releases_and_stock_changes(memory())).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_passes_after_releases_and_stock_changes_redis() {
-    bounded(audit_passes_after_releases_and_stock_changes(redis())).await;
 }
 
 /// A `cancelled|0|…` tombstone counts zero: written the way flashgate writes one, it changes
@@ -283,14 +268,7 @@ async fn a_cancelled_tombstone_counts_zero() {
 /// its state and changes nothing.
 async fn uncertain_orders_are_listed_and_resolved_once(store: StoreFixture) {
     let (backend, open) = gated_shop().await;
-    let fg = Flashgate::start(&sale_config(
-        &backend.url(),
-        &store.yaml,
-        "300ms",
-        BUY_PATH,
-        PATH_SALE,
-    ))
-    .await;
+    let fg = start_with_timeout(&backend.url(), &store, "300ms").await;
     let url = fg.admin_url();
     set_stock(&fg, "unc-1", 5).await;
     let c = client();
@@ -449,16 +427,6 @@ async fn uncertain_orders_are_listed_and_resolved_once(store: StoreFixture) {
     assert_audit_clean(&fg, "unc-1").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uncertain_orders_are_listed_and_resolved_once_memory() {
-    bounded(uncertain_orders_are_listed_and_resolved_once(memory())).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uncertain_orders_are_listed_and_resolved_once_redis() {
-    bounded(uncertain_orders_are_listed_and_resolved_once(redis())).await;
-}
-
 /// 40 uncertain orders, listed 15 at a time: resolving what was listed and listing again walks
 /// through them all, each resolved once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -466,14 +434,7 @@ async fn a_long_list_is_worked_through_page_by_page() {
     bounded(async {
         let store = redis();
         let (backend, _open) = gated_shop().await;
-        let fg = Flashgate::start(&sale_config(
-            &backend.url(),
-            &store.yaml,
-            "300ms",
-            BUY_PATH,
-            PATH_SALE,
-        ))
-        .await;
+        let fg = start_with_timeout(&backend.url(), &store, "300ms").await;
         set_stock(&fg, "many-1", 100).await;
         let t = tally(&fire(&[&fg], "many-1", users("u", 40)).await);
         assert_eq!(t.get(&(504, "upstream_timeout".into())), Some(&40), "{t:?}");
@@ -581,10 +542,7 @@ async fn audit_fails_naming_the_sku_whose_stock_was_changed_behind_its_back() {
 
         let (code, out, err) = cli(&url, &["audit"]).await;
         assert_eq!(code, 1, "{out}{err}");
-        let row = out
-            .lines()
-            .find(|l| l.starts_with("tampered-1"))
-            .unwrap_or_default();
+        let row = row_of(&out, "tampered-1");
         assert!(row.contains("MISMATCH"), "{out}");
         assert!(out.contains("tampered-1: added 10 != stock 99"), "{out}");
         assert!(out.contains("audit FAILED: 1 of 2 sales"), "{out}");
@@ -594,10 +552,7 @@ async fn audit_fails_naming_the_sku_whose_stock_was_changed_behind_its_back() {
         assert_eq!(code, 0, "{out}{err}");
         let (code, out, _) = cli(&url, &["sale", "list"]).await;
         assert_eq!(code, 0);
-        let row = out
-            .lines()
-            .find(|l| l.starts_with("tampered-1"))
-            .unwrap_or_default();
+        let row = row_of(&out, "tampered-1");
         assert!(row.ends_with("MISMATCH"), "{out}");
 
         // The key deleted by hand: the sale has units on its books and no stock.
@@ -618,14 +573,7 @@ async fn audit_fails_naming_the_sku_whose_stock_was_changed_behind_its_back() {
 /// threshold it passes; it cannot be resolved while young. The shop answers; all is clean.
 async fn audit_flags_a_held_reservation_older_than_the_threshold(store: StoreFixture) {
     let (backend, open) = gated_shop().await;
-    let fg = Flashgate::start(&sale_config(
-        &backend.url(),
-        &store.yaml,
-        "20s",
-        BUY_PATH,
-        PATH_SALE,
-    ))
-    .await;
+    let fg = start_with_timeout(&backend.url(), &store, "20s").await;
     let url = fg.admin_url();
     set_stock(&fg, "slow-1", 2).await;
     let buyer = {
@@ -665,22 +613,6 @@ async fn audit_flags_a_held_reservation_older_than_the_threshold(store: StoreFix
     assert_audit_clean(&fg, "slow-1").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_flags_a_held_reservation_older_than_the_threshold_memory() {
-    bounded(audit_flags_a_held_reservation_older_than_the_threshold(
-        memory(),
-    ))
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_flags_a_held_reservation_older_than_the_threshold_redis() {
-    bounded(audit_flags_a_held_reservation_older_than_the_threshold(
-        redis(),
-    ))
-    .await;
-}
-
 /// A flashgate died mid-order ten minutes ago, leaving a `held` reservation nobody will
 /// settle (written into Redis the way `reserve.lua` writes it). The audit fails with the
 /// default threshold; the operator lists it and releases it (it is old enough); all is clean.
@@ -708,10 +640,7 @@ async fn a_reservation_left_held_by_a_dead_instance_is_flagged_then_resolved() {
 
         let (code, out, err) = cli(&url, &["audit"]).await;
         assert_eq!(code, 1, "{out}{err}");
-        let row = out
-            .lines()
-            .find(|l| l.starts_with("ghost-1"))
-            .unwrap_or_default();
+        let row = row_of(&out, "ghost-1");
         assert!(row.contains("STALE_HELD"), "{out}");
         let (code, out, err) = cli(&url, &["reservations", "ghost-1", "--state", "held"]).await;
         assert_eq!(code, 0, "{err}");
@@ -797,52 +726,25 @@ async fn sales_are_listed_and_a_status_watched(store: StoreFixture) {
         (0, 2)
     );
 
-    let (code, out, err) = cli(
-        &url,
-        &[
-            "sale",
-            "status",
-            "b-2",
-            "--watch",
-            "--interval",
-            "100ms",
-            "--count",
-            "2",
-        ],
-    )
-    .await;
+    let watch = [
+        "sale",
+        "status",
+        "b-2",
+        "--watch",
+        "--interval",
+        "100ms",
+        "--count",
+        "2",
+    ];
+    let (code, out, err) = cli(&url, &watch).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.matches("sale b-2: open").count(), 2, "{out}");
     assert_eq!(out.matches("(Ctrl-C to stop)").count(), 2, "{out}");
-    let (code, out, _) = cli(
-        &url,
-        &[
-            "sale",
-            "status",
-            "b-2",
-            "--watch",
-            "--interval",
-            "100ms",
-            "--count",
-            "2",
-            "--json",
-        ],
-    )
-    .await;
+    let (code, out, _) = cli(&url, &[&watch[..], &["--json"]].concat()).await;
     assert_eq!(code, 0);
     let refreshes: Vec<Value> = out.lines().map(json_of).collect();
     assert_eq!(refreshes.len(), 2, "{out}");
     assert!(refreshes.iter().all(|v| v["stock"] == 3), "{out}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sales_are_listed_and_a_status_watched_memory() {
-    bounded(sales_are_listed_and_a_status_watched(memory())).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sales_are_listed_and_a_status_watched_redis() {
-    bounded(sales_are_listed_and_a_status_watched(redis())).await;
 }
 
 /// Bad input is refused with what is wrong: the CLI before sending anything (exit 2), the API
@@ -960,3 +862,14 @@ async fn bad_input_is_refused_clearly() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// The stories above that take a store, each run on both
+
+on_each_store!(
+    audit_passes_after_a_sell_out,
+    audit_passes_after_releases_and_stock_changes,
+    uncertain_orders_are_listed_and_resolved_once,
+    audit_flags_a_held_reservation_older_than_the_threshold,
+    sales_are_listed_and_a_status_watched,
+);

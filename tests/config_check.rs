@@ -239,6 +239,23 @@ const BAD: &[(&str, u64, &[&str])] = &[
             "only http:// is supported",
         ],
     ),
+    // A key set (file or URL) holds public keys: HS* is refused with either.
+    (
+        "jwt_hmac_key_file",
+        8,
+        &[
+            "routes[0].identity.jwt.algorithms: ",
+            "a key set holds public keys",
+        ],
+    ),
+    (
+        "jwt_hmac_key_url",
+        8,
+        &[
+            "routes[0].identity.jwt.algorithms: ",
+            "a key set holds public keys",
+        ],
+    ),
     (
         "jwt_secret_for_rs256",
         8,

@@ -175,6 +175,32 @@ fn file_jwt(file: &std::path::Path) -> String {
     )
 }
 
+/// `jwks.json` in `dir`: the public keys of `signers`, as a key file.
+fn write_jwks(dir: &std::path::Path, signers: &[&Signer]) -> std::path::PathBuf {
+    let file = dir.join("jwks.json");
+    std::fs::write(&file, jwks(signers)).unwrap();
+    file
+}
+
+/// flashgate on `yaml` with 10 `tee` in stock (set in the store itself).
+async fn start_with_stock(yaml: &str) -> Flashgate {
+    let fg = Flashgate::start(yaml).await;
+    fg.app.store.set_stock(&sku("tee"), 10).await.unwrap();
+    fg
+}
+
+/// The usual file-keyed sale: `rsa-a` and `ec-a` in a key file in `dir`, flashgate on `store`
+/// in front of `backend` with [`file_jwt`], 10 `tee` in stock. The key file and the instance.
+async fn file_keyed_sale(
+    store: &StoreFixture,
+    backend: &Backend,
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, Flashgate) {
+    let file = write_jwks(dir, &[rsa_a(), ec_a()]);
+    let fg = start_with_stock(&jwt_config(backend, store, &file_jwt(&file))).await;
+    (file, fg)
+}
+
 async fn buy_with(fg: &Flashgate, sku: &str, headers: &[(&str, &str)]) -> Answer {
     let url = fg.url(&BUY.replace("{sku}", sku));
     send(&client(), "POST", &url, headers, Bytes::new()).await
@@ -221,10 +247,7 @@ async fn a_valid_token_admits_its_subject() {
         let store = redis();
         let backend = Backend::start_echo().await;
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("jwks.json");
-        std::fs::write(&file, jwks(&[rsa_a(), ec_a()])).unwrap();
-        let fg = Flashgate::start(&jwt_config(&backend, &store, &file_jwt(&file))).await;
-        fg.app.store.set_stock(&sku("tee"), 10).await.unwrap();
+        let (file, fg) = file_keyed_sale(&store, &backend, dir.path()).await;
 
         let alice = token(rsa_a(), &claims("alice"));
         let a = buy_bearer(&fg, "tee", &alice).await;
@@ -278,10 +301,7 @@ async fn refused_tokens_answer_401_with_their_reason() {
         let store = redis();
         let backend = Backend::start_echo().await;
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("jwks.json");
-        std::fs::write(&file, jwks(&[rsa_a(), ec_a()])).unwrap();
-        let fg = Flashgate::start(&jwt_config(&backend, &store, &file_jwt(&file))).await;
-        fg.app.store.set_stock(&sku("tee"), 10).await.unwrap();
+        let (_, fg) = file_keyed_sale(&store, &backend, dir.path()).await;
 
         let with = |f: &dyn Fn(&mut Value)| {
             let mut c = claims("mallory");
@@ -483,15 +503,13 @@ async fn a_token_from_a_cookie_or_another_header() {
         let store = redis();
         let backend = Backend::start_echo().await;
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("jwks.json");
-        std::fs::write(&file, jwks(&[rsa_a()])).unwrap();
+        let file = write_jwks(dir.path(), &[rsa_a()]);
         let yaml = jwt_config(
             &backend,
             &store,
             &format!("from: {{ cookie: session }}, {}", file_jwt(&file)),
         );
-        let fg = Flashgate::start(&yaml).await;
-        fg.app.store.set_stock(&sku("tee"), 10).await.unwrap();
+        let fg = start_with_stock(&yaml).await;
         let erin = token(rsa_a(), &claims("erin"));
         let a = buy_with(
             &fg,
@@ -538,8 +556,7 @@ async fn an_hmac_secret_from_the_environment() {
             &store,
             &format!("secret_env: {SECRET_VAR}, algorithms: [HS256], issuer: \"{ISSUER}\""),
         );
-        let fg = Flashgate::start(&yaml).await;
-        fg.app.store.set_stock(&sku("tee"), 10).await.unwrap();
+        let fg = start_with_stock(&yaml).await;
         let hs = |secret: &str, sub: &str| {
             let mut c = claims(sub);
             remove(&mut c, "aud");
@@ -574,13 +591,11 @@ async fn a_rewritten_jwks_file_takes_effect_on_reload() {
         let store = redis();
         let backend = Backend::start_echo().await;
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("jwks.json");
+        let file = write_jwks(dir.path(), &[rsa_a()]);
         let path = dir.path().join("flashgate.yaml");
-        std::fs::write(&file, jwks(&[rsa_a()])).unwrap();
         let yaml = jwt_config(&backend, &store, &file_jwt(&file));
         std::fs::write(&path, &yaml).unwrap();
-        let fg = Flashgate::start(&yaml).await;
-        fg.app.store.set_stock(&sku("tee"), 10).await.unwrap();
+        let fg = start_with_stock(&yaml).await;
 
         let old = token(rsa_a(), &claims("jack"));
         let new = token(rsa_b(), &claims("kate"));
@@ -656,8 +671,7 @@ async fn a_new_kid_at_the_jwks_url_is_fetched() {
         let store = redis();
         let backend = Backend::start_echo().await;
         let keys = KeyServer::start(jwks(&[rsa_a()])).await;
-        let fg = Flashgate::start(&jwt_config(&backend, &store, &url_jwt(&keys, "1s"))).await;
-        fg.app.store.set_stock(&sku("tee"), 10).await.unwrap();
+        let fg = start_with_stock(&jwt_config(&backend, &store, &url_jwt(&keys, "1s"))).await;
 
         let a = buy_bearer(&fg, "tee", &token(rsa_a(), &claims("mia"))).await;
         assert_eq!(a.status, StatusCode::OK, "{}", a.text());

@@ -821,45 +821,20 @@ fn chunked(head: &str, chunks: &[&[u8]]) -> Vec<u8> {
     r
 }
 
-/// One `#[tokio::test]` per case, for the store `$fixture` builds.
-macro_rules! sale_suite {
-    ($fixture:ident: $($case:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                bounded(super::cases::$case(super::$fixture())).await;
-            }
-        )*
-    };
-}
-
-macro_rules! all_cases {
-    ($fixture:ident) => {
-        sale_suite!($fixture:
-            sells_exactly_the_stock,
-            backend_refusing_some_orders_never_oversells,
-            one_purchase_per_user,
-            refused_connection_releases_the_unit,
-            release_on_status_returns_the_unit,
-            timeout_keeps_the_unit_uncertain,
-            spoofed_flashgate_headers_never_reach_the_backend,
-            identity_and_unknown_sku,
-            quantity_from_query,
-            sku_from_json_body,
-            sale_window,
-            reset_after_send_keeps_the_unit_uncertain,
-            client_gone_mid_order_is_not_left_held,
-            sold_out_fast_path,
-        );
-    };
-}
-
-mod memory_store {
-    use super::*;
-    all_cases!(memory);
-}
-
-mod redis_store {
-    use super::*;
-    all_cases!(redis);
-}
+// Every case above, as `memory_store::{case}` and `redis_store::{case}`.
+on_each_store!(cases:
+    sells_exactly_the_stock,
+    backend_refusing_some_orders_never_oversells,
+    one_purchase_per_user,
+    refused_connection_releases_the_unit,
+    release_on_status_returns_the_unit,
+    timeout_keeps_the_unit_uncertain,
+    spoofed_flashgate_headers_never_reach_the_backend,
+    identity_and_unknown_sku,
+    quantity_from_query,
+    sku_from_json_body,
+    sale_window,
+    reset_after_send_keeps_the_unit_uncertain,
+    client_gone_mid_order_is_not_left_held,
+    sold_out_fast_path,
+);

@@ -111,6 +111,11 @@ fn num(v: &Value) -> String {
     v.as_u64().map_or_else(|| "?".to_owned(), |n| n.to_string())
 }
 
+/// A count that is absent when the sale has none (no stock set yet, nothing ever added): `-`.
+fn num_or_dash(v: &Value) -> String {
+    v.as_u64().map_or_else(|| "-".to_owned(), |n| n.to_string())
+}
+
 /// Rows as a table: columns padded to their widest cell; the first `left` columns aligned
 /// left, the others right (numbers).
 fn table(header: &[&str], rows: &[Vec<String>], left: usize) -> String {
@@ -174,12 +179,8 @@ pub fn audit(v: &Value) -> String {
             vec![
                 s["sku"].as_str().unwrap_or("?").to_owned(),
                 verdict,
-                s["added"]
-                    .as_u64()
-                    .map_or_else(|| "-".to_owned(), |n| n.to_string()),
-                s["stock"]
-                    .as_u64()
-                    .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+                num_or_dash(&s["added"]),
+                num_or_dash(&s["stock"]),
                 num(&u["held"]),
                 num(&u["sold"]),
                 num(&u["uncertain"]),
@@ -275,12 +276,8 @@ pub fn sales(v: &Value) -> String {
                     "open"
                 }
                 .to_owned(),
-                s["stock"]
-                    .as_u64()
-                    .map_or_else(|| "-".to_owned(), |n| n.to_string()),
-                s["added"]
-                    .as_u64()
-                    .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+                num_or_dash(&s["stock"]),
+                num_or_dash(&s["added"]),
                 num(&s["buyers"]),
                 num(&u["held"]),
                 num(&u["sold"]),

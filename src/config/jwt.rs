@@ -111,15 +111,15 @@ pub(super) fn compile_jwt(
         }
     }
     let keys = match (raw.jwks_file, raw.jwks_url, raw.secret_env) {
+        (Some(_), None, None) | (None, Some(_), None) if symmetric => {
+            return Err(err(
+                algs_at,
+                "algorithms",
+                "a key set holds public keys: list RS*, PS*, ES* or EdDSA (HS* takes `secret_env`)"
+                    .into(),
+            ));
+        }
         (Some(file), None, None) => {
-            if symmetric {
-                return Err(err(
-                    algs_at,
-                    "algorithms",
-                    "a key set holds public keys: list RS*, PS*, ES* or EdDSA (HS* takes `secret_env`)"
-                        .into(),
-                ));
-            }
             let path = base.join(file.value.trim());
             let bytes = std::fs::read(&path).map_err(|e| {
                 err(
@@ -141,14 +141,6 @@ pub(super) fn compile_jwt(
             }
         }
         (None, Some(url), None) => {
-            if symmetric {
-                return Err(err(
-                    algs_at,
-                    "algorithms",
-                    "a key set holds public keys: list RS*, PS*, ES* or EdDSA (HS* takes `secret_env`)"
-                        .into(),
-                ));
-            }
             let refresh = raw.refresh.map_or(Duration::from_secs(300), |r| r.value.0);
             let min_refresh = match raw.min_refresh {
                 None => Duration::from_secs(30).min(refresh),

@@ -38,6 +38,34 @@ pub async fn bounded(fut: impl Future<Output = ()>) {
         .expect("test did not finish within its deadline");
 }
 
+/// Every story named as two `#[tokio::test]`s, `memory_store::{story}` on the embedded store
+/// and `redis_store::{story}` on a private `redis-server`, each bounded by [`TEST_DEADLINE`]. A
+/// story is an `async fn(StoreFixture)` at the root of the test file, or in its module `cases`
+/// when the list starts `cases:`.
+#[macro_export]
+macro_rules! on_each_store {
+    ($module:ident: $($story:ident),+ $(,)?) => {
+        $crate::on_each_store!(@store memory_store memory [super::$module::] $($story)+);
+        $crate::on_each_store!(@store redis_store redis [super::$module::] $($story)+);
+    };
+    ($($story:ident),+ $(,)?) => {
+        $crate::on_each_store!(@store memory_store memory [super::] $($story)+);
+        $crate::on_each_store!(@store redis_store redis [super::] $($story)+);
+    };
+    (@store $store:ident $fixture:ident $from:tt $($story:ident)+) => {
+        mod $store {
+            $($crate::on_each_store!(@test $fixture $from $story);)+
+        }
+    };
+    (@test $fixture:ident [$($from:tt)*] $story:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $story() {
+            let store = $crate::support::shop::$fixture();
+            $crate::support::shop::bounded($($from)*$story(store)).await;
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------
 // The store under test
 
