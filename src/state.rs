@@ -202,6 +202,9 @@ impl App {
                     response_timeout: s.response_timeout,
                     key_prefix: s.key_prefix.clone(),
                     tls: s.tls.clone(),
+                    wait_replicas: s.wait_replicas.map(|(replicas, timeout)| {
+                        crate::store::redis::Replication { replicas, timeout }
+                    }),
                 })
                 .await
                 .map_err(|e| format!("cannot set up the stock store: {e}"))?;

@@ -335,3 +335,55 @@ async fn a_replica_takes_over_from_a_killed_master() {
     .await
     .expect("test did not finish within its deadline");
 }
+
+/// `store.wait_replicas`: a reservation reaches the backend only once a replica holds it
+/// (`WAIT`), so a failover cannot forget a sold unit. With the SKU's replica frozen, buyers
+/// get 503 and their units go back to stock; thawed, the sale goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_wait_for_a_replica_when_asked() {
+    bounded(async {
+        let cluster = RedisCluster::start(3, 1);
+        let backend = shop().await;
+        let store = format!(
+            "store: {{ cluster: {}, connect_timeout: 500ms, response_timeout: 2s, \
+             wait_replicas: {{ replicas: 1, timeout: 200ms }} }}\n",
+            cluster.yaml_seeds()
+        );
+        let fg = Flashgate::start(&sale_config(
+            &backend.url(),
+            &store,
+            "5s",
+            BUY_PATH,
+            PATH_SALE,
+        ))
+        .await;
+        let (sku, master) = skus_on_every_master(&cluster, 1)[0].clone();
+        let replica = cluster.replica_of(master);
+        set_stock(&fg, &sku, 10).await;
+        let client = client();
+        assert_eq!(buy(&client, &fg, &sku, "alice").await.status, 200);
+
+        tokio::task::block_in_place(|| cluster.freeze(replica, true));
+        let a = buy(&client, &fg, &sku, "bob").await;
+        tokio::task::block_in_place(|| cluster.freeze(replica, false));
+        assert_rejected(&a, 503, "unavailable");
+        assert_eq!(
+            flash_seen(&backend, &sku).len(),
+            1,
+            "bob never reached the backend"
+        );
+        // Bob's unit went back (cancelled in the background).
+        let status = status_until(&fg, &sku, |s| s["reservations"]["released"] == 1).await;
+        assert_eq!(status["stock"], 9, "{status}");
+        assert_eq!(status["reservations"], counts(0, 1, 1, 0), "{status}");
+
+        assert_eq!(
+            buy(&client, &fg, &sku, "bob").await.status,
+            200,
+            "bob, again"
+        );
+        assert_eq!(flash_seen(&backend, &sku).len(), 2);
+        support::audit::assert_audit_clean(&fg, &sku).await;
+    })
+    .await;
+}

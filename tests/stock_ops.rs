@@ -45,6 +45,7 @@ async fn store_of(f: &StoreFixture) -> Arc<dyn Store> {
                 response_timeout: Duration::from_secs(2),
                 key_prefix: "fg".into(),
                 tls: None,
+                wait_replicas: None,
             })
             .await
             .unwrap(),

@@ -48,6 +48,7 @@ async fn cluster_fixture() -> ClusterFixture {
         response_timeout: Duration::from_secs(2),
         key_prefix: "fg".into(),
         tls: None,
+        wait_replicas: None,
     })
     .await
     .unwrap();
@@ -74,6 +75,7 @@ fn config(server: &RedisServer) -> RedisConfig {
         response_timeout: Duration::from_secs(2),
         key_prefix: "fg".into(),
         tls: None,
+        wait_replicas: None,
     }
 }
 

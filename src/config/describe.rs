@@ -29,11 +29,15 @@ pub fn describe(cfg: &Config) -> String {
         None => writeln!(out, "store: embedded memory (one instance only)"),
         Some(s) => writeln!(
             out,
-            "store: redis {} (connections {}, response_timeout {}, key_prefix {})",
+            "store: redis {} (connections {}, response_timeout {}, key_prefix {}{})",
             s.redis.describe(),
             s.connections,
             dur(s.response_timeout),
-            s.key_prefix
+            s.key_prefix,
+            match s.wait_replicas {
+                None => String::new(),
+                Some((n, t)) => format!(", each reservation on {n} replica(s) within {}", dur(t)),
+            }
         ),
     };
     let _ = match &cfg.admin {

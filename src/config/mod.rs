@@ -101,6 +101,8 @@ pub struct StoreConfig {
     pub breaker_cooldown: Duration,
     /// With `rediss://`: the CA and client certificate files' contents.
     pub tls: Option<RedisTls>,
+    /// `store.wait_replicas`: replicas that must hold a reservation, and how long to wait.
+    pub wait_replicas: Option<(u32, Duration)>,
 }
 
 /// A flash-sale route's admission rules.

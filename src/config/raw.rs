@@ -124,6 +124,22 @@ pub struct RawStore {
     /// With `rediss://`: the CA to trust (instead of the system's) and a client certificate.
     #[serde(default)]
     pub tls: Option<Spanned<RawRedisTls>>,
+    /// Replicas that must hold a reservation before its buyer is forwarded.
+    #[serde(default)]
+    pub wait_replicas: Option<RawWaitReplicas>,
+}
+
+/// `store.wait_replicas: { replicas, timeout }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWaitReplicas {
+    pub replicas: NonZeroU32,
+    #[serde(default = "d_100ms")]
+    pub timeout: Dur,
+}
+
+fn d_100ms() -> Dur {
+    Dur(Duration::from_millis(100))
 }
 
 /// `store.tls: { ca_file, cert_file, key_file }` (PEM files).

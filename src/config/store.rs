@@ -124,6 +124,7 @@ pub(super) fn compile_store(
         breaker_failures: s.breaker_failures.get(),
         breaker_cooldown: s.breaker_cooldown.0,
         tls,
+        wait_replicas: s.wait_replicas.map(|w| (w.replicas.get(), w.timeout.0)),
     })
 }
 

@@ -159,6 +159,35 @@ impl RedisCluster {
         self.cli(self.master_for(key), &["HGET", key, field])
     }
 
+    /// The port of a replica of the master at `port`.
+    pub fn replica_of(&self, port: u16) -> u16 {
+        let nodes: String = self.cli(port, &["CLUSTER", "NODES"]);
+        let id = nodes
+            .lines()
+            .find(|l| l.contains("myself"))
+            .and_then(|l| l.split(' ').next())
+            .expect("the master's own line");
+        let line = nodes
+            .lines()
+            .find(|l| l.split(' ').nth(3) == Some(id))
+            .unwrap_or_else(|| panic!("no replica of {port}: {nodes}"));
+        let addr = line.split(' ').nth(1).expect("an address");
+        let port = addr.split(['@', ':']).nth(1).expect("a port");
+        port.parse().expect("a port number")
+    }
+
+    /// Freeze (SIGSTOP) or thaw (SIGCONT) the node at `port`.
+    pub fn freeze(&self, port: u16, frozen: bool) {
+        let node = self.nodes.iter().find(|n| n.port == port).expect("a node");
+        let pid = node.child.as_ref().expect("a live node").id();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// SIGKILL the node at `port`.
     pub fn kill(&mut self, port: u16) {
         let node = self.node_mut(port);

@@ -49,6 +49,7 @@ use self::reply::{
 };
 use self::reserve::ReserveWaiter;
 use self::scripts::LuaScript;
+pub use self::scripts::Replication;
 use self::settle::SettleQueues;
 use super::{
     MAX_UNITS, ReleaseOutcome, ReservationId, ReservationPage, ReservationQuery, ReserveOutcome,
@@ -72,6 +73,8 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// With `rediss://`: a CA to trust instead of the system's, a client certificate.
     pub tls: Option<crate::config::RedisTls>,
+    /// Replicas that must hold a reservation before its buyer is forwarded (`WAIT`).
+    pub wait_replicas: Option<Replication>,
 }
 
 impl Default for RedisConfig {
@@ -83,6 +86,7 @@ impl Default for RedisConfig {
             response_timeout: Duration::from_millis(250),
             key_prefix: "fg".into(),
             tls: None,
+            wait_replicas: None,
         }
     }
 }
@@ -123,6 +127,8 @@ struct Shared {
     events_channel: String,
     event_clients: Vec<Client>,
     connect_timeout: Duration,
+    /// `store.wait_replicas` (see `reserve.rs`).
+    replication: Option<Replication>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -237,6 +243,7 @@ impl Shared {
             events_channel: format!("{}:events", cfg.key_prefix),
             event_clients,
             connect_timeout: cfg.connect_timeout,
+            replication: cfg.wait_replicas,
             pool,
             next: AtomicUsize::new(0),
             prefix: cfg.key_prefix.clone(),

@@ -84,7 +84,29 @@ impl Shared {
                 .arg(w.reservation.as_str().as_bytes());
         }
         let sent = AtomicBool::new(false);
-        let reply = self.run_script_tracked(&self.reserve, cmd, &sent).await;
+        let (reply, unreplicated) = match self.replication {
+            None => (
+                self.run_script_tracked(&self.reserve, cmd, &sent).await,
+                None,
+            ),
+            Some(wait) => {
+                match self
+                    .run_script_replicated(&self.reserve, cmd, &sent, wait)
+                    .await
+                {
+                    Ok((reply, acks)) if acks >= u64::from(wait.replicas) => (Ok(reply), None),
+                    Ok((reply, acks)) => (
+                        Ok(reply),
+                        Some(StoreError::Unavailable(format!(
+                            "reservation not replicated: {acks} of {} replicas acknowledged \
+                             it within {:?}",
+                            wait.replicas, wait.timeout
+                        ))),
+                    ),
+                    Err(e) => (Err(e), None),
+                }
+            }
+        };
         let replies = match reply {
             Ok(Value::Array(items)) if items.len() == waiters.len() => items,
             Ok(other) => {
@@ -104,7 +126,15 @@ impl Shared {
             }
         };
         for (w, reply) in waiters.into_iter().zip(replies) {
-            let outcome = reserve_outcome(reply, w.reservation);
+            let mut outcome = reserve_outcome(reply, w.reservation);
+            // Won, but a failover now could forget it (`store.wait_replicas`): never forward
+            // it; give the unit back and tell the buyer to retry.
+            if let (Some(e), Ok(ReserveOutcome::Won { reservation, .. })) =
+                (&unreplicated, &outcome)
+            {
+                self.cancel_later(sku, reservation, "reservation not on enough replicas");
+                outcome = Err(e.clone());
+            }
             if let Err(Ok(ReserveOutcome::Won { reservation, .. })) = w.tx.send(outcome) {
                 // The buyer left while the script ran: nobody will forward this unit.
                 self.cancel_later(

@@ -50,6 +50,61 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Like [`Shared::run_script_tracked`], followed on the same connection (so on the same
+    /// node) by `WAIT replicas timeout`: the script's reply, and how many replicas had
+    /// acknowledged its writes when WAIT returned.
+    pub(super) async fn run_script_replicated(
+        &self,
+        script: &LuaScript,
+        cmd: redis::Cmd,
+        sent: &AtomicBool,
+        wait: Replication,
+    ) -> Result<(Value, u64), StoreError> {
+        let timeout_ms = u64::try_from(wait.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let pipe = |cmd: redis::Cmd| {
+            let mut pipe = redis::pipe();
+            pipe.add_command(cmd)
+                .cmd("WAIT")
+                .arg(wait.replicas)
+                .arg(timeout_ms);
+            pipe
+        };
+        self.with_conn(|mut c| async move {
+            sent.store(true, Ordering::Relaxed);
+            let replies = match pipe(cmd.clone()).query_async::<Vec<Value>>(&mut c).await {
+                // NOSCRIPT: the script did not run (WAIT, with nothing new to wait for,
+                // returned at once): again with its source.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    pipe(eval_cmd(script, &cmd))
+                        .query_async::<Vec<Value>>(&mut c)
+                        .await?
+                }
+                reply => reply?,
+            };
+            let mut replies = replies.into_iter();
+            let (Some(reply), Some(Value::Int(acks))) = (replies.next(), replies.next()) else {
+                return Err(redis::RedisError::from((
+                    ErrorKind::Client,
+                    "script + WAIT pipeline: unexpected replies",
+                )));
+            };
+            Ok((reply, u64::try_from(acks).unwrap_or(0)))
+        })
+        .await
+    }
+}
+
+/// `store.wait_replicas`: how many replicas must hold a reservation before its buyer is
+/// forwarded, and how long to wait for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    pub replicas: u32,
+    pub timeout: std::time::Duration,
+}
+
 /// `cmd` (an `EVALSHA <sha> ...` from [`script_cmd`]) as `EVAL <source> ...`.
 fn eval_cmd(script: &LuaScript, cmd: &redis::Cmd) -> redis::Cmd {
     let mut eval = redis::Cmd::with_capacity(cmd.args_iter().count(), script.code.len() + 256);
