@@ -366,7 +366,7 @@ fn compose_fleet_fits_together() {
     );
 
     // Redis: the config's store is the compose service.
-    let (host, port) = authority(&cfg.store.as_ref().expect("store").redis);
+    let (host, port) = authority(node_url(&cfg.store.as_ref().expect("store").redis));
     assert_eq!(port, 6379);
     assert!(
         text(fleet.service(&host), &["image"]).starts_with("redis:"),
@@ -888,7 +888,7 @@ fn kubernetes_manifests_fit_together() {
     assert!(1 < replicas);
 
     // The try-it-out Redis is the config's store, and says it is for trying out only.
-    let (host, port) = authority(&cfg.store.as_ref().expect("store").redis);
+    let (host, port) = authority(node_url(&cfg.store.as_ref().expect("store").redis));
     let redis_svc = m.get("Service", &host);
     assert_eq!(
         at(&at(redis_svc, &["spec", "ports"])[0], &["port"]).as_u64(),
@@ -984,4 +984,14 @@ fn readme_fleet_section_names_real_metrics_and_files() {
         rest = &tail[end..];
     }
     assert!(linked >= 4, "the section links the deploy files");
+}
+
+/// The one server's URL of a `store.redis` (the fleet's configs use one Redis).
+fn node_url(target: &flashgate::config::RedisTarget) -> &str {
+    match target {
+        flashgate::config::RedisTarget::Node(url) => url,
+        flashgate::config::RedisTarget::Cluster(seeds) => {
+            panic!("expected one Redis, got {seeds:?}")
+        }
+    }
 }
