@@ -13,13 +13,25 @@ use support::redis_cluster::RedisCluster;
 use support::shop::*;
 use support::*;
 
-/// `store.cluster` with the cluster's nodes as seeds; a generous response timeout (a debug
-/// build under thousands of buyers on 2 cores).
-fn cluster_yaml(cluster: &RedisCluster) -> String {
-    format!(
-        "store: {{ cluster: {}, connect_timeout: 2s, response_timeout: 5s }}\n",
-        cluster.yaml_seeds()
-    )
+/// `store.cluster` with the cluster's nodes as seeds and `opts` (timeouts, ...).
+fn cluster_store(cluster: &RedisCluster, opts: &str) -> String {
+    format!("store: {{ cluster: {}, {opts} }}\n", cluster.yaml_seeds())
+}
+
+/// A generous response timeout: a debug build under thousands of buyers on 2 cores.
+const PATIENT: &str = "connect_timeout: 2s, response_timeout: 5s";
+
+/// flashgate with the usual flash route in front of `backend`, on `cluster` with `opts`.
+async fn start_on(cluster: &RedisCluster, backend: &Backend, opts: &str) -> Flashgate {
+    let store = cluster_store(cluster, opts);
+    Flashgate::start(&sale_config(
+        &backend.url(),
+        &store,
+        "5s",
+        BUY_PATH,
+        PATH_SALE,
+    ))
+    .await
 }
 
 /// `n` SKUs whose keys live on every master in turn (so the sale touches every node).
@@ -57,7 +69,7 @@ fn evals(cluster: &RedisCluster) -> u64 {
 async fn two_instances_on_a_cluster_sell_exactly_the_stock() {
     tokio::time::timeout(Duration::from_secs(120), async {
         let cluster = RedisCluster::start(3, 0);
-        let store = cluster_yaml(&cluster);
+        let store = cluster_store(&cluster, PATIENT);
         let (shop_a, shop_b) = (shop().await, shop().await);
         let cfg = |b: &Backend| sale_config(&b.url(), &store, "10s", BUY_PATH, PATH_SALE);
         let fg_a = Flashgate::start(&cfg(&shop_a)).await;
@@ -142,17 +154,11 @@ async fn a_restarted_master_recovers_by_itself() {
     bounded(async {
         let mut cluster = RedisCluster::start(3, 0);
         let backend = shop().await;
-        let store = format!(
-            "store: {{ cluster: {}, connect_timeout: 300ms, response_timeout: 1s }}\n",
-            cluster.yaml_seeds()
-        );
-        let fg = Flashgate::start(&sale_config(
-            &backend.url(),
-            &store,
-            "5s",
-            BUY_PATH,
-            PATH_SALE,
-        ))
+        let fg = start_on(
+            &cluster,
+            &backend,
+            "connect_timeout: 300ms, response_timeout: 1s",
+        )
         .await;
         let skus = skus_on_every_master(&cluster, 2);
         let ((lost, lost_master), (kept, _)) = (skus[0].clone(), skus[1].clone());
@@ -211,7 +217,7 @@ async fn a_restarted_master_recovers_by_itself() {
 async fn stock_raised_elsewhere_reaches_every_instance_on_a_cluster() {
     bounded(async {
         let cluster = RedisCluster::start(3, 0);
-        let store = cluster_yaml(&cluster);
+        let store = cluster_store(&cluster, PATIENT);
         let sale = "{ sku: { path_param: sku }, sold_out_recheck: 60s }";
         let (shop_a, shop_b) = (shop().await, shop().await);
         let fg_a =
@@ -253,17 +259,11 @@ async fn a_replica_takes_over_from_a_killed_master() {
     tokio::time::timeout(Duration::from_secs(90), async {
         let mut cluster = RedisCluster::start(3, 1);
         let backend = shop().await;
-        let store = format!(
-            "store: {{ cluster: {}, connect_timeout: 300ms, response_timeout: 500ms }}\n",
-            cluster.yaml_seeds()
-        );
-        let fg = Flashgate::start(&sale_config(
-            &backend.url(),
-            &store,
-            "5s",
-            BUY_PATH,
-            PATH_SALE,
-        ))
+        let fg = start_on(
+            &cluster,
+            &backend,
+            "connect_timeout: 300ms, response_timeout: 500ms",
+        )
         .await;
         let skus = skus_on_every_master(&cluster, 2);
         let ((hit, hit_master), (other, _)) = (skus[0].clone(), skus[1].clone());
@@ -344,19 +344,7 @@ async fn reservations_wait_for_a_replica_when_asked() {
     bounded(async {
         let cluster = RedisCluster::start(3, 1);
         let backend = shop().await;
-        let store = format!(
-            "store: {{ cluster: {}, connect_timeout: 500ms, response_timeout: 2s, \
-             wait_replicas: {{ replicas: 1, timeout: 200ms }} }}\n",
-            cluster.yaml_seeds()
-        );
-        let fg = Flashgate::start(&sale_config(
-            &backend.url(),
-            &store,
-            "5s",
-            BUY_PATH,
-            PATH_SALE,
-        ))
-        .await;
+        let fg = start_on(&cluster, &backend, "connect_timeout: 500ms, response_timeout: 2s, wait_replicas: { replicas: 1, timeout: 200ms }").await;
         let (sku, master) = skus_on_every_master(&cluster, 1)[0].clone();
         let replica = cluster.replica_of(master);
         set_stock(&fg, &sku, 10).await;
