@@ -3,9 +3,9 @@
 //! on `<prefix>:events`).
 //!
 //! A shared store's writes are published by the store itself (the scripts that change stock,
-//! the close/open pipeline), so an event is sent whichever instance or CLI made the change.
-//! Every instance follows the channel (`crate::fleet`) and sets or clears its local sold-out
-//! flag at once; the flag's `sold_out_recheck` stays the fallback for a lost message.
+//! `set_closed.lua`), so an event is sent whichever instance or CLI made the change. Every
+//! instance follows the channel (`crate::fleet`) and clears its local sold-out flag at once
+//! when stock comes back; the flag's `sold_out_recheck` stays the fallback for a lost message.
 
 use std::fmt;
 
