@@ -300,11 +300,13 @@ async fn a_replica_takes_over_from_a_killed_master() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        for _ in 0..100 {
+        for i in 0..100 {
+            let a = buy_one(&hit).await;
             assert_eq!(
-                buy_one(&hit).await.status,
+                a.status,
                 200,
-                "sells on after the failover"
+                "sells on after the failover (buy {i} after {resumed:?}): {}",
+                a.text()
             );
         }
 
