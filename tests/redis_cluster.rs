@@ -338,6 +338,38 @@ async fn a_replica_takes_over_from_a_killed_master() {
     .expect("test did not finish within its deadline");
 }
 
+/// A failover while a sale is quiet: no buyer of its SKU arrives until the replica has taken
+/// over. Every connection flashgate holds still points at the killed master; the first buyers
+/// after the failover must not pay for discovering that (each would get a 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_sale_sells_at_once_after_a_failover() {
+    bounded(async {
+        let mut cluster = RedisCluster::start(3, 1);
+        let backend = shop().await;
+        let fg = start_on(&cluster, &backend, PATIENT).await;
+        let (sku, master) = skus_on_every_master(&cluster, 1)[0].clone();
+        set_stock(&fg, &sku, 1_000).await;
+        let client = client();
+        // Warm every connection of both serving threads.
+        for n in 0..40 {
+            assert_eq!(
+                buy(&client, &fg, &sku, &format!("early-{n}")).await.status,
+                200
+            );
+        }
+        let key = format!("fg:{{{sku}}}:stock");
+        tokio::task::block_in_place(|| {
+            cluster.kill(master);
+            cluster.wait_promoted(&key, master);
+        });
+        for n in 0..40 {
+            let a = buy(&client, &fg, &sku, &format!("late-{n}")).await;
+            assert_eq!(a.status, 200, "buyer {n} after the failover: {}", a.text());
+        }
+    })
+    .await;
+}
+
 /// `store.wait_replicas`: a reservation reaches the backend only once a replica holds it
 /// (`WAIT`), so a failover cannot forget a sold unit. With the SKU's replica frozen, buyers
 /// get 503 and their units go back to stock; thawed, the sale goes on.

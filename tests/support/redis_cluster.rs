@@ -18,6 +18,8 @@ const CLI_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct RedisCluster {
     dir: tempfile::TempDir,
     nodes: Vec<Node>,
+    /// Replicas per master, as started.
+    replicas: usize,
 }
 
 struct Node {
@@ -48,6 +50,7 @@ impl RedisCluster {
                 })
                 .collect(),
             dir,
+            replicas,
         };
         for i in 0..cluster.nodes.len() {
             cluster.spawn(i);
@@ -204,24 +207,53 @@ impl RedisCluster {
         self.spawn(i);
     }
 
-    /// Wait until every live replica has synced with its master (a replica that never did
-    /// cannot take over).
+    /// Wait until every master has its replicas attached and synced, and says so in its own
+    /// `CLUSTER NODES` (a replica that never synced cannot take over; `replica_of` reads the
+    /// master's view). `redis-cli --cluster create` returns while replicas still join.
     pub fn wait_replicas_synced(&self) {
         let deadline = Instant::now() + FORM_DEADLINE;
         for n in self.nodes.iter().filter(|n| n.child.is_some()) {
             loop {
                 let info: String = self.cli(n.port, &["INFO", "replication"]);
-                if info.contains("role:master") || info.contains("master_link_status:up") {
+                let nodes: String = self.cli(n.port, &["CLUSTER", "NODES"]);
+                let ready = if info.contains("role:slave") {
+                    info.contains("master_link_status:up")
+                } else {
+                    let me = nodes.lines().find(|l| l.contains("myself"));
+                    let id = me.and_then(|l| l.split(' ').next()).unwrap_or("?");
+                    let serves_slots = me.is_some_and(|l| l.split(' ').count() > 8);
+                    let attached = nodes
+                        .lines()
+                        .filter(|l| l.split(' ').nth(3) == Some(id))
+                        .count();
+                    let synced = info
+                        .lines()
+                        .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+                        .count();
+                    !serves_slots || (attached >= self.replicas && synced >= self.replicas)
+                };
+                if ready {
                     break;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "replica {} never synced: {info}",
+                    "node {} has not all its replicas synced: {info}\n{nodes}",
                     n.port
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+
+    /// Wait until another node than `old` serves `key`'s slot and every live node says
+    /// `cluster_state:ok` (a replica was promoted).
+    pub fn wait_promoted(&self, key: &str, old: u16) {
+        let deadline = Instant::now() + FORM_DEADLINE;
+        while self.master_for(key) == old {
+            assert!(Instant::now() < deadline, "no replica took over from {old}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.wait_formed();
     }
 
     /// Wait until every live node says `cluster_state:ok`.

@@ -10,7 +10,10 @@
 //! `ASK` (`ASKING` + the command on the node named), `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`,
 //! `LOADING`, `READONLY`. A dropped connection stays an error, handled as on one server (a
 //! reserve's lost reply is cancelled, see `reserve.rs`). Every call is bounded by the store's
-//! `response_timeout` (`pool.rs`), retries included.
+//! `response_timeout` (`pool.rs`), retries included. The cluster client speaks RESP3, so a
+//! node's dropped connection is announced and repaired as it happens (commands meanwhile go
+//! to the shard's replica, which answers `MOVED` until promoted): connections that were idle
+//! through a failover do not each cost a buyer a 503 to find the old master gone.
 
 use std::time::Duration;
 

@@ -223,7 +223,10 @@ fn connector(cfg: &RedisConfig) -> Result<(Connector, Vec<Client>), StoreError> 
                 .connection_timeout(cfg.connect_timeout)
                 .response_timeout(cfg.response_timeout)
                 // No resends: `link.rs` retries only what provably did not run.
-                .retries(0);
+                .retries(0)
+                // RESP3: a node's dropped connection is announced (a push) and repaired at
+                // once, so the first buyer after a failover does not discover it with a 503.
+                .use_protocol(redis::ProtocolVersion::RESP3);
             if let Some(certs) = certs.clone() {
                 builder = builder.certs(certs);
             }
