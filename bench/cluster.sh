@@ -105,11 +105,11 @@ masters=$(for i in $(seq 1 "$SKUS"); do redis-cli -p "${nodes[0]}" cluster keysl
   awk '{ if ($1 <= 5460) a++; else if ($1 <= 10922) b++; else c++ } END { printf "%d/%d/%d", a, b, c }')
 
 cat >"$work/flash.lua" <<EOF
--- A new buyer per request, the SKUs in turn.
+-- A new buyer per request, the SKUs in turn (os.time() keeps rounds apart: LuaJIT seeds math.random the same in every wrk).
 local n = 0
 local threads = 0
 function setup(thread) threads = threads + 1; thread:set("tid", threads) end
-function init(args) prefix = "u" .. tostring(tid) .. "-" .. tostring(math.random(1, 1e9)) .. "-" end
+function init(args) prefix = "u" .. tostring(tid) .. "-" .. tostring(os.time()) .. "-" .. tostring(math.random(1, 1e9)) .. "-" end
 request = function()
   n = n + 1
   return wrk.format("POST", "/api/flash/b-" .. (n % $SKUS + 1) .. "/buy", { ["X-User-Id"] = prefix .. n }, "")
