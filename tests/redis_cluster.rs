@@ -359,6 +359,8 @@ async fn a_quiet_sale_sells_at_once_after_a_failover() {
         }
         let key = format!("fg:{{{sku}}}:stock");
         tokio::task::block_in_place(|| {
+            // Not a test of lost writes (that is the test above): the replica has it all.
+            cluster.wait_replica_caught_up(master);
             cluster.kill(master);
             cluster.wait_promoted(&key, master);
         });

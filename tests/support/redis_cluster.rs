@@ -245,6 +245,29 @@ impl RedisCluster {
         }
     }
 
+    /// Wait until the replica of the master at `port` has applied everything the master has
+    /// written so far (replication is asynchronous: a test that is not about lost writes
+    /// calls this before it kills a master).
+    pub fn wait_replica_caught_up(&self, port: u16) {
+        let offset = |p: u16, field: &str| -> u64 {
+            let info: String = self.cli(p, &["INFO", "replication"]);
+            info.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let target = offset(port, "master_repl_offset:");
+        let replica = self.replica_of(port);
+        let deadline = Instant::now() + FORM_DEADLINE;
+        while offset(replica, "slave_repl_offset:") < target {
+            assert!(
+                Instant::now() < deadline,
+                "replica {replica} never caught up with {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Wait until another node than `old` serves `key`'s slot and every live node says
     /// `cluster_state:ok` (a replica was promoted).
     pub fn wait_promoted(&self, key: &str, old: u16) {
