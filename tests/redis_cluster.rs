@@ -19,7 +19,7 @@ fn cluster_store(cluster: &RedisCluster, opts: &str) -> String {
 }
 
 /// A generous response timeout: a debug build under thousands of buyers on 2 cores.
-const PATIENT: &str = "connect_timeout: 2s, response_timeout: 5s";
+const PATIENT: &str = "connect_timeout: 5s, response_timeout: 10s";
 
 /// flashgate with the usual flash route in front of `backend`, on `cluster` with `opts`.
 async fn start_on(cluster: &RedisCluster, backend: &Backend, opts: &str) -> Flashgate {

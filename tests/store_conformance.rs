@@ -44,7 +44,9 @@ async fn cluster_fixture() -> ClusterFixture {
     let store = RedisStore::connect(&RedisConfig {
         target: RedisTarget::Cluster(cluster.seeds()),
         connections: 2,
-        connect_timeout: Duration::from_millis(500),
+        // A cluster connect is a slot-map fetch plus a connection per node: on a loaded
+        // 2-core machine that has taken over 500 ms.
+        connect_timeout: Duration::from_secs(2),
         response_timeout: Duration::from_secs(2),
         key_prefix: "fg".into(),
         tls: None,
