@@ -341,6 +341,7 @@ mod tests {
             period: Duration::from_secs(1) / per_second,
             burst: NonZeroU32::new(burst).unwrap(),
             max_keys,
+            global: None,
         }
     }
 
@@ -418,6 +419,7 @@ mod tests {
                 period: Duration::from_millis(1),
                 burst: NonZeroU32::new(1).unwrap(),
                 max_keys: 1000,
+                global: None,
             }),
             ..Limits::default()
         });

@@ -372,6 +372,7 @@ mod tests {
             period: Duration::from_millis(500),
             burst: NonZeroU32::new(4).unwrap(),
             max_keys: 10,
+            global: None,
         };
         let cases = [
             (
