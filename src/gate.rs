@@ -213,6 +213,14 @@ async fn admit_and_forward<'s>(
         guards.check_user(user.as_str())?;
     }
     guards.check_route()?;
+    // 3b. Global buckets (`scope: global`): asked of the store only now, once every local
+    //     bucket (the same rates) admitted, so a flood is cut above without a round trip;
+    //     one call for all of them. A store error fails open or closed as each says.
+    if let Some(global) = &route.global {
+        global
+            .check(&*app.store, seen.client_ip, user.as_ref())
+            .await?;
+    }
 
     let (req, limit) = body::limit_request(req, max_body)?;
     let resp = if let Some(sale) = route.route.sale.as_ref() {

@@ -340,6 +340,7 @@ impl From<Denied> for Reject {
     fn from(d: Denied) -> Self {
         match d {
             Denied::Overloaded => Reject::Overloaded,
+            Denied::StoreUnavailable => Reject::Unavailable,
             Denied::RateLimited {
                 scope,
                 rate,
