@@ -197,7 +197,7 @@ async fn admit_and_forward<'s>(
 
     // 3. Guards. The in-flight slot first (the only reversible check), then per-client buckets,
     //    then the shared route bucket, so a client rejected for its own excess spends no token
-    //    that other clients need. See `limit.rs` for the full argument.
+    //    that other clients need. See `limit/mod.rs` for the full argument.
     let slot = guards.enter()?;
     seen.client_ip = client_ip::client_ip(peer.ip, req.headers(), &cfg.trusted_proxies);
     guards.check_ip(seen.client_ip)?;
