@@ -5,8 +5,9 @@
 //!
 //! - [`RedisStore`]: the real thing. Each decision is made inside ONE Lua script
 //!   run atomically on the server (`lua/reserve.lua`, `lua/release.lua`,
-//!   `lua/settle.lua`, `lua/set_stock.lua`, `lua/add_stock.lua`), so any number of
-//!   flashgate instances can share it. The
+//!   `lua/settle.lua`, `lua/set_stock.lua`, `lua/add_stock.lua`; `lua/gcra.lua` for the
+//!   global rate limits, see [`limits`]), so any number of flashgate instances can share
+//!   it. The
 //!   buyers of one SKU who arrive together on one thread share a script call,
 //!   which decides them one after the other.
 //! - [`MemoryStore`]: the embedded default when no Redis is configured; same
