@@ -106,9 +106,11 @@ async fn per_user_global_limit_is_one_per_second_across_two_instances() {
             (3..=4).contains(&admitted.len()),
             "alice admitted at {admitted:?} over {run:?}"
         );
+        // Admissions are a second apart on the Redis clock; seen from here, a slow answer may
+        // bring two closer, but never to the ~50 ms apart two instances' own buckets allow.
         for pair in admitted.windows(2) {
             assert!(
-                pair[1] - pair[0] >= Duration::from_millis(800),
+                pair[1] - pair[0] >= Duration::from_millis(500),
                 "two admissions within a second: {admitted:?}"
             );
         }
