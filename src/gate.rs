@@ -197,7 +197,7 @@ async fn admit_and_forward<'s>(
 
     // 3. Guards. The in-flight slot first (the only reversible check), then per-client buckets,
     //    then the shared route bucket, so a client rejected for its own excess spends no token
-    //    that other clients need. See `limit.rs` for the full argument.
+    //    that other clients need. See `limit/mod.rs` for the full argument.
     let slot = guards.enter()?;
     seen.client_ip = client_ip::client_ip(peer.ip, req.headers(), &cfg.trusted_proxies);
     guards.check_ip(seen.client_ip)?;
@@ -213,6 +213,14 @@ async fn admit_and_forward<'s>(
         guards.check_user(user.as_str())?;
     }
     guards.check_route()?;
+    // 3b. Global buckets (`scope: global`): asked of the store only now, once every local
+    //     bucket (the same rates) admitted, so a flood is cut above without a round trip;
+    //     one call for all of them. A store error fails open or closed as each says.
+    if let Some(global) = &route.global {
+        global
+            .check(&*app.store, seen.client_ip, user.as_ref())
+            .await?;
+    }
 
     let (req, limit) = body::limit_request(req, max_body)?;
     let resp = if let Some(sale) = route.route.sale.as_ref() {

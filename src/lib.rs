@@ -12,7 +12,8 @@
 //!    that is both matched and forwarded (ambiguous spellings refused);
 //!    [`state::Snapshot::route_for`] matches the route (first match wins); [`fence`] refuses
 //!    any other spelling of a sale path.
-//! 4. [`limit`] guards: in-flight slot, per-IP bucket, [`identity`], per-user bucket, route bucket.
+//! 4. [`limit`] guards: in-flight slot, per-IP bucket, [`identity`], per-user bucket, route bucket;
+//!    then a route's `scope: global` buckets, in one store call ([`limit::global`]).
 //! 5. On a sale route, [`sale`] reads the order (SKU, quantity) — parsed once into the
 //!    [`ids`] newtypes the store takes — and the store reserves a unit;
 //!    [`order`] forwards the winner and records the outcome (sold, released, uncertain).

@@ -87,6 +87,13 @@ struct RouteOutcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteScopeOutcome {
+    route: String,
+    scope: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
     outcome: &'static str,
 }
@@ -128,6 +135,7 @@ pub struct Metrics {
     request_duration: HistogramFamily<RouteLabel>,
     admissions: Family<RouteOutcome, Counter>,
     in_flight: Family<RouteLabel, Gauge>,
+    global_limits: Family<RouteScopeOutcome, Counter>,
     reservations: Family<Outcome, Counter>,
     store_duration: HistogramFamily<Op>,
     store_errors: Family<Kind, Counter>,
@@ -154,6 +162,7 @@ impl Metrics {
             request_duration: Family::new_with_constructor(latency),
             admissions: Family::default(),
             in_flight: Family::default(),
+            global_limits: Family::default(),
             reservations: Family::default(),
             store_duration: Family::new_with_constructor(store_latency),
             store_errors: Family::default(),
@@ -188,6 +197,11 @@ impl Metrics {
             "in_flight",
             "Requests being decided or awaiting the backend's response head, by route",
             m.in_flight.clone(),
+        );
+        registry.register(
+            "global_limits",
+            "Global rate-limit checks (scope: global), by route, bucket and outcome",
+            m.global_limits.clone(),
         );
         registry.register(
             "reservations",
@@ -267,6 +281,18 @@ impl Metrics {
     /// The handles for requests no route matched.
     pub fn unmatched(&self) -> &Arc<RouteMetrics> {
         self.unmatched.get_or_init(|| self.route(UNMATCHED, false))
+    }
+
+    /// The counter of a global bucket's `outcome` (`limit::global::OUTCOMES`) on route
+    /// `route` (from the config), for `scope` (`route`, `per_ip`, `per_user`).
+    pub fn global_limit(&self, route: &str, scope: &'static str, outcome: &'static str) -> Counter {
+        self.global_limits
+            .get_or_create(&RouteScopeOutcome {
+                route: route.to_owned(),
+                scope,
+                outcome,
+            })
+            .clone()
     }
 
     pub fn reservation(&self, to: Settlement) {

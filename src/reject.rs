@@ -340,6 +340,7 @@ impl From<Denied> for Reject {
     fn from(d: Denied) -> Self {
         match d {
             Denied::Overloaded => Reject::Overloaded,
+            Denied::StoreUnavailable => Reject::Unavailable,
             Denied::RateLimited {
                 scope,
                 rate,
@@ -372,6 +373,7 @@ mod tests {
             period: Duration::from_millis(500),
             burst: NonZeroU32::new(4).unwrap(),
             max_keys: 10,
+            global: None,
         };
         let cases = [
             (

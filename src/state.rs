@@ -18,6 +18,7 @@ use crate::forward::Upstream;
 use crate::hygiene;
 use crate::identity::Reader;
 use crate::limit::RouteGuards;
+use crate::limit::global::GlobalLimits;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::sale::SoldOut;
 use crate::stock_events::StockEvents;
@@ -68,6 +69,8 @@ pub struct Snapshot {
 pub struct RouteState {
     pub route: Route,
     pub guards: Arc<RouteGuards>,
+    /// The route's `scope: global` buckets, asked of the store after `guards` admitted.
+    pub global: Option<GlobalLimits>,
     pub metrics: Arc<RouteMetrics>,
     /// Reads the route's `identity` (a JWT route's keys and token cache live here).
     pub identity: Option<Arc<Reader>>,
@@ -105,6 +108,8 @@ impl Snapshot {
                 });
                 RouteState {
                     metrics: metrics.route(&route.name, route.sale.is_some()),
+                    // Stateless here (the store keeps the buckets): rebuilt on every reload.
+                    global: GlobalLimits::new(&route.name, &route.limits, metrics),
                     route: route.clone(),
                     guards: kept.map_or_else(
                         || Arc::new(RouteGuards::new(&route.limits)),

@@ -29,6 +29,7 @@ fn guards(per_second: u32, max_keys: usize) -> RouteGuards {
         period: Duration::from_secs(1) / per_second,
         burst: NonZeroU32::new(1).unwrap(),
         max_keys,
+        global: None,
     };
     RouteGuards::new(&Limits {
         per_ip: Some(rate),

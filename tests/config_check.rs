@@ -323,6 +323,30 @@ const BAD: &[(&str, u64, &[&str])] = &[
     ("listen", 1, &["listen: ", "invalid socket address"]),
     ("unmatched", 2, &["unmatched: ", "unknown variant `reject`"]),
     (
+        "scope",
+        6,
+        &[
+            "routes[0].limits.route.scope: ",
+            "unknown variant `everywhere`, expected one of local, global",
+        ],
+    ),
+    (
+        "on_store_error",
+        8,
+        &[
+            "routes[0].limits.per_user.on_store_error: ",
+            "unknown variant `fail`, expected one of closed, open",
+        ],
+    ),
+    (
+        "on_store_error_local",
+        7,
+        &[
+            "routes[0].limits.per_ip.on_store_error: ",
+            "applies to `scope: global` only",
+        ],
+    ),
+    (
         "zero_in_flight",
         5,
         &["routes[0].limits.in_flight: ", "nonzero"],

@@ -3,7 +3,7 @@
 //! that a request rejected for its own excess spends no token other clients need.
 //!
 //! Every bucket here refills at one token per minute, so no token comes back during a test;
-//! refill timing itself is unit-tested with a fake clock in `src/limit.rs`.
+//! refill timing itself is unit-tested with a fake clock in `src/limit/mod.rs`.
 mod support;
 
 use std::time::Duration;

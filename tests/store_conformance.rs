@@ -10,13 +10,16 @@ mod cluster_support;
 mod redis_support;
 
 use std::collections::HashSet;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use flashgate::store::limits::route_tag;
 use flashgate::store::{
-    MAX_UNITS, MemoryStore, OpenState, RedisConfig, RedisStore, RedisTarget, ReleaseOutcome,
-    ReservationId, ReservationQuery, ReserveOutcome, ReserveRequest, Resolution, ResolveOutcome,
-    Settlement, Sku, StateCounts, Store, StoreError, UserId,
+    LimitBucket, LimitCheck, LimitVerdict, MAX_UNITS, MemoryStore, OpenState, RedisConfig,
+    RedisStore, RedisTarget, ReleaseOutcome, ReservationId, ReservationQuery, ReserveOutcome,
+    ReserveRequest, Resolution, ResolveOutcome, Settlement, Sku, StateCounts, Store, StoreError,
+    UserId,
 };
 use redis_support::RedisServer;
 
@@ -746,6 +749,126 @@ mod cases {
         let one = store.list_skus(1).await.unwrap();
         assert_eq!((one.skus, one.truncated), (vec![sku("sku-a")], true));
     }
+
+    /// A route bucket of `per_second`, burst `burst`.
+    fn route_bucket(per_second: u32, burst: u32) -> LimitBucket {
+        LimitBucket::route(
+            Duration::from_secs(1) / per_second,
+            NonZeroU32::new(burst).unwrap(),
+        )
+    }
+
+    fn check(route: &str, buckets: Vec<LimitBucket>) -> LimitCheck {
+        LimitCheck {
+            route: route_tag(route),
+            buckets,
+        }
+    }
+
+    pub async fn global_limit_admits_the_burst_then_refuses(store: Arc<dyn Store>) {
+        let c = check("gl-burst", vec![route_bucket(1, 2)]);
+        assert_eq!(store.check_limits(&c).await.unwrap(), LimitVerdict::Allowed);
+        assert_eq!(store.check_limits(&c).await.unwrap(), LimitVerdict::Allowed);
+        match store.check_limits(&c).await.unwrap() {
+            LimitVerdict::Limited {
+                bucket: 0,
+                retry_after,
+            } => assert!(
+                retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1),
+                "{retry_after:?}"
+            ),
+            other => panic!("the third within the burst: {other:?}"),
+        }
+        // Another route's bucket of the same name is its own.
+        let other = check("gl-burst-2", vec![route_bucket(1, 1)]);
+        assert_eq!(
+            store.check_limits(&other).await.unwrap(),
+            LimitVerdict::Allowed
+        );
+    }
+
+    pub async fn global_limit_refills_after_the_wait_it_named(store: Arc<dyn Store>) {
+        // 20 a second, burst 1: one token every 50 ms.
+        let c = check("gl-refill", vec![route_bucket(20, 1)]);
+        assert_eq!(store.check_limits(&c).await.unwrap(), LimitVerdict::Allowed);
+        let LimitVerdict::Limited { retry_after, .. } = store.check_limits(&c).await.unwrap()
+        else {
+            panic!("no token left");
+        };
+        assert!(retry_after <= Duration::from_millis(50), "{retry_after:?}");
+        tokio::time::sleep(retry_after + Duration::from_millis(5)).await;
+        assert_eq!(store.check_limits(&c).await.unwrap(), LimitVerdict::Allowed);
+    }
+
+    pub async fn global_limit_buckets_are_all_or_nothing(store: Arc<dyn Store>) {
+        let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let user = UserId::parse("alice").unwrap();
+        let slow = Duration::from_secs(60);
+        let per_ip = LimitBucket::per_ip(ip, slow, NonZeroU32::new(5).unwrap());
+        let per_user = LimitBucket::per_user(&user, slow, NonZeroU32::new(3).unwrap());
+        let all = check(
+            "gl-all",
+            vec![per_ip.clone(), per_user.clone(), route_bucket(1, 1)],
+        );
+        assert_eq!(
+            store.check_limits(&all).await.unwrap(),
+            LimitVerdict::Allowed
+        );
+        // The route bucket is empty: refused, and neither the IP's nor the user's bucket pays.
+        for _ in 0..5 {
+            assert!(matches!(
+                store.check_limits(&all).await.unwrap(),
+                LimitVerdict::Limited { bucket: 2, .. }
+            ));
+        }
+        let mine = check("gl-all", vec![per_ip, per_user]);
+        assert_eq!(
+            store.check_limits(&mine).await.unwrap(),
+            LimitVerdict::Allowed
+        );
+        assert_eq!(
+            store.check_limits(&mine).await.unwrap(),
+            LimitVerdict::Allowed
+        );
+        // The user's bucket (3) runs out before the IP's (5): it is the one named, with the
+        // longer wait.
+        match store.check_limits(&mine).await.unwrap() {
+            LimitVerdict::Limited {
+                bucket: 1,
+                retry_after,
+            } => assert!(retry_after > Duration::from_secs(50), "{retry_after:?}"),
+            other => panic!("the user's bucket is empty: {other:?}"),
+        }
+        let empty = check("gl-all", vec![]);
+        assert!(matches!(
+            store.check_limits(&empty).await,
+            Err(StoreError::Invalid(_))
+        ));
+    }
+
+    pub async fn concurrent_global_checks_admit_exactly_the_burst(store: Arc<dyn Store>) {
+        // One token a minute, burst 10; 100 checks at once (on Redis, batched): exactly 10.
+        let c = Arc::new(check(
+            "gl-storm",
+            vec![LimitBucket::route(
+                Duration::from_secs(60),
+                NonZeroU32::new(10).unwrap(),
+            )],
+        ));
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let (store, c) = (Arc::clone(&store), Arc::clone(&c));
+                tokio::spawn(async move { store.check_limits(&c).await.unwrap() })
+            })
+            .collect();
+        let mut allowed = 0;
+        for t in tasks {
+            if t.await.unwrap() == LimitVerdict::Allowed {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 10);
+    }
 }
 
 /// One `#[tokio::test]` per case, for the store `$fixture` builds.
@@ -783,6 +906,10 @@ macro_rules! all_cases {
             resolve_once,
             reservations_are_listed_bounded,
             stocked_skus_are_listed,
+            global_limit_admits_the_burst_then_refuses,
+            global_limit_refills_after_the_wait_it_named,
+            global_limit_buckets_are_all_or_nothing,
+            concurrent_global_checks_admit_exactly_the_burst,
         );
     };
 }
@@ -1027,6 +1154,130 @@ mod redis_only {
         if left > 0 {
             win(&store, &req("frozen-1", "late-buyer", 1, 1), left - 1).await;
         }
+    }
+
+    /// A global limit's keys: `<prefix>:{limit:<route>}:<bucket>`, one Cluster slot per
+    /// route, the store's prefix first, the user id hashed, and a PEXPIRE so an idle key goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn global_limit_keys_follow_the_data_model_and_expire() {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&RedisConfig {
+            key_prefix: "shop7".into(),
+            ..config(&server)
+        })
+        .await
+        .unwrap();
+        let user = UserId::parse("alice").unwrap();
+        let per_user =
+            LimitBucket::per_user(&user, Duration::from_secs(2), NonZeroU32::new(1).unwrap());
+        let check = LimitCheck {
+            route: route_tag("flash-buy"),
+            buckets: vec![
+                per_user.clone(),
+                LimitBucket::route(Duration::from_millis(10), NonZeroU32::new(1).unwrap()),
+            ],
+        };
+        assert_eq!(
+            store.check_limits(&check).await.unwrap(),
+            LimitVerdict::Allowed
+        );
+        let user_key = format!("shop7:{{limit:flash-buy}}:{}", per_user.key);
+        assert!(per_user.key.starts_with("per_user:") && !per_user.key.contains("alice"));
+        let ttl = |key: &str| match server.cli(&["PTTL", key]) {
+            ::redis::Value::Int(ms) => ms,
+            other => panic!("PTTL {key}: {other:?}"),
+        };
+        let user_ttl = ttl(&user_key);
+        assert!(
+            (1000..=2001).contains(&user_ttl),
+            "per_user PTTL {user_ttl}"
+        );
+        assert!(server.get(&user_key).is_some());
+        // The route bucket (a token every 10 ms) is full again, and gone, within ~11 ms.
+        let route_key = "shop7:{limit:flash-buy}:route";
+        eventually(
+            Duration::from_secs(2),
+            "the idle route key expires",
+            || async { server.get(route_key).is_none() },
+        )
+        .await;
+        // A route name that would break the tag is hashed.
+        let odd = LimitCheck {
+            route: route_tag("flash {buy}"),
+            buckets: vec![LimitBucket::route(Duration::from_secs(1), NonZeroU32::MIN)],
+        };
+        assert_eq!(
+            store.check_limits(&odd).await.unwrap(),
+            LimitVerdict::Allowed
+        );
+        let key = format!("shop7:{{limit:{}}}:route", route_tag("flash {buy}"));
+        assert!(server.get(&key).is_some(), "{key}");
+    }
+
+    /// `gcra.lua` survives a script cache flush (EVALSHA → NOSCRIPT → EVAL), and a frozen
+    /// server costs a global check no more than the response timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn global_limits_survive_script_flush_and_time_out_on_a_frozen_server() {
+        let server = RedisServer::start();
+        let store = RedisStore::connect(&short_timeouts(&server)).await.unwrap();
+        let check = LimitCheck {
+            route: route_tag("flushy"),
+            buckets: vec![LimitBucket::route(
+                Duration::from_secs(60),
+                NonZeroU32::new(2).unwrap(),
+            )],
+        };
+        assert_eq!(
+            store.check_limits(&check).await.unwrap(),
+            LimitVerdict::Allowed
+        );
+        server.script_flush();
+        assert_eq!(
+            store.check_limits(&check).await.unwrap(),
+            LimitVerdict::Allowed
+        );
+        server.script_flush();
+        assert!(matches!(
+            store.check_limits(&check).await.unwrap(),
+            LimitVerdict::Limited { bucket: 0, .. }
+        ));
+        server.pause();
+        let elapsed = unavailable(store.check_limits(&check)).await;
+        server.resume();
+        assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+    }
+
+    /// Global checks of one route arriving together on one thread share script calls.
+    #[tokio::test(flavor = "current_thread")]
+    async fn global_checks_arriving_together_share_script_calls() {
+        let server = RedisServer::start();
+        let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&config(&server)).await.unwrap());
+        let check = Arc::new(LimitCheck {
+            route: route_tag("together"),
+            buckets: vec![LimitBucket::route(
+                Duration::from_secs(60),
+                NonZeroU32::new(50).unwrap(),
+            )],
+        });
+        let before = server.script_calls();
+        let tasks: Vec<_> = (0..300)
+            .map(|_| {
+                let (store, check) = (Arc::clone(&store), Arc::clone(&check));
+                tokio::spawn(async move { store.check_limits(&check).await.unwrap() })
+            })
+            .collect();
+        let mut allowed = 0;
+        for t in tasks {
+            if t.await.unwrap() == LimitVerdict::Allowed {
+                allowed += 1;
+            }
+        }
+        let calls = server.script_calls() - before;
+        assert_eq!(allowed, 50);
+        assert!(
+            calls <= 10,
+            "{calls} script calls for 300 checks arriving together"
+        );
     }
 
     /// Reserves that arrive on one thread together go to Redis together: 300 buyers on a

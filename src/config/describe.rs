@@ -249,10 +249,15 @@ fn dur(d: Duration) -> String {
 
 fn show_rate(r: &Rate) -> String {
     let per_sec = 1.0 / r.period.as_secs_f64();
-    if per_sec >= 1.0 {
+    let rate = if per_sec >= 1.0 {
         format!("{per_sec:.0}/s burst {}", r.burst)
     } else {
         format!("{:.0}/min burst {}", per_sec * 60.0, r.burst)
+    };
+    match r.global {
+        None => rate,
+        // Counted across every instance sharing the store, behind this instance's own bucket.
+        Some(on_error) => format!("{rate} scope=global on_store_error={}", on_error.as_str()),
     }
 }
 
@@ -357,5 +362,26 @@ mod tests {
             );
         }
         assert!(!text.contains("pw"), "{text}");
+    }
+
+    #[test]
+    fn global_buckets_say_so() {
+        let yaml = "upstream: { url: \"http://127.0.0.1:3000\" }\n\
+                    routes:\n\
+                    \x20 - name: api\n\
+                    \x20   match: { path: \"/api/{*rest}\" }\n\
+                    \x20   identity: { header: X-User-Id }\n\
+                    \x20   limits:\n\
+                    \x20     route: { per_second: 100, scope: global }\n\
+                    \x20     per_user: { per_second: 1, burst: 1, scope: global, on_store_error: closed }\n\
+                    \x20     per_ip: { per_second: 5 }\n";
+        let text = describe(&super::super::parse(yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}")));
+        let line = "  1. api * /api/{*rest} identity=header:x-user-id \
+                    route=100/s burst 100 scope=global on_store_error=open per_ip=5/s burst 5 \
+                    per_user=1/s burst 1 scope=global on_store_error=closed";
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in\n{text}"
+        );
     }
 }

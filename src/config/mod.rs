@@ -6,6 +6,7 @@
 
 mod describe;
 mod jwt;
+mod limits;
 mod raw;
 mod route;
 mod shadow;
@@ -234,6 +235,29 @@ pub struct Rate {
     pub burst: NonZeroU32,
     /// Only used by keyed (per-IP, per-user) buckets.
     pub max_keys: usize,
+    /// `scope: global`: the bucket is also enforced across every instance sharing the store
+    /// (`limit/global.rs`), behind its local bucket; what to do when the store cannot answer.
+    /// `None`: this instance only.
+    pub global: Option<OnStoreError>,
+}
+
+/// What a global bucket does when the store cannot answer (down, timed out, breaker open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// Refuse: 503 `unavailable` (the default on sale routes).
+    Closed,
+    /// Admit, as if the global bucket had room (the default on other routes).
+    Open,
+}
+
+impl OnStoreError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnStoreError::Closed => "closed",
+            OnStoreError::Open => "open",
+        }
+    }
 }
 
 impl Rate {
@@ -471,8 +495,6 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
 
 #[cfg(test)]
 mod tests {
-    use super::raw::RawRate;
-    use super::route::compile_rate;
     use super::*;
 
     const BASE: &str = "upstream: { url: \"http://127.0.0.1:3000\" }\n";
@@ -494,18 +516,5 @@ mod tests {
         assert_eq!(e.line, 5, "{e}");
         assert!(e.message.contains("limitz"), "{e}");
         assert!(e.to_string().starts_with("t.yaml:5:"), "{e}");
-    }
-
-    #[test]
-    fn rate_window() {
-        let r = compile_rate(RawRate {
-            per_second: NonZeroU32::new(2),
-            per_minute: None,
-            burst: NonZeroU32::new(5),
-            max_keys: None,
-        })
-        .unwrap();
-        assert_eq!(r.period, Duration::from_millis(500));
-        assert_eq!(r.window_secs(), 3);
     }
 }

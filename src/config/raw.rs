@@ -571,7 +571,9 @@ pub struct RawLimits {
 }
 
 /// A token bucket: a refill rate (exactly one of `per_second` / `per_minute`) and a burst.
-/// `max_keys` caps the keys a per-IP or per-user bucket remembers.
+/// `max_keys` caps the keys a per-IP or per-user bucket remembers. `scope: global` also
+/// enforces it across instances through the store; `on_store_error` says what a global
+/// bucket does when the store cannot answer (checked in `config/limits.rs`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRate {
@@ -579,4 +581,17 @@ pub struct RawRate {
     pub per_minute: Option<NonZeroU32>,
     pub burst: Option<NonZeroU32>,
     pub max_keys: Option<NonZeroUsize>,
+    #[serde(default)]
+    pub scope: Option<Spanned<RawScope>>,
+    #[serde(default)]
+    pub on_store_error: Option<Spanned<super::OnStoreError>>,
+}
+
+/// Where a bucket counts: in this instance only (the default), or across every instance
+/// sharing the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawScope {
+    Local,
+    Global,
 }

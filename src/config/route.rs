@@ -4,11 +4,11 @@
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
 use super::jwt;
+use super::limits::compile_rate;
 use super::raw::{RawIdentity, RawQuantity, RawRate, RawRoute, RawSale, RawSource, ReleaseOn};
 use super::*;
 
@@ -38,9 +38,15 @@ pub(super) fn compile_route(
         .identity
         .map(|s| compile_identity(s.value, &s.referenced, base, &|at, k, m| err(at, key(k), m)))
         .transpose()?;
+    // A global bucket fails closed on a sale route unless it says otherwise, open elsewhere.
+    let on_sale = raw.sale.is_some();
     let rate = |r: Option<Spanned<RawRate>>, k: &str| -> Result<Option<Rate>, ConfigError> {
-        r.map(|s| compile_rate(s.value).map_err(|m| err(&s.referenced, key(k), m)))
-            .transpose()
+        r.map(|s| {
+            compile_rate(s, on_sale, &|at, sub, m| {
+                err(at, key(&format!("{k}{sub}")), m)
+            })
+        })
+        .transpose()
     };
     let per_user_at = raw.limits.per_user.as_ref().map(|s| s.referenced);
     let limits = Limits {
@@ -223,17 +229,4 @@ fn compile_source(raw: RawSource, path: &PathTemplate) -> Result<Source, String>
         _ => return Err("set exactly one of `path_param`, `query`, `header` or `json`".into()),
     };
     Ok(source)
-}
-
-pub(super) fn compile_rate(raw: RawRate) -> Result<Rate, String> {
-    let (per, window) = match (raw.per_second, raw.per_minute) {
-        (Some(n), None) => (n, Duration::from_secs(1)),
-        (None, Some(n)) => (n, Duration::from_secs(60)),
-        _ => return Err("set exactly one of `per_second` or `per_minute`".into()),
-    };
-    Ok(Rate {
-        period: window / per.get(),
-        burst: raw.burst.unwrap_or(per),
-        max_keys: raw.max_keys.map(|n| n.get()).unwrap_or(DEFAULT_MAX_KEYS),
-    })
 }

@@ -10,9 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tracing::{info, warn};
 
 use super::{
-    ReleaseOutcome, ReservationId, ReservationPage, ReservationQuery, ReserveOutcome,
-    ReserveRequest, Resolution, ResolveOutcome, SaleStatus, Settlement, Sku, SkuList, StockSet,
-    Store, StoreError, StoreImpl,
+    LimitCheck, LimitVerdict, ReleaseOutcome, ReservationId, ReservationPage, ReservationQuery,
+    ReserveOutcome, ReserveRequest, Resolution, ResolveOutcome, SaleStatus, Settlement, Sku,
+    SkuList, StockSet, Store, StoreError, StoreImpl,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +241,10 @@ impl<S: Store> StoreImpl for Breaker<S> {
         self.guarded(self.store.resolve(sku, reservation, to, held_min_age))
             .await
     }
+
+    async fn check_limits(&self, check: &LimitCheck) -> Result<LimitVerdict, StoreError> {
+        self.guarded(self.store.check_limits(check)).await
+    }
 }
 
 #[cfg(test)]
@@ -315,6 +319,9 @@ mod tests {
             _: Resolution,
             _: Duration,
         ) -> Result<ResolveOutcome, StoreError> {
+            Err(StoreError::Invalid("unused".into()))
+        }
+        async fn check_limits(&self, _: &LimitCheck) -> Result<LimitVerdict, StoreError> {
             Err(StoreError::Invalid("unused".into()))
         }
     }

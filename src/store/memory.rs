@@ -14,10 +14,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::limits::LocalLimits;
 use super::{
-    MAX_UNITS, OpenState, ReleaseOutcome, ReservationId, ReservationInfo, ReservationPage,
-    ReservationQuery, ReserveOutcome, ReserveRequest, Resolution, ResolveOutcome, SaleStatus,
-    Settlement, Sku, SkuList, StateCounts, StockSet, StoreError, StoreImpl, UserId,
+    LimitCheck, LimitVerdict, MAX_UNITS, OpenState, ReleaseOutcome, ReservationId, ReservationInfo,
+    ReservationPage, ReservationQuery, ReserveOutcome, ReserveRequest, Resolution, ResolveOutcome,
+    SaleStatus, Settlement, Sku, SkuList, StateCounts, StockSet, StoreError, StoreImpl, UserId,
     new_reservation_id, validate_delta, validate_reserve, validate_units,
 };
 
@@ -25,6 +26,8 @@ use super::{
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     sales: Mutex<HashMap<Sku, Sale>>,
+    /// Global rate limits (`scope: global`): this process's GCRA, in its own lock.
+    limits: LocalLimits,
 }
 
 /// One SKU's state: the in-memory twin of the four Redis keys.
@@ -540,5 +543,9 @@ impl StoreImpl for MemoryStore {
         held_min_age: Duration,
     ) -> Result<ResolveOutcome, StoreError> {
         Ok(self.resolve_now(sku, reservation, to, held_min_age))
+    }
+
+    async fn check_limits(&self, check: &LimitCheck) -> Result<LimitVerdict, StoreError> {
+        self.limits.check(check)
     }
 }

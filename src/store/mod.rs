@@ -5,8 +5,9 @@
 //!
 //! - [`RedisStore`]: the real thing. Each decision is made inside ONE Lua script
 //!   run atomically on the server (`lua/reserve.lua`, `lua/release.lua`,
-//!   `lua/settle.lua`, `lua/set_stock.lua`, `lua/add_stock.lua`), so any number of
-//!   flashgate instances can share it. The
+//!   `lua/settle.lua`, `lua/set_stock.lua`, `lua/add_stock.lua`; `lua/gcra.lua` for the
+//!   global rate limits, see [`limits`]), so any number of flashgate instances can share
+//!   it. The
 //!   buyers of one SKU who arrive together on one thread share a script call,
 //!   which decides them one after the other.
 //! - [`MemoryStore`]: the embedded default when no Redis is configured; same
@@ -43,12 +44,14 @@ pub use crate::ids::{MAX_SKU_LEN, ReservationId, Sku, UserId};
 
 pub mod breaker;
 pub mod events;
+pub mod limits;
 pub mod memory;
 pub mod observed;
 pub mod reconcile;
 pub mod redis;
 
 pub use self::events::StoreEvent;
+pub use self::limits::{LimitBucket, LimitCheck, LimitVerdict};
 pub use self::memory::MemoryStore;
 pub use self::reconcile::{
     OpenState, ReservationInfo, ReservationPage, ReservationQuery, Resolution, ResolveOutcome,
@@ -224,6 +227,11 @@ pub trait Store: Send + Sync + 'static {
         held_min_age: Duration,
     ) -> BoxFuture<'a, Result<ResolveOutcome, StoreError>>;
 
+    fn check_limits<'a>(
+        &'a self,
+        check: &'a LimitCheck,
+    ) -> BoxFuture<'a, Result<LimitVerdict, StoreError>>;
+
     /// Set the units left, whatever they were. Returns the new stock.
     fn set_stock<'a>(&'a self, sku: &'a Sku, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
@@ -321,6 +329,14 @@ pub trait StoreImpl: Send + Sync + 'static {
         to: Resolution,
         held_min_age: Duration,
     ) -> impl Future<Output = Result<ResolveOutcome, StoreError>> + Send;
+
+    /// A request's global rate-limit buckets (`scope: global`), decided together in one
+    /// atomic step by GCRA ([`limits`]): `Allowed` takes a token from each, `Limited` takes
+    /// none. Shared by every instance of a Redis store; one process's for the memory store.
+    fn check_limits(
+        &self,
+        check: &LimitCheck,
+    ) -> impl Future<Output = Result<LimitVerdict, StoreError>> + Send;
 }
 
 impl<T: StoreImpl> Store for T {
@@ -390,6 +406,12 @@ impl<T: StoreImpl> Store for T {
         held_min_age: Duration,
     ) -> BoxFuture<'a, Result<ResolveOutcome, StoreError>> {
         Box::pin(StoreImpl::resolve(self, sku, reservation, to, held_min_age))
+    }
+    fn check_limits<'a>(
+        &'a self,
+        check: &'a LimitCheck,
+    ) -> BoxFuture<'a, Result<LimitVerdict, StoreError>> {
+        Box::pin(StoreImpl::check_limits(self, check))
     }
 }
 

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    ReleaseOutcome, ReservationId, ReservationPage, ReservationQuery, ReserveOutcome,
-    ReserveRequest, Resolution, ResolveOutcome, SaleStatus, Settlement, Sku, SkuList, StockSet,
-    Store, StoreError, StoreImpl,
+    LimitCheck, LimitVerdict, ReleaseOutcome, ReservationId, ReservationPage, ReservationQuery,
+    ReserveOutcome, ReserveRequest, Resolution, ResolveOutcome, SaleStatus, Settlement, Sku,
+    SkuList, StockSet, Store, StoreError, StoreImpl,
 };
 use crate::metrics::Metrics;
 
@@ -123,5 +123,10 @@ impl<S: Store> StoreImpl for Observed<S> {
             self.store.resolve(sku, reservation, to, held_min_age),
         )
         .await
+    }
+
+    async fn check_limits(&self, check: &LimitCheck) -> Result<LimitVerdict, StoreError> {
+        self.timed("check_limits", self.store.check_limits(check))
+            .await
     }
 }

@@ -15,6 +15,8 @@
 //!   Redis as one `reserve.lua` call; a unit won for a buyer who is gone, or whose reply was
 //!   lost, is cancelled in the background.
 //! - `settle.rs`: settles batched the same way, one `settle.lua` call per batch.
+//! - `limits.rs`: global rate limits, batched per route the same way, one `gcra.lua` call
+//!   per batch.
 //! - `batch.rs`: the per-thread, per-SKU queue both kinds of batch wait in.
 //! - `reply.rs`: turning script replies into outcomes and errors.
 //! - `events.rs`: the subscription that hears the other instances' stock changes.
@@ -24,6 +26,7 @@
 mod audit;
 mod batch;
 mod events;
+mod limits;
 mod link;
 mod pool;
 mod reply;
@@ -41,6 +44,7 @@ use redis::{AsyncConnectionConfig, Client, Value};
 use thread_local::ThreadLocal;
 
 use self::batch::Batches;
+use self::limits::LimitWaiter;
 use self::link::Connector;
 use self::pool::Pool;
 pub use self::pool::RECONNECT_BACKOFF;
@@ -52,9 +56,10 @@ use self::scripts::LuaScript;
 pub use self::scripts::Replication;
 use self::settle::SettleQueues;
 use super::{
-    MAX_UNITS, ReleaseOutcome, ReservationId, ReservationPage, ReservationQuery, ReserveOutcome,
-    ReserveRequest, Resolution, ResolveOutcome, SaleKeys, SaleStatus, Settlement, Sku, SkuList,
-    StateCounts, StockSet, StoreError, StoreImpl, validate_delta, validate_units,
+    LimitCheck, LimitVerdict, MAX_UNITS, ReleaseOutcome, ReservationId, ReservationPage,
+    ReservationQuery, ReserveOutcome, ReserveRequest, Resolution, ResolveOutcome, SaleKeys,
+    SaleStatus, Settlement, Sku, SkuList, StateCounts, StockSet, StoreError, StoreImpl,
+    validate_delta, validate_units,
 };
 pub use crate::config::RedisTarget;
 
@@ -118,10 +123,13 @@ struct Shared {
     add_stock: LuaScript,
     set_stock: LuaScript,
     set_closed: LuaScript,
+    gcra: LuaScript,
     /// Reserves waiting to be sent together (see [`Shared::reserve_inner`]).
     reserves: ThreadLocal<Arc<Batches<ReserveWaiter>>>,
     /// Settles waiting to be sent together (see [`Shared::settle_inner`]).
     settles: ThreadLocal<SettleQueues>,
+    /// Global limit checks waiting to be sent together, by route (see `limits.rs`).
+    limits: ThreadLocal<Arc<Batches<LimitWaiter>>>,
     /// Where stock changes are published (`<prefix>:events`), and the clients that may
     /// subscribe to it (see `events.rs`).
     events_channel: String,
@@ -257,8 +265,10 @@ impl Shared {
             add_stock: LuaScript::new(include_str!("../../../lua/add_stock.lua")),
             set_stock: LuaScript::new(include_str!("../../../lua/set_stock.lua")),
             set_closed: LuaScript::new(include_str!("../../../lua/set_closed.lua")),
+            gcra: LuaScript::new(include_str!("../../../lua/gcra.lua")),
             reserves: ThreadLocal::new(),
             settles: ThreadLocal::new(),
+            limits: ThreadLocal::new(),
         }
     }
 
@@ -519,6 +529,13 @@ impl StoreImpl for RedisStore {
     ) -> impl Future<Output = Result<ResolveOutcome, StoreError>> + Send {
         self.shared
             .resolve_inner(sku, reservation, to, held_min_age)
+    }
+
+    fn check_limits(
+        &self,
+        check: &LimitCheck,
+    ) -> impl Future<Output = Result<LimitVerdict, StoreError>> + Send {
+        self.shared.check_limits_inner(check)
     }
 }
 

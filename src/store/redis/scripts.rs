@@ -126,7 +126,12 @@ pub(super) fn script_cmd(
     args: usize,
     bytes: usize,
 ) -> redis::Cmd {
-    let keys = keys.script_keys();
+    keys_cmd(script, &keys.script_keys(), args, bytes)
+}
+
+/// `EVALSHA <script> <n> <keys…>`, with room for `args` more arguments of `bytes` bytes in
+/// all: [`script_cmd`] for any keys (all in one Cluster slot: the first key routes the call).
+pub(super) fn keys_cmd(script: &LuaScript, keys: &[&str], args: usize, bytes: usize) -> redis::Cmd {
     let mut cmd = redis::Cmd::with_capacity(
         3 + keys.len() + args,
         64 + keys.iter().map(|k| k.len()).sum::<usize>() + bytes,
@@ -134,7 +139,7 @@ pub(super) fn script_cmd(
     cmd.arg("EVALSHA")
         .arg(&script.hash)
         .arg(keys.len())
-        .arg(&keys[..]);
+        .arg(keys);
     cmd
 }
 

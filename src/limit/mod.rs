@@ -10,6 +10,12 @@
 //! (no hash flooding, no stored strings), idle keys are evicted on a timer, and a table that
 //! is full admits an unseen key without remembering it. That costs no protection: an unseen key
 //! would start with a full bucket anyway. The route bucket still caps the total.
+//!
+//! A bucket with `scope: global` is also counted across every instance sharing the store
+//! ([`global`]): its local bucket (same rate) stays in front, and only a request every local
+//! bucket admitted is asked of the store, so a flood is cut here before it costs a round trip.
+
+pub mod global;
 
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
 use std::net::IpAddr;
@@ -56,6 +62,8 @@ pub enum Denied {
     },
     /// The route's in-flight cap is reached.
     Overloaded,
+    /// A global bucket with `on_store_error: closed` could not ask the store.
+    StoreUnavailable,
 }
 
 /// All guards of one route. Generic over the clock so tests can drive refills by hand.
@@ -341,6 +349,7 @@ mod tests {
             period: Duration::from_secs(1) / per_second,
             burst: NonZeroU32::new(burst).unwrap(),
             max_keys,
+            global: None,
         }
     }
 
@@ -418,6 +427,7 @@ mod tests {
                 period: Duration::from_millis(1),
                 burst: NonZeroU32::new(1).unwrap(),
                 max_keys: 1000,
+                global: None,
             }),
             ..Limits::default()
         });
