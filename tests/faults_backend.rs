@@ -425,16 +425,14 @@ async fn backend_closing_keep_alive_connections_silently() {
 }
 
 /// The stricter promise: a request the backend never saw is never answered 502. flashgate
-/// cannot keep it fully: it polls an idle connection for the backend's close before reusing
-/// it, and sends a request the connection refused unwritten on another one (`forward/pool.rs`),
-/// but a close still in flight while the request is written cannot be told from a backend
-/// that read the order and then died (seen: 0 to 2 of 600 requests per run, as with hyper's
-/// pooled client before), so the unit stays `uncertain` and that buyer is told 502 (then
-/// 409). nginx has the same window and does not retry a POST either. The remedy is on the
-/// backend: send `Connection: close`, or keep idle connections open longer than
-/// `upstream.pool_idle_timeout`.
+/// cannot keep it yet: hyper's pool may hand out a keep-alive connection the backend has just
+/// closed, and the request fails with "connection closed before message completed" (seen: 0
+/// to 2 of 600 requests per run, each one the backend never read). flashgate cannot tell that
+/// from a backend that read the order and then died, so the unit stays `uncertain` and that
+/// buyer is told 502 (then 409). The remedy is on the backend: send `Connection: close`, or
+/// keep idle connections open longer than `upstream.pool_idle_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: a keep-alive close in flight while a request is written (spurious 502)"]
+#[ignore = "known gap: hyper's pool can reuse a keep-alive connection the backend is closing (spurious 502)"]
 async fn no_spurious_502_when_the_backend_closes_keep_alive_connections_silently() {
     bounded(async {
         let run = one_shot_run(false).await;
