@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034,SC2154  # work, pids and the *_PID results are the caller's globals
 # Shared by bench/run.sh and bench/scale.sh (sourced, not run). The caller sets `work` (its
 # temporary directory) and `pids` (an array its EXIT trap kills); every process started here
 # is appended to `pids`. Loopback only.
@@ -18,7 +19,7 @@ to_ms() { # wrk prints 1.23ms / 456.00us / 1.20s
   awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v+0 } else if (v ~ /s$/) { sub(/s$/,"",v); print v*1000 } else print v }'
 }
 median() { sort -n | awk '{a[NR]=$1} END { if (NR==0 || a[1] !~ /^[0-9.]+$/) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b>0) printf "%.2f", a/b; else print "-" }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b > 0) printf "%.2f", a/b; else print "-" }'; }
 
 # redis-server on a private unix socket (and, with a second argument, on 127.0.0.1:PORT too),
 # no persistence.  start_redis SOCKET [PORT]; sets REDIS_PID. The socket is world-writable and
