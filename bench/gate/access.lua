@@ -42,7 +42,7 @@ local function call(sock, cmd)
 end
 
 local sock = ngx.socket.tcp()
-sock:settimeouts(500, 500, 500)
+sock:settimeouts(2000, 2000, 2000) -- as flashgate's store response_timeout in the benches
 local ok, err = sock:connect(conf.socket)
 if not ok then
   ngx.log(ngx.ERR, "gate: redis connect: ", err)
