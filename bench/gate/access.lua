@@ -2,7 +2,7 @@
 -- flash-sale admission into nginx with lua-nginx-module writes. Per request:
 --   1. the buyer from X-User-Id (401 without), the SKU from the location's capture;
 --   2. one EVALSHA of bench/gate/reserve.lua over a pooled connection to Redis (a unix socket,
---      connections kept with setkeepalive; NOSCRIPT loads the script and retries once);
+--      at most 256 per worker, kept with setkeepalive; NOSCRIPT loads the script and retries once);
 --   3. a winner goes on to proxy_pass (upstream keepalive) carrying the X-Flashgate-* headers
 --      flashgate would set; a loser is answered here: 410 sold out, 409 repeat buyer, 503 when
 --      Redis fails (fail closed).
@@ -42,8 +42,13 @@ local function call(sock, cmd)
 end
 
 local sock = ngx.socket.tcp()
-sock:settimeouts(2000, 2000, 2000) -- as flashgate's store response_timeout in the benches
-local ok, err = sock:connect(conf.socket)
+-- Send and read time out at 2 s, as flashgate's store response_timeout in the benches; connect
+-- at 10 s, as it includes the wait for a pooled connection (wrk's own timeout is 10 s).
+sock:settimeouts(10000, 2000, 2000)
+-- At most 256 connections to Redis per worker; requests beyond that wait for a pooled one
+-- (`backlog`) instead of opening more: at thousands of client connections, opening one per
+-- request overflows Redis's accept queue (EAGAIN on the unix socket, a 503 per failure).
+local ok, err = sock:connect(conf.socket, { pool_size = 256, backlog = 8192 })
 if not ok then
   ngx.log(ngx.ERR, "gate: redis connect: ", err)
   return answer(503, "unavailable")
@@ -65,7 +70,7 @@ if not line or line:sub(1, 1) ~= ":" then
   sock:close()
   return answer(503, "unavailable")
 end
-sock:setkeepalive(60000, 1024)
+sock:setkeepalive(60000)
 
 local verdict = tonumber(line:sub(2))
 if verdict == 0 then
