@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# flashgate benchmark, loopback only, bounded in time (~4-5 minutes).
+# flashgate benchmark, loopback only, bounded in time (~4 minutes).
 #
 # Starts its own redis-server, two backends (a stub: nginx `return 200`; and bench/backend/main.go,
 # a Go net/http server that builds ~1 KB of JSON per request), nginx as a pass-through proxy in

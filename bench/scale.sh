@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How flashgate's cost grows, loopback only, bounded in time (~5 minutes with the defaults).
+# How flashgate's cost grows, loopback only, bounded in time (~4 minutes with the defaults).
 # bench/run.sh measures one load level; this measures how the figures move with:
 #   1. client connections: requests/s and p99 at 64, 512 and 4,096 connections for nginx
 #      pass-through, flashgate pass-through, flashgate's flash route (a distinct buyer per
