@@ -5,19 +5,24 @@
 -- concurrency. All keys carry the hash tag {sku}, so the script stays on one
 -- Redis Cluster slot.
 --
--- Takes a batch: the buyers of one SKU who asked within the same moment on
--- one flashgate thread go in one call, decided one after the other in
--- arrival order. Each decision sees every earlier one (Redis runs a script
--- alone), exactly as if each had been its own call; the batch only saves
--- round trips and per-call overhead.
+-- Takes a batch: the buyers who asked within the same moment on one
+-- flashgate thread go in one call, decided one after the other in arrival
+-- order. Each decision sees every earlier one (Redis runs a script alone),
+-- exactly as if each had been its own call; the batch only saves round trips
+-- and per-call overhead. On one Redis server a batch may hold several SKUs
+-- (one group of four keys each); on a Redis Cluster it holds one SKU (one
+-- slot per call).
 --
--- KEYS[1] stock    string int: units left (missing = sale not configured)
--- KEYS[2] buyers   hash user -> units the user holds (held, sold or uncertain)
--- KEYS[3] res      hash reservation id -> "state|qty|unix_ms|user"
--- KEYS[4] stats    hash "res:<state>" / "units:<state>" -> counters; "added" (units ever
---                  added, kept by set_stock.lua / add_stock.lua); "closed" = "1" while the
---                  operator has closed the sale
--- ARGV, four per buyer:
+-- KEYS, four per SKU (a group):
+--   stock    string int: units left (missing = sale not configured)
+--   buyers   hash user -> units the user holds (held, sold or uncertain)
+--   res      hash reservation id -> "state|qty|unix_ms|user"
+--   stats    hash "res:<state>" / "units:<state>" -> counters; "added" (units ever
+--            added, kept by set_stock.lua / add_stock.lua); "closed" = "1" while the
+--            operator has closed the sale
+-- ARGV: with one group (four keys), four per buyer; with G groups, first the G
+-- group sizes (buyers per SKU, each >= 1, in KEYS order), then four per buyer,
+-- group after group:
 --   user id (any bytes; stored last in the record so it may contain '|')
 --   quantity (integer >= 1)
 --   per-user limit (integer >= quantity)
@@ -30,14 +35,15 @@
 --   {'already_purchased', held}      nothing changed
 --   {'not_configured'}               nothing changed; a missing key is NEVER unlimited
 --   {'error', message}               arguments the caller should never send; nothing changed
--- or an error reply when the whole batch cannot run (malformed ARGV, stock not an integer or
--- beyond 2^53-1, where a double would no longer count units exactly); nothing changed then.
+-- or an error reply when the whole batch cannot run (malformed KEYS or ARGV, a stock not an
+-- integer or beyond 2^53-1, where a double would no longer count units exactly): every group
+-- is checked before anything is written, so nothing changed then.
 
 -- Cross-instance events: tell every flashgate instance, over pub/sub on '<prefix>:events',
--- as '<what> <value> <sku>'. Prefix and SKU are read back from the stock key
+-- as '<what> <value> <sku>'. Prefix and SKU are read back from a stock key
 -- '<prefix>:{<sku>}:stock' (a prefix never contains '{').
-local function publish(what, value)
-  local prefix, sku = string.match(KEYS[1], '^(.-):{(.*)}:stock$')
+local function publish(stock_key, what, value)
+  local prefix, sku = string.match(stock_key, '^(.-):{(.*)}:stock$')
   if prefix then
     redis.call('PUBLISH', prefix .. ':events', what .. ' ' .. value .. ' ' .. sku)
   end
@@ -49,27 +55,52 @@ if redis.replicate_commands then
   redis.replicate_commands()
 end
 
-if #ARGV == 0 or #ARGV % 4 ~= 0 then
+local MAX = 9007199254740991
+
+local groups = #KEYS / 4
+if groups < 1 or groups % 1 ~= 0 then
+  return redis.error_reply('ERR flashgate reserve: keys come in fours (stock, buyers, res, stats)')
+end
+-- Buyers per group, and where the buyers' arguments start.
+local sizes, first = {}, 1
+if groups == 1 then
+  sizes[1] = #ARGV / 4
+else
+  local total = 0
+  for g = 1, groups do
+    local n = tonumber(ARGV[g])
+    if not n or n < 1 or n % 1 ~= 0 then
+      return redis.error_reply('ERR flashgate reserve: group sizes come first, each >= 1')
+    end
+    sizes[g] = n
+    total = total + n
+  end
+  first = groups + 1
+  if #ARGV - groups ~= total * 4 then
+    return redis.error_reply('ERR flashgate reserve: group sizes do not match the buyers')
+  end
+end
+if #ARGV - first + 1 == 0 or (#ARGV - first + 1) % 4 ~= 0 then
   return redis.error_reply('ERR flashgate reserve: arguments come in fours (user, quantity, limit, id)')
 end
 
-local MAX = 9007199254740991
-
-local raw = redis.call('GET', KEYS[1])
-local stock = nil
-if raw then
-  if not string.match(raw, '^-?%d+$') then
-    return redis.error_reply('ERR flashgate reserve: stock key does not hold an integer')
-  end
-  stock = tonumber(raw)
-  if #raw > 17 or stock > MAX then
-    return redis.error_reply('ERR flashgate reserve: stock ' .. raw .. ' is beyond 2^53-1; set the stock again')
+-- Every group's stock, read and checked before anything is written.
+local stocks = {}
+for g = 1, groups do
+  local raw = redis.call('GET', KEYS[4 * g - 3])
+  if raw then
+    if not string.match(raw, '^-?%d+$') then
+      return redis.error_reply('ERR flashgate reserve: stock key does not hold an integer')
+    end
+    local stock = tonumber(raw)
+    if #raw > 17 or stock > MAX then
+      return redis.error_reply('ERR flashgate reserve: stock ' .. raw .. ' is beyond 2^53-1; set the stock again')
+    end
+    stocks[g] = stock
+  else
+    stocks[g] = false
   end
 end
-
--- Closed by the operator: every buyer is refused before anything else is looked at, so a
--- closed sale changes no stock and no buyer's count. Releases still return units to stock.
-local closed = redis.call('HGET', KEYS[4], 'closed') == '1'
 
 -- Time from the Redis clock, never a proxy's (instances' clocks drift); read
 -- at most once per batch.
@@ -83,45 +114,53 @@ local function now_ms()
 end
 
 local replies = {}
-local won, units = 0, 0
-for i = 1, #ARGV, 4 do
-  local user, qty, limit, id = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), ARGV[i + 3]
-  local reply
-  if not qty or qty < 1 or not limit or qty > limit or limit > MAX or id == '' then
-    reply = {'error', 'bad arguments'}
-  elseif closed then
-    reply = {'closed'}
-  else
-    -- Dedupe first: a repeat buyer is told so even when the sale is sold out.
-    local held = tonumber(redis.call('HGET', KEYS[2], user) or '0') or 0
-    if held + qty > limit then
-      reply = {'already_purchased', held}
-    elseif not stock then
-      reply = {'not_configured'}
-    elseif stock < qty then
-      reply = {'sold_out', math.max(stock, 0)}
-    -- A colliding id would let one release undo another buyer's unit; with
-    -- 128 random bits this never happens, and HSETNX refuses it for free.
-    elseif redis.call('HSETNX', KEYS[3], id, 'held|' .. qty .. '|' .. now_ms() .. '|' .. user) == 0 then
-      reply = {'error', 'reservation id already exists'}
+local i = first
+for g = 1, groups do
+  local k_stock, k_buyers, k_res, k_stats = KEYS[4 * g - 3], KEYS[4 * g - 2], KEYS[4 * g - 1], KEYS[4 * g]
+  local stock = stocks[g] or nil
+  -- Closed by the operator: every buyer is refused before anything else is looked at, so a
+  -- closed sale changes no stock and no buyer's count. Releases still return units to stock.
+  local closed = redis.call('HGET', k_stats, 'closed') == '1'
+  local won, units = 0, 0
+  for _ = 1, sizes[g] do
+    local user, qty, limit, id = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), ARGV[i + 3]
+    i = i + 4
+    local reply
+    if not qty or qty < 1 or not limit or qty > limit or limit > MAX or id == '' then
+      reply = {'error', 'bad arguments'}
+    elseif closed then
+      reply = {'closed'}
     else
-      stock = stock - qty
-      redis.call('HINCRBY', KEYS[2], user, qty)
-      won = won + 1
-      units = units + qty
-      reply = {'won', stock}
+      -- Dedupe first: a repeat buyer is told so even when the sale is sold out.
+      local held = tonumber(redis.call('HGET', k_buyers, user) or '0') or 0
+      if held + qty > limit then
+        reply = {'already_purchased', held}
+      elseif not stock then
+        reply = {'not_configured'}
+      elseif stock < qty then
+        reply = {'sold_out', math.max(stock, 0)}
+      -- A colliding id would let one release undo another buyer's unit; with
+      -- 128 random bits this never happens, and HSETNX refuses it for free.
+      elseif redis.call('HSETNX', k_res, id, 'held|' .. qty .. '|' .. now_ms() .. '|' .. user) == 0 then
+        reply = {'error', 'reservation id already exists'}
+      else
+        stock = stock - qty
+        redis.call('HINCRBY', k_buyers, user, qty)
+        won = won + 1
+        units = units + qty
+        reply = {'won', stock}
+      end
     end
+    replies[#replies + 1] = reply
   end
-  replies[#replies + 1] = reply
-end
-
-if won > 0 then
-  redis.call('DECRBY', KEYS[1], units)
-  redis.call('HINCRBY', KEYS[4], 'res:held', won)
-  redis.call('HINCRBY', KEYS[4], 'units:held', units)
-  -- This batch took the last units: the other instances may set their sold-out flags now.
-  if stock <= 0 then
-    publish('stock', '0')
+  if won > 0 then
+    redis.call('DECRBY', k_stock, units)
+    redis.call('HINCRBY', k_stats, 'res:held', won)
+    redis.call('HINCRBY', k_stats, 'units:held', units)
+    -- This batch took the last units: the other instances may set their sold-out flags now.
+    if stock <= 0 then
+      publish(k_stock, 'stock', '0')
+    end
   end
 end
 return replies

@@ -543,6 +543,55 @@ mod cases {
         assert_eq!(status.stock, Some(0));
     }
 
+    /// Buyers of 8 SKUs at once, the same 40 users in every SKU (one server's Redis store
+    /// decides them in shared calls, several SKUs per call): each SKU sells exactly its own
+    /// stock, a user's purchase of one SKU does not count against another, a closed SKU and
+    /// an unconfigured one answer as they would alone, and each SKU's books balance.
+    pub async fn buyers_of_many_skus_arriving_together(store: Arc<dyn Store>) {
+        const SKUS: usize = 8;
+        let name = |k: usize| format!("multi-{k}");
+        for k in 0..SKUS - 2 {
+            store.set_stock(&sku(&name(k)), 5 + k as u64).await.unwrap();
+        }
+        store.set_stock(&sku(&name(SKUS - 2)), 10).await.unwrap();
+        store.set_closed(&sku(&name(SKUS - 2)), true).await.unwrap();
+        // SKU 7 is never configured.
+        let tasks: Vec<_> = (0..40 * SKUS)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                let (k, user) = (i % SKUS, format!("user-{}", i / SKUS));
+                tokio::spawn(async move {
+                    let outcome = store.reserve(&req(&name(k), &user, 1, 1)).await.unwrap();
+                    (k, outcome)
+                })
+            })
+            .collect();
+        let mut won = [0u64; SKUS];
+        for task in tasks {
+            let (k, outcome) = task.await.unwrap();
+            match (k, outcome) {
+                (_, ReserveOutcome::Won { .. }) => won[k] += 1,
+                (k, ReserveOutcome::SoldOut { remaining: 0 }) if k < SKUS - 2 => {}
+                (k, ReserveOutcome::Closed) if k == SKUS - 2 => {}
+                (k, ReserveOutcome::NotConfigured) if k == SKUS - 1 => {}
+                (k, other) => panic!("SKU {k}: unexpected {other:?}"),
+            }
+        }
+        for (k, &won) in won.iter().enumerate().take(SKUS - 2) {
+            assert_eq!(won, 5 + k as u64, "SKU {k} sells exactly its stock");
+            let status = store.status(&sku(&name(k))).await.unwrap();
+            assert_eq!(status.stock, Some(0));
+            assert_eq!(status.reservations.held, won);
+            assert_eq!(status.buyers, won);
+        }
+        assert_eq!(won[SKUS - 2], 0, "a closed sale sells nothing");
+        assert_eq!(won[SKUS - 1], 0, "an unconfigured sale sells nothing");
+        assert_eq!(
+            store.get_stock(&sku(&name(SKUS - 2))).await.unwrap(),
+            Some(10)
+        );
+    }
+
     /// 60 settles racing on one SKU (the Redis store batches them): each reservation moves
     /// exactly once, to the state its own caller asked for, and the counters add up.
     pub async fn concurrent_settles_move_each_reservation_once(store: Arc<dyn Store>) {
@@ -902,6 +951,7 @@ macro_rules! all_cases {
             users_may_contain_separators,
             concurrent_buyers_never_oversell,
             buyers_arriving_together_are_decided_in_turn,
+            buyers_of_many_skus_arriving_together,
             concurrent_settles_move_each_reservation_once,
             resolve_once,
             reservations_are_listed_bounded,
@@ -1304,6 +1354,38 @@ mod redis_only {
             calls <= 10,
             "{calls} script calls for 300 buyers arriving together"
         );
+    }
+
+    /// Buyers of 20 SKUs arriving together on one Redis server share script calls across
+    /// SKUs (a sale of many SKUs costs Redis no more calls than a sale of one).
+    #[tokio::test(flavor = "current_thread")]
+    async fn reserves_of_many_skus_arriving_together_share_script_calls() {
+        let server = RedisServer::start();
+        let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&config(&server)).await.unwrap());
+        for k in 0..20 {
+            store.set_stock(&sku(&format!("mix-{k}")), 3).await.unwrap();
+        }
+        let before = server.script_calls();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let r = req(&format!("mix-{}", i % 20), &format!("user-{i}"), 1, 1);
+                    store.reserve(&r).await.unwrap()
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for task in tasks {
+            if let ReserveOutcome::Won { .. } = task.await.unwrap() {
+                won += 1;
+            }
+        }
+        let calls = server.script_calls() - before;
+        assert_eq!(won, 60, "3 units of each of 20 SKUs");
+        // 200 buyers in batches of at most 64: 4 calls, plus a reload if the cache missed
+        // (one call per SKU would be 20 or more).
+        assert!(calls <= 8, "{calls} script calls for 200 buyers of 20 SKUs");
     }
 
     /// A buyer who disconnects while its reserve is with Redis (hyper drops the request

@@ -8,8 +8,8 @@
 //!   `lua/settle.lua`, `lua/set_stock.lua`, `lua/add_stock.lua`; `lua/gcra.lua` for the
 //!   global rate limits, see [`limits`]), so any number of flashgate instances can share
 //!   it. The
-//!   buyers of one SKU who arrive together on one thread share a script call,
-//!   which decides them one after the other.
+//!   buyers who arrive together on one thread share a script call (on a Redis
+//!   Cluster, those of one SKU), which decides them one after the other.
 //! - [`MemoryStore`]: the embedded default when no Redis is configured; same
 //!   semantics in-process, for a single instance.
 //!

@@ -11,8 +11,8 @@
 //!   because Redis is down. Every call is bounded by `response_timeout` as a whole.
 //! - `scripts.rs`: `lua/*.lua`, embedded at build time and run as `EVALSHA`, reloaded on
 //!   `NOSCRIPT`.
-//! - `reserve.rs`: reserves of one SKU arriving on one thread in the same scheduler turn go to
-//!   Redis as one `reserve.lua` call; a unit won for a buyer who is gone, or whose reply was
+//! - `reserve.rs`: reserves arriving on one thread in the same scheduler turn go to Redis as
+//!   one `reserve.lua` call (any SKUs on one server, one SKU's on a cluster); a unit won for a buyer who is gone, or whose reply was
 //!   lost, is cancelled in the background.
 //! - `settle.rs`: settles batched the same way, one `settle.lua` call per batch.
 //! - `limits.rs`: global rate limits, batched per route the same way, one `gcra.lua` call
@@ -137,6 +137,9 @@ struct Shared {
     connect_timeout: Duration,
     /// `store.wait_replicas` (see `reserve.rs`).
     replication: Option<Replication>,
+    /// One server: a reserve batch may hold buyers of several SKUs (on a cluster, one SKU:
+    /// a script runs on one slot).
+    mixed_batches: bool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -255,6 +258,7 @@ impl Shared {
             event_clients,
             connect_timeout: cfg.connect_timeout,
             replication: cfg.wait_replicas,
+            mixed_batches: matches!(cfg.target, RedisTarget::Node(_)),
             pool,
             next: AtomicUsize::new(0),
             prefix: cfg.key_prefix.clone(),

@@ -1,7 +1,9 @@
-//! Reserve batches: reserves of one SKU arriving on one thread within the same scheduler
-//! turn go to Redis as one `reserve.lua` call that decides each buyer in turn (see
+//! Reserve batches: reserves arriving on one thread within the same scheduler turn go to
+//! Redis as one `reserve.lua` call that decides each buyer in turn (see
 //! [`Shared::reserve_inner`]): every decision is still atomic and sees the ones before it,
-//! and a busy sale costs one round trip per batch rather than one per buyer. The call runs
+//! and a busy sale costs one round trip per batch rather than one per buyer. On one Redis
+//! server a batch holds every SKU's buyers (a sale of many SKUs batches as well as a sale of
+//! one); on a Redis Cluster, one SKU's (a script runs on one slot). The call runs
 //! in its own task, so a buyer who disconnects mid-call cannot strand a unit: a unit won for
 //! a buyer who is gone is cancelled at once (the [`Reply`] guard, [`Shared::cancel_later`]).
 //!
@@ -21,7 +23,7 @@ use redis::Value;
 
 use super::batch::Batches;
 use super::reply::reserve_outcome;
-use super::scripts::script_cmd;
+use super::scripts::keys_cmd;
 use super::{Mode, Shared};
 use crate::store::{
     ReleaseOutcome, ReservationId, ReserveOutcome, ReserveRequest, Sku, StoreError, UserId,
@@ -49,6 +51,7 @@ impl Shared {
         validate_reserve(req)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let waiter = ReserveWaiter {
+            sku: req.sku.clone(),
             user: req.user.clone(),
             quantity: req.quantity,
             per_user_limit: req.per_user_limit,
@@ -60,23 +63,49 @@ impl Shared {
             shared.cancel_later(&sku, &id, "buyer left as the reservation was answered");
         });
         let queue = Arc::clone(self.reserves.get_or_default());
-        if queue.push(req.sku.as_str(), waiter) {
-            spawn_reserve_batch(Arc::clone(self), queue, req.sku.clone());
+        let batch = if self.mixed_batches {
+            ""
+        } else {
+            req.sku.as_str()
+        };
+        if queue.push(batch, waiter) {
+            spawn_reserve_batch(Arc::clone(self), queue, batch.to_owned());
         }
         reply.recv().await
     }
 
-    /// One `reserve.lua` call for up to [`RESERVE_BATCH_MAX`] buyers.
-    async fn reserve_call(self: &Arc<Self>, sku: &Sku, mut waiters: Vec<ReserveWaiter>) {
+    /// One `reserve.lua` call for up to [`RESERVE_BATCH_MAX`] buyers, grouped by SKU (in order
+    /// of each SKU's first buyer; each SKU's buyers in arrival order).
+    async fn reserve_call(self: &Arc<Self>, waiters: Vec<ReserveWaiter>) {
         // A buyer who left before the batch went out is not reserved for at all.
-        waiters.retain(|w| !w.tx.is_closed());
-        if waiters.is_empty() {
+        let mut groups: Vec<(Sku, Vec<ReserveWaiter>)> = Vec::new();
+        for w in waiters.into_iter().filter(|w| !w.tx.is_closed()) {
+            match groups.iter_mut().find(|(sku, _)| *sku == w.sku) {
+                Some((_, group)) => group.push(w),
+                None => groups.push((w.sku.clone(), vec![w])),
+            }
+        }
+        if groups.is_empty() {
             return;
         }
-        let keys = self.keys(sku);
+        let keys: Vec<_> = groups.iter().map(|(sku, _)| self.keys(sku)).collect();
+        let key_refs: Vec<&str> = keys.iter().flat_map(|k| k.script_keys()).collect();
+        let waiters: Vec<ReserveWaiter> =
+            groups.iter_mut().flat_map(|(_, g)| g.drain(..)).collect();
+        let sizes = if groups.len() > 1 { groups.len() } else { 0 };
         // One buffer for the whole command; integers are written in place.
-        let bytes = waiters.iter().map(|w| w.user.as_str().len() + 48).sum();
-        let mut cmd = script_cmd(&self.reserve, &keys, waiters.len() * 4, bytes);
+        let bytes = waiters
+            .iter()
+            .map(|w| w.user.as_str().len() + 48)
+            .sum::<usize>()
+            + sizes * 8;
+        let mut cmd = keys_cmd(&self.reserve, &key_refs, sizes + waiters.len() * 4, bytes);
+        if sizes > 0 {
+            // Several SKUs: the group sizes first (see `lua/reserve.lua`).
+            for (sku, _) in &groups {
+                cmd.arg(waiters.iter().filter(|w| w.sku == *sku).count());
+            }
+        }
         for w in &waiters {
             cmd.arg(w.user.as_str().as_bytes())
                 .arg(w.quantity)
@@ -113,7 +142,7 @@ impl Shared {
                 // Nothing we understand: the buyers get 503; if any unit was taken, the
                 // cancel below returns it.
                 let e = StoreError::Protocol(format!("reserve answered {other:?}"));
-                self.fail_batch(sku, waiters, &e, true);
+                self.fail_batch(waiters, &e, true);
                 return;
             }
             Err(e) => {
@@ -121,7 +150,7 @@ impl Shared {
                 // stalled server): cancel every reservation of the batch.
                 let ambiguous =
                     matches!(e, StoreError::Unavailable(_)) && sent.load(Ordering::Relaxed);
-                self.fail_batch(sku, waiters, &e, ambiguous);
+                self.fail_batch(waiters, &e, ambiguous);
                 return;
             }
         };
@@ -132,13 +161,13 @@ impl Shared {
             if let (Some(e), Ok(ReserveOutcome::Won { reservation, .. })) =
                 (&unreplicated, &outcome)
             {
-                self.cancel_later(sku, reservation, "reservation not on enough replicas");
+                self.cancel_later(&w.sku, reservation, "reservation not on enough replicas");
                 outcome = Err(e.clone());
             }
             if let Err(Ok(ReserveOutcome::Won { reservation, .. })) = w.tx.send(outcome) {
                 // The buyer left while the script ran: nobody will forward this unit.
                 self.cancel_later(
-                    sku,
+                    &w.sku,
                     &reservation,
                     "buyer left before the reservation was answered",
                 );
@@ -146,16 +175,10 @@ impl Shared {
         }
     }
 
-    fn fail_batch(
-        self: &Arc<Self>,
-        sku: &Sku,
-        waiters: Vec<ReserveWaiter>,
-        e: &StoreError,
-        cancel: bool,
-    ) {
+    fn fail_batch(self: &Arc<Self>, waiters: Vec<ReserveWaiter>, e: &StoreError, cancel: bool) {
         for w in waiters {
             if cancel {
-                self.cancel_later(sku, &w.reservation, "reserve got no usable reply");
+                self.cancel_later(&w.sku, &w.reservation, "reserve got no usable reply");
             }
             let _ = w.tx.send(Err(e.clone()));
         }
@@ -241,6 +264,7 @@ impl Drop for Reply {
 
 /// One buyer waiting in a reserve batch.
 pub(super) struct ReserveWaiter {
+    sku: Sku,
     user: UserId,
     quantity: u32,
     per_user_limit: u32,
@@ -251,14 +275,15 @@ pub(super) struct ReserveWaiter {
 
 /// The task that sends one batch: it waits one scheduler turn so the requests that are
 /// ready join, then takes the batch (leaving a successor for what does not fit) and sends it.
-fn spawn_reserve_batch(store: Arc<Shared>, queue: Arc<Batches<ReserveWaiter>>, sku: Sku) {
+/// `batch` names the queue: `""` (every SKU) on one server, the SKU on a cluster.
+fn spawn_reserve_batch(store: Arc<Shared>, queue: Arc<Batches<ReserveWaiter>>, batch: String) {
     tokio::spawn(async move {
         tokio::task::yield_now().await;
-        let (waiters, more) = queue.take(sku.as_str(), RESERVE_BATCH_MAX);
+        let (waiters, more) = queue.take(&batch, RESERVE_BATCH_MAX);
         if more {
-            spawn_reserve_batch(Arc::clone(&store), queue, sku.clone());
+            spawn_reserve_batch(Arc::clone(&store), queue, batch.clone());
         }
-        store.reserve_call(&sku, waiters).await;
+        store.reserve_call(waiters).await;
     });
 }
 
@@ -342,6 +367,7 @@ mod tests {
     fn waiter(n: u128) -> (ReserveWaiter, ReplyReceiver) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let waiter = ReserveWaiter {
+            sku: tee(),
             user: UserId::parse(&format!("buyer-{n}")).unwrap(),
             quantity: 1,
             per_user_limit: 1,
@@ -401,7 +427,7 @@ mod tests {
         let (a, rx_a) = waiter(5);
         let (b, rx_b) = waiter(6);
         drop((rx_a, rx_b));
-        store.reserve_call(&tee(), vec![a, b]).await;
+        store.reserve_call(vec![a, b]).await;
         assert!(
             !store.pool.opened_on_this_thread(),
             "a batch of buyers who are all gone never reaches for Redis"
@@ -414,7 +440,7 @@ mod tests {
         let (a, rx_a) = waiter(7);
         let (b, rx_b) = waiter(8);
         let e = StoreError::Protocol("reserve answered nonsense".into());
-        store.fail_batch(&tee(), vec![a, b], &e, false);
+        store.fail_batch(vec![a, b], &e, false);
         for rx in [rx_a, rx_b] {
             assert!(
                 matches!(rx.await, Ok(Err(StoreError::Protocol(m))) if m == "reserve answered nonsense")
