@@ -567,21 +567,47 @@ mod cases {
             })
             .collect();
         let mut won = [0u64; SKUS];
+        let mut winners = Vec::new();
         for task in tasks {
             let (k, outcome) = task.await.unwrap();
             match (k, outcome) {
-                (_, ReserveOutcome::Won { .. }) => won[k] += 1,
+                (_, ReserveOutcome::Won { reservation, .. }) => {
+                    won[k] += 1;
+                    winners.push((k, reservation));
+                }
                 (k, ReserveOutcome::SoldOut { remaining: 0 }) if k < SKUS - 2 => {}
                 (k, ReserveOutcome::Closed) if k == SKUS - 2 => {}
                 (k, ReserveOutcome::NotConfigured) if k == SKUS - 1 => {}
                 (k, other) => panic!("SKU {k}: unexpected {other:?}"),
             }
         }
+        // Every winner settled at once (all SKUs together): even-numbered SKUs sold, odd
+        // ones uncertain; each reservation moves once.
+        let settles: Vec<_> = winners
+            .iter()
+            .map(|(k, id)| {
+                let (store, sku, id) = (Arc::clone(&store), sku(&name(*k)), id.clone());
+                let to = if k % 2 == 0 {
+                    Settlement::Sold
+                } else {
+                    Settlement::Uncertain
+                };
+                tokio::spawn(async move { store.settle(&sku, &id, to).await.unwrap() })
+            })
+            .collect();
+        for settle in settles {
+            assert!(settle.await.unwrap(), "each reservation moves once");
+        }
         for (k, &won) in won.iter().enumerate().take(SKUS - 2) {
             assert_eq!(won, 5 + k as u64, "SKU {k} sells exactly its stock");
             let status = store.status(&sku(&name(k))).await.unwrap();
             assert_eq!(status.stock, Some(0));
-            assert_eq!(status.reservations.held, won);
+            let expected = if k % 2 == 0 {
+                counts(0, won, 0, 0)
+            } else {
+                counts(0, 0, 0, won)
+            };
+            assert_eq!(status.reservations, expected, "SKU {k}");
             assert_eq!(status.buyers, won);
         }
         assert_eq!(won[SKUS - 2], 0, "a closed sale sells nothing");
@@ -1369,16 +1395,19 @@ mod redis_only {
         let tasks: Vec<_> = (0..200)
             .map(|i| {
                 let store = Arc::clone(&store);
+                let sku = sku(&format!("mix-{}", i % 20));
                 tokio::spawn(async move {
-                    let r = req(&format!("mix-{}", i % 20), &format!("user-{i}"), 1, 1);
-                    store.reserve(&r).await.unwrap()
+                    let r = req(sku.as_str(), &format!("user-{i}"), 1, 1);
+                    (sku, store.reserve(&r).await.unwrap())
                 })
             })
             .collect();
         let mut won = 0;
+        let mut winners = Vec::new();
         for task in tasks {
-            if let ReserveOutcome::Won { .. } = task.await.unwrap() {
+            if let (sku, ReserveOutcome::Won { reservation, .. }) = task.await.unwrap() {
                 won += 1;
+                winners.push((sku, reservation));
             }
         }
         let calls = server.script_calls() - before;
@@ -1386,6 +1415,25 @@ mod redis_only {
         // 200 buyers in batches of at most 64: 4 calls, plus a reload if the cache missed
         // (one call per SKU would be 20 or more).
         assert!(calls <= 8, "{calls} script calls for 200 buyers of 20 SKUs");
+
+        // Their 60 settles, all at once: one batch for every SKU.
+        let settles: Vec<_> = winners
+            .into_iter()
+            .map(|(sku, id)| {
+                let store = Arc::clone(&store);
+                tokio::spawn(
+                    async move { store.settle(&sku, &id, Settlement::Sold).await.unwrap() },
+                )
+            })
+            .collect();
+        let before = server.script_calls();
+        let mut moved = 0;
+        for settle in settles {
+            moved += u32::from(settle.await.unwrap());
+        }
+        let calls = server.script_calls() - before;
+        assert_eq!(moved, 60);
+        assert!(calls <= 3, "{calls} script calls for 60 settles of 20 SKUs");
     }
 
     /// A buyer who disconnects while its reserve is with Redis (hyper drops the request

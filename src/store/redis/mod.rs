@@ -14,7 +14,8 @@
 //! - `reserve.rs`: reserves arriving on one thread in the same scheduler turn go to Redis as
 //!   one `reserve.lua` call (any SKUs on one server, one SKU's on a cluster); a unit won for a buyer who is gone, or whose reply was
 //!   lost, is cancelled in the background.
-//! - `settle.rs`: settles batched the same way, one `settle.lua` call per batch.
+//! - `settle.rs`: settles batched the same way (any SKUs on one server), one `settle.lua` call
+//!   per batch.
 //! - `limits.rs`: global rate limits, batched per route the same way, one `gcra.lua` call
 //!   per batch.
 //! - `batch.rs`: the per-thread, per-SKU queue both kinds of batch wait in.

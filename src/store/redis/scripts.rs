@@ -1,5 +1,5 @@
 //! Our Lua scripts and how they are run: `lua/*.lua` are embedded at build time
-//! ([`LuaScript`]) and sent as `EVALSHA` in one buffer ([`script_cmd`]). On `NOSCRIPT`
+//! ([`LuaScript`]) and sent as `EVALSHA` in one buffer ([`keys_cmd`]). On `NOSCRIPT`
 //! (Redis restarted, `SCRIPT FLUSH`, a failover) the call is sent again as `EVAL` with the
 //! script's source, which runs it and caches it ([`Shared::run_script_tracked`]).
 
@@ -18,13 +18,24 @@ impl Shared {
         keys: &SaleKeys,
         args: &[&[u8]],
     ) -> Result<Value, StoreError> {
-        let mut cmd = script_cmd(script, keys, args.len(), args.iter().map(|a| a.len()).sum());
+        self.run_script_keys(script, &keys.script_keys(), args)
+            .await
+    }
+
+    /// [`run_script`](Self::run_script) with any keys (one server, or one Cluster slot).
+    pub(super) async fn run_script_keys(
+        &self,
+        script: &LuaScript,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<Value, StoreError> {
+        let mut cmd = keys_cmd(script, keys, args.len(), args.iter().map(|a| a.len()).sum());
         cmd.arg(args);
         self.run_script_tracked(script, cmd, &AtomicBool::new(false))
             .await
     }
 
-    /// Run `cmd` (from [`script_cmd`], arguments added), setting `sent` once the script may
+    /// Run `cmd` (from [`keys_cmd`], arguments added), setting `sent` once the script may
     /// have reached Redis (a connection was found and the call started): from then on a
     /// failure is ambiguous.
     pub(super) async fn run_script_tracked(
@@ -105,7 +116,7 @@ pub struct Replication {
     pub timeout: std::time::Duration,
 }
 
-/// `cmd` (an `EVALSHA <sha> ...` from [`script_cmd`]) as `EVAL <source> ...`.
+/// `cmd` (an `EVALSHA <sha> ...` from [`keys_cmd`]) as `EVAL <source> ...`.
 fn eval_cmd(script: &LuaScript, cmd: &redis::Cmd) -> redis::Cmd {
     let mut eval = redis::Cmd::with_capacity(cmd.args_iter().count(), script.code.len() + 256);
     eval.arg("EVAL").arg(script.code);
@@ -117,20 +128,10 @@ fn eval_cmd(script: &LuaScript, cmd: &redis::Cmd) -> redis::Cmd {
     eval
 }
 
-/// `EVALSHA <script> 4 <the sale's keys>`, with room for `args` more arguments of `bytes`
-/// bytes in all. The command is built in one buffer (redis-rs' `ScriptInvocation` allocates
-/// a vector per argument, and a reserve batch has four per buyer).
-pub(super) fn script_cmd(
-    script: &LuaScript,
-    keys: &SaleKeys,
-    args: usize,
-    bytes: usize,
-) -> redis::Cmd {
-    keys_cmd(script, &keys.script_keys(), args, bytes)
-}
-
 /// `EVALSHA <script> <n> <keys…>`, with room for `args` more arguments of `bytes` bytes in
-/// all: [`script_cmd`] for any keys (all in one Cluster slot: the first key routes the call).
+/// all (keys on one server, or in one Cluster slot: the first key routes the call). The
+/// command is built in one buffer (redis-rs' `ScriptInvocation` allocates a vector per
+/// argument, and a reserve batch has four per buyer).
 pub(super) fn keys_cmd(script: &LuaScript, keys: &[&str], args: usize, bytes: usize) -> redis::Cmd {
     let mut cmd = redis::Cmd::with_capacity(
         3 + keys.len() + args,

@@ -1,5 +1,6 @@
-//! Settle batches: settles of one SKU on one thread that arrive in the same scheduler turn
-//! go to Redis as one `settle.lua` call ([`Shared::settle_inner`]). The first settle of a
+//! Settle batches: settles on one thread that arrive in the same scheduler turn go to Redis
+//! as one `settle.lua` call ([`Shared::settle_inner`]): settles of any SKUs on one server,
+//! one SKU's on a Redis Cluster (a script runs on one slot), as reserves are batched. The first settle of a
 //! batch leads it: it sends the batch and hands every waiter its own result ([`deliver`]);
 //! a leader cancelled before sending empties its batch so nobody waits for it ([`Batch`]).
 
@@ -10,9 +11,9 @@ use super::batch::Batches;
 use crate::store::{ReservationId, Settlement, Sku, StoreError};
 
 impl Shared {
-    /// Settles are batched: the first settle of a SKU on this thread waits one scheduler turn
-    /// (every task that is ready runs first), takes whatever other settles of that SKU joined
-    /// meanwhile, and sends them all in one script call. Settles run after the buyer has been
+    /// Settles are batched: the first settle of a batch on this thread waits one scheduler
+    /// turn (every task that is ready runs first), takes whatever other settles joined
+    /// meanwhile, and sends them all in one script call, grouped by SKU. Settles run after the buyer has been
     /// answered, so the wait costs nobody latency, and a busy sale costs Redis about one
     /// settle call per batch instead of one per order.
     pub(super) async fn settle_inner(
@@ -23,18 +24,34 @@ impl Shared {
     ) -> Result<bool, StoreError> {
         let queue = self.settles.get_or_default().to(to);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if queue.push(sku.as_str(), (id.clone(), tx)) {
+        let key = if self.mixed_batches { "" } else { sku.as_str() };
+        if queue.push(key, (sku.clone(), id.clone(), tx)) {
             let mut batch = Batch {
                 queue,
-                sku: Some(sku.as_str()),
+                key: Some(key),
             };
             tokio::task::yield_now().await;
-            let waiters = batch.take();
-            let keys = self.keys(sku);
-            let mut args: Vec<&[u8]> = Vec::with_capacity(waiters.len() + 1);
+            let waiters = by_sku(batch.take());
+            let mut skus: Vec<(&Sku, usize)> = Vec::new();
+            for (sku, _, _) in &waiters {
+                match skus.last_mut() {
+                    Some((last, n)) if *last == sku => *n += 1,
+                    _ => skus.push((sku, 1)),
+                }
+            }
+            let keys: Vec<_> = skus.iter().map(|(sku, _)| self.keys(sku)).collect();
+            let key_refs: Vec<&str> = keys.iter().flat_map(|k| k.script_keys()).collect();
+            let sizes: Vec<String> = if skus.len() > 1 {
+                skus.iter().map(|(_, n)| n.to_string()).collect()
+            } else {
+                Vec::new()
+            };
+            let mut args: Vec<&[u8]> = Vec::with_capacity(1 + sizes.len() + waiters.len());
             args.push(to.as_str().as_bytes());
-            args.extend(waiters.iter().map(|(id, _)| id.as_str().as_bytes()));
-            let reply = self.run_script(&self.settle, &keys, &args).await;
+            // Several SKUs: the group sizes first (see `lua/settle.lua`).
+            args.extend(sizes.iter().map(|n| n.as_bytes()));
+            args.extend(waiters.iter().map(|(_, id, _)| id.as_str().as_bytes()));
+            let reply = self.run_script_keys(&self.settle, &key_refs, &args).await;
             deliver(reply, waiters);
         }
         rx.await.unwrap_or_else(|_| {
@@ -46,9 +63,23 @@ impl Shared {
 }
 
 type SettleWaiter = (
+    Sku,
     ReservationId,
     tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
 );
+
+/// The waiters grouped by SKU (in order of each SKU's first settle), each SKU's in arrival
+/// order: the order of the script's keys and replies.
+fn by_sku(waiters: Vec<SettleWaiter>) -> Vec<SettleWaiter> {
+    let mut groups: Vec<Vec<SettleWaiter>> = Vec::new();
+    for w in waiters {
+        match groups.iter_mut().find(|g| g[0].0 == w.0) {
+            Some(group) => group.push(w),
+            None => groups.push(vec![w]),
+        }
+    }
+    groups.into_iter().flatten().collect()
+}
 
 /// Settles of one thread waiting for their batch's leader: one queue per target state.
 #[derive(Default)]
@@ -71,13 +102,14 @@ impl SettleQueues {
 /// waiting for a leader that is gone.
 struct Batch<'q> {
     queue: &'q Batches<SettleWaiter>,
-    sku: Option<&'q str>,
+    /// The queue's key: `""` on one server (every SKU), the SKU on a cluster.
+    key: Option<&'q str>,
 }
 
 impl Batch<'_> {
     fn take(&mut self) -> Vec<SettleWaiter> {
-        match self.sku.take() {
-            Some(sku) => self.queue.take(sku, usize::MAX).0,
+        match self.key.take() {
+            Some(key) => self.queue.take(key, usize::MAX).0,
             None => Vec::new(),
         }
     }
@@ -95,19 +127,19 @@ fn deliver(reply: Result<Value, StoreError>, waiters: Vec<SettleWaiter>) {
         Ok(Value::Array(items)) if items.len() == waiters.len() => items,
         Ok(other) => {
             let e = format!("settle answered {other:?}");
-            for (_, tx) in waiters {
+            for (_, _, tx) in waiters {
                 let _ = tx.send(Err(StoreError::Protocol(e.clone())));
             }
             return;
         }
         Err(e) => {
-            for (_, tx) in waiters {
+            for (_, _, tx) in waiters {
                 let _ = tx.send(Err(e.clone()));
             }
             return;
         }
     };
-    for ((id, tx), item) in waiters.into_iter().zip(results) {
+    for ((_, id, tx), item) in waiters.into_iter().zip(results) {
         let result = match item {
             Value::Int(1) => Ok(true),
             Value::Int(0) => Ok(false),
@@ -131,7 +163,7 @@ mod tests {
 
     fn waiter(n: u128) -> (SettleWaiter, Receiver) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        ((rid(n), tx), rx)
+        ((Sku::parse("tee").unwrap(), rid(n), tx), rx)
     }
 
     fn queued(queue: &Batches<SettleWaiter>, sku: &str, ids: &[u128]) -> Vec<Receiver> {
@@ -156,7 +188,7 @@ mod tests {
         );
         let taken = queues.to(Settlement::Sold).take("tee", usize::MAX).0;
         assert_eq!(taken.len(), 1);
-        assert_eq!(taken[0].0, rid(1));
+        assert_eq!(taken[0].1, rid(1));
     }
 
     #[tokio::test]
@@ -165,7 +197,7 @@ mod tests {
         let receivers = queued(&queue, "tee", &[1, 2, 3]);
         let batch = Batch {
             queue: &queue,
-            sku: Some("tee"),
+            key: Some("tee"),
         };
         drop(batch);
         for rx in receivers {
@@ -181,9 +213,9 @@ mod tests {
         let _receivers = queued(&queue, "tee", &[1, 2]);
         let mut batch = Batch {
             queue: &queue,
-            sku: Some("tee"),
+            key: Some("tee"),
         };
-        let ids: Vec<_> = batch.take().into_iter().map(|(id, _)| id).collect();
+        let ids: Vec<_> = batch.take().into_iter().map(|(_, id, _)| id).collect();
         assert_eq!(ids, [rid(1), rid(2)]);
         let _late = queued(&queue, "tee", &[3]);
         assert!(
