@@ -34,8 +34,9 @@ cleanup() {
 trap cleanup EXIT
 ulimit -n 65536 2>/dev/null || true
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+# free_port, wait_port, ticks, to_ms, median, flash_script
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 # A port whose cluster bus port (+10000) is free too.
 bus_port() { python3 -c '
 import socket
@@ -104,20 +105,10 @@ done
 masters=$(for i in $(seq 1 "$SKUS"); do redis-cli -p "${nodes[0]}" cluster keyslot "fg:{b-$i}:stock"; done |
   awk '{ if ($1 <= 5460) a++; else if ($1 <= 10922) b++; else c++ } END { printf "%d/%d/%d", a, b, c }')
 
-cat >"$work/flash.lua" <<EOF
--- A new buyer per request, the SKUs in turn (os.time() keeps rounds apart: LuaJIT seeds math.random the same in every wrk).
-local n = 0
-local threads = 0
-function setup(thread) threads = threads + 1; thread:set("tid", threads) end
-function init(args) prefix = "u" .. tostring(tid) .. "-" .. tostring(os.time()) .. "-" .. tostring(math.random(1, 1e9)) .. "-" end
-request = function()
-  n = n + 1
-  return wrk.format("POST", "/api/flash/b-" .. (n % $SKUS + 1) .. "/buy", { ["X-User-Id"] = prefix .. n }, "")
-end
-EOF
+# A new buyer per request, the SKUs in turn.
+flash_script "$work/flash.lua" "\"/api/flash/b-\" .. (n % $SKUS + 1) .. \"/buy\""
 
 hz=$(getconf CLK_TCK)
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 redis_ticks() { # single | cluster
   local ps; if [ "$1" = single ]; then ps=$PS; else ps="${nodes[*]}"; fi
   local t=0; for p in $ps; do
@@ -125,7 +116,6 @@ redis_ticks() { # single | cluster
     t=$((t + $(ticks "$pid")))
   done; echo "$t"
 }
-to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v+0 } else if (v ~ /s$/) { sub(/s$/,"",v); print v*1000 } else print v }'; }
 results="$work/results.tsv"; : >"$results"
 echo "bench: $ROUNDS rounds x 2 targets x ${DURATION}s, $CONNS connections, $SKUS SKUs (cluster masters: $masters)"
 for round in $(seq 1 "$ROUNDS"); do
@@ -147,7 +137,6 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
-median() { sort -n | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 col() { awk -F'\t' -v t="$1" -v c="$2" '$2==t {print $c}' "$results" | median; }
 mkdir -p bench/results
 {

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034,SC2154  # work, pids and the *_PID results are the caller's globals
-# Shared by bench/run.sh and bench/scale.sh (sourced, not run). The caller sets `work` (its
+# Shared by bench/run.sh, bench/scale.sh and bench/cluster.sh (sourced, not run). The caller sets `work` (its
 # temporary directory) and `pids` (an array its EXIT trap kills); every process started here
 # is appended to `pids`. Loopback only.
 

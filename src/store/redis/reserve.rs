@@ -90,21 +90,22 @@ impl Shared {
         }
         let keys: Vec<_> = groups.iter().map(|(sku, _)| self.keys(sku)).collect();
         let key_refs: Vec<&str> = keys.iter().flat_map(|k| k.script_keys()).collect();
-        let waiters: Vec<ReserveWaiter> =
-            groups.iter_mut().flat_map(|(_, g)| g.drain(..)).collect();
-        let sizes = if groups.len() > 1 { groups.len() } else { 0 };
+        // Several SKUs: the group sizes go first (see `lua/reserve.lua`).
+        let sizes: Vec<usize> = if groups.len() > 1 {
+            groups.iter().map(|(_, g)| g.len()).collect()
+        } else {
+            Vec::new()
+        };
+        let waiters: Vec<ReserveWaiter> = groups.into_iter().flat_map(|(_, g)| g).collect();
         // One buffer for the whole command; integers are written in place.
         let bytes = waiters
             .iter()
             .map(|w| w.user.as_str().len() + 48)
-            .sum::<usize>()
-            + sizes * 8;
-        let mut cmd = keys_cmd(&self.reserve, &key_refs, sizes + waiters.len() * 4, bytes);
-        if sizes > 0 {
-            // Several SKUs: the group sizes first (see `lua/reserve.lua`).
-            for (sku, _) in &groups {
-                cmd.arg(waiters.iter().filter(|w| w.sku == *sku).count());
-            }
+            .sum::<usize>();
+        let args = sizes.len() + waiters.len() * 4;
+        let mut cmd = keys_cmd(&self.reserve, &key_refs, args, bytes + sizes.len() * 8);
+        for n in sizes {
+            cmd.arg(n);
         }
         for w in &waiters {
             cmd.arg(w.user.as_str().as_bytes())
