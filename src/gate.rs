@@ -325,14 +325,15 @@ async fn admit_sale(
         reservation,
     };
     let asked = Instant::now();
-    let exchange = app
-        .bookkeeping
-        .spawn(won.forward(Request::from_parts(parts, body), peer));
-    let result = match exchange.await {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    app.bookkeeping
+        .spawn(won.forward(Request::from_parts(parts, body), peer, answer));
+    let result = match answered.await {
         Ok(result) => result.map_err(|e| forward_error(e, &limit)),
-        // The task panicked: its `Pending` guard has recorded the unit as uncertain.
-        Err(e) => {
-            warn!(error = %e, "winner's exchange with the backend failed");
+        // The task panicked before it answered: its `Pending` guard has recorded the unit
+        // as uncertain.
+        Err(_) => {
+            warn!("winner's exchange with the backend ended without an answer");
             Err(Reject::BadGateway)
         }
     };

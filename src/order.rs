@@ -5,11 +5,14 @@
 //! away, the task panics), the outcome is recorded: no unit stays `held`.
 //!
 //! The gate runs [`Won::forward`] as a task of its own (tracked by `App::bookkeeping`, so a
-//! graceful shutdown waits for it) and awaits its answer.
+//! graceful shutdown waits for it) and awaits its answer, which the task hands over as soon
+//! as the backend's response head is in. The same task then records a sold or uncertain
+//! outcome: no second task per order.
 
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Request, Response};
+use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -40,12 +43,16 @@ pub(crate) struct Won {
 }
 
 impl Won {
-    /// Steps 8 and 9: forward the winner, then record sold, released or uncertain.
+    /// Steps 8 and 9: forward the winner, then record sold, released or uncertain. The
+    /// backend's answer goes to `answer` once it is known: after a release (the buyer's retry
+    /// must be able to win the unit back), before a settle (the buyer does not wait for
+    /// bookkeeping; this task records it next).
     pub async fn forward(
         self,
         mut req: Request<Body>,
         peer: Peer,
-    ) -> Result<Response<Body>, ForwardError> {
+        answer: oneshot::Sender<Result<Response<Body>, ForwardError>>,
+    ) {
         let Won {
             app,
             upstream,
@@ -134,17 +141,25 @@ impl Won {
                         record_later(&app, sku, reservation, Record::Release);
                     }
                 }
+                // The buyer may be gone: nobody to tell.
+                let _ = answer.send(result);
             }
             Outcome::Settle(to) => {
-                pending.done();
                 if to == Settlement::Uncertain {
                     warn!(%sku, %reservation, %user, "backend outcome unknown: unit kept, reservation marked uncertain");
                 }
-                // Off the response path: the winner should not wait for bookkeeping.
-                record_later(&app, sku, reservation, Record::Settle(to));
+                // The winner has the answer first; recording it is this task's next step (the
+                // `Pending` guard still records it if the task ends early).
+                let _ = answer.send(result);
+                pending.on_drop = Some(Outcome::Settle(to));
+                let recorded =
+                    record_retrying(&*app.store, &sku, &reservation, Record::Settle(to)).await;
+                pending.done();
+                if let Err(e) = recorded {
+                    warn!(%sku, %reservation, error = %e, "recording the order's outcome failed: reservation stays held");
+                }
             }
         }
-        result
     }
 }
 
