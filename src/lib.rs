@@ -40,6 +40,7 @@ pub mod forward;
 pub mod framing;
 pub mod gate;
 pub mod head_errors;
+pub mod heap;
 pub mod hygiene;
 pub mod identity;
 pub mod ids;

@@ -143,6 +143,8 @@ pub struct Metrics {
     upstream_duration: Histogram,
     upstream_errors: Family<Kind, Counter>,
     pub connections: Gauge,
+    heap_trims: Counter,
+    heap_released: Counter,
     sku_stock: Family<SkuLabel, Gauge>,
     sku_units: Family<SkuState, Gauge>,
     skus: RwLock<HashSet<Sku>>,
@@ -170,6 +172,8 @@ impl Metrics {
             upstream_duration: latency(),
             upstream_errors: Family::default(),
             connections: Gauge::default(),
+            heap_trims: Counter::default(),
+            heap_released: Counter::default(),
             sku_stock: Family::default(),
             sku_units: Family::default(),
             skus: RwLock::new(HashSet::new()),
@@ -239,6 +243,16 @@ impl Metrics {
             m.connections.clone(),
         );
         registry.register(
+            "heap_trims",
+            "Times the allocator's free memory was handed back after a burst (see `heap.rs`)",
+            m.heap_trims.clone(),
+        );
+        registry.register(
+            "heap_released_bytes",
+            "Resident memory handed back by those trims",
+            m.heap_released.clone(),
+        );
+        registry.register(
             "sku_stock",
             "Units left, per SKU this instance has seen (at most 1000 SKUs)",
             m.sku_stock.clone(),
@@ -250,6 +264,12 @@ impl Metrics {
         );
         let m = Metrics { registry, ..m };
         Arc::new(m)
+    }
+
+    /// A heap trim ran and released `bytes` of resident memory.
+    pub fn heap_trimmed(&self, bytes: usize) {
+        self.heap_trims.inc();
+        self.heap_released.inc_by(bytes as u64);
     }
 
     /// The handles of route `name` (`sale`: it decides admissions).
