@@ -140,7 +140,7 @@ async fn exported_names() -> (HashSet<String>, HashSet<String>) {
             }
         }
     }
-    assert_eq!(families.len(), 13, "{text}");
+    assert_eq!(families.len(), 15, "{text}");
     (series, families)
 }
 
