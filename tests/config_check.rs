@@ -42,6 +42,66 @@ fn assert_refused(out: &Output, prefix: &str) -> String {
 /// (fixture name, line the error is reported at, fragments the message must contain).
 /// Line 0 means the error carries no location and prints as `file: key: message`.
 const BAD: &[(&str, u64, &[&str])] = &[
+    (
+        "room_zero_active",
+        6,
+        &[
+            "routes[0].waiting_room.total_active: ",
+            "must be at least 1",
+        ],
+    ),
+    (
+        "room_key_unset",
+        8,
+        &[
+            "routes[0].waiting_room.key_env: ",
+            "environment variable FLASHGATE_TEST_UNSET_ROOM_KEY is not set",
+        ],
+    ),
+    (
+        "room_prequeue_without_start",
+        8,
+        &["routes[0].waiting_room.prequeue_from: ", "needs the start"],
+    ),
+    (
+        "room_prequeue_after_start",
+        8,
+        &[
+            "routes[0].waiting_room.prequeue_from: ",
+            "must be before the start",
+        ],
+    ),
+    (
+        "room_queueing",
+        8,
+        &[
+            "routes[0].waiting_room.queueing: ",
+            "unknown variant `lottery`",
+        ],
+    ),
+    (
+        "room_session",
+        8,
+        &[
+            "routes[0].waiting_room.session_duration: ",
+            "between 1s and 7 days",
+        ],
+    ),
+    (
+        "room_status",
+        8,
+        &["routes[0].waiting_room.json_status: ", "not 204 or 304"],
+    ),
+    (
+        "room_cookie_name",
+        8,
+        &["routes[0].waiting_room.cookie: ", "a cookie name"],
+    ),
+    (
+        "room_page_template",
+        8,
+        &["routes[0].waiting_room.page_template: ", "cannot read"],
+    ),
     ("yaml_syntax", 5, &["routes[0].match: ", "unclosed bracket"]),
     (
         "unknown_top_key",
