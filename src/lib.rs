@@ -51,6 +51,7 @@ pub mod order;
 pub mod reject;
 pub mod reload;
 pub mod request_line;
+pub mod room;
 pub mod sale;
 pub mod server;
 pub mod signing;

@@ -28,6 +28,8 @@ pub(crate) struct Seen<'s> {
     pub user: Option<UserId>,
     /// The backend's status (if it answered) and how long it took.
     pub upstream: Option<(Option<u16>, Duration)>,
+    /// A waiting room's cookie for the answer, whatever the answer is (`room/`).
+    pub set_cookie: Option<http::HeaderValue>,
 }
 
 impl<'s> Seen<'s> {
@@ -39,6 +41,7 @@ impl<'s> Seen<'s> {
             client_ip: peer_ip,
             user: None,
             upstream: None,
+            set_cookie: None,
         }
     }
 

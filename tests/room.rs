@@ -1,0 +1,351 @@
+//! The waiting room (`waiting_room` on a route), told as the visitor's story on real sockets:
+//! a burst of distinct visitors meets a room of 5 sessions; 5 pass, the rest get positions
+//! 1..45; as sessions end, queued visitors polling with their cookies are let in, in FIFO
+//! order; a forged cookie goes to the back; an admitted visitor passes without a store call.
+//! On Redis too: two instances show the same positions, the room survives a flashgate restart,
+//! and when Redis is gone new visitors get 503 while active cookies still pass.
+//!
+//! Every story runs on the embedded store and on a private `redis-server`; every loop is
+//! bounded in count and time.
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::shop::{StoreFixture, bounded};
+use support::*;
+
+pub const KEY_VAR: &str = "FLASHGATE_TEST_ROOM_KEY";
+const KEY: &str = "room-key-for-tests-0123456789abcdef";
+
+/// A config with the admin API, the room route `pages` on `/sale/{*rest}` (its
+/// `waiting_room:` lines given), and a catch-all.
+pub fn room_config(backend: &Backend, store: &str, room: &str) -> String {
+    // Only this test binary reads this variable, and it is set before flashgate starts.
+    unsafe { std::env::set_var(KEY_VAR, KEY) };
+    config(
+        backend,
+        &format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}\n\
+             {store}routes:\n\
+             \x20 - name: pages\n\
+             \x20   match: {{ path: \"/sale/{{*rest}}\" }}\n\
+             \x20   waiting_room:\n\
+             \x20     key_env: {KEY_VAR}\n{room}\
+             \x20 - name: rest\n\
+             \x20   match: {{ path: \"/{{*rest}}\" }}\n"
+        ),
+    )
+}
+
+/// One visitor's answer: passed (the backend answered 200) or queued at a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Visit {
+    Passed,
+    Queued(u64),
+}
+
+/// A visitor: its cookie (`name=value`), if it has one.
+#[derive(Debug, Clone, Default)]
+pub struct Visitor {
+    pub cookie: Option<String>,
+}
+
+impl Visitor {
+    /// Asks `fg` for `/sale/item` (JSON), keeping any cookie set.
+    pub async fn visit(&mut self, c: &HttpClient, fg: &Flashgate) -> Visit {
+        let a = self.ask(c, fg, "application/json").await;
+        match a.status.as_u16() {
+            200 => Visit::Passed,
+            429 => {
+                let j = a.json();
+                assert_eq!(j["state"], "queued", "{j}");
+                assert!(a.headers.contains_key("retry-after"));
+                Visit::Queued(j["position"].as_u64().expect("position"))
+            }
+            other => panic!("unexpected {other}: {}", a.text()),
+        }
+    }
+
+    pub async fn ask(&mut self, c: &HttpClient, fg: &Flashgate, accept: &str) -> Answer {
+        let mut headers = vec![("accept", accept)];
+        let cookie = self.cookie.clone();
+        if let Some(cookie) = &cookie {
+            headers.push(("cookie", cookie));
+        }
+        let a = send(c, "GET", &fg.url("/sale/item"), &headers, "").await;
+        if let Some(set) = a.headers.get("set-cookie") {
+            let set = set.to_str().unwrap();
+            assert!(
+                set.contains("HttpOnly") && set.contains("SameSite=Lax"),
+                "{set}"
+            );
+            self.cookie = Some(set.split(';').next().unwrap().to_owned());
+        }
+        a
+    }
+}
+
+/// Sessions of 1 s, a pace that never binds.
+const FIVE: &str =
+    "      total_active: 5\n      new_per_minute: 60000\n      session_duration: 1s\n";
+
+/// The issue's acceptance test: 50 distinct visitors at once; 5 pass, 45 get positions 1..45
+/// (no duplicates); then, polling with their cookies, they are let in as sessions end, in
+/// FIFO order, never more than 5 at once.
+async fn a_burst_then_fifo_admission(store: StoreFixture) {
+    let backend = Backend::start_echo().await;
+    let fg = Flashgate::start(&room_config(&backend, &store.yaml, FIVE)).await;
+    let c = client();
+    let mut visitors = vec![Visitor::default(); 50];
+    let answers = futures_util::future::join_all(visitors.iter_mut().map(|v| {
+        let (c, fg) = (&c, &fg);
+        async move { v.visit(c, fg).await }
+    }))
+    .await;
+    let passed = answers.iter().filter(|a| **a == Visit::Passed).count();
+    let mut positions: Vec<u64> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Visit::Queued(p) => Some(*p),
+            Visit::Passed => None,
+        })
+        .collect();
+    positions.sort_unstable();
+    assert_eq!(passed, 5, "{answers:?}");
+    assert_eq!(positions, (1..=45).collect::<Vec<u64>>());
+    assert_eq!(backend.count(), 5);
+
+    // The queue, by position; each polls in that order until let in.
+    let mut queue: Vec<(u64, Visitor)> = answers
+        .iter()
+        .zip(&visitors)
+        .filter_map(|(a, v)| match a {
+            Visit::Queued(p) => Some((*p, v.clone())),
+            Visit::Passed => None,
+        })
+        .collect();
+    queue.sort_by_key(|(p, _)| *p);
+    let mut admitted: Vec<u64> = Vec::new();
+    let started = Instant::now();
+    let rules = fg.app.snapshot().routes[0]
+        .room
+        .as_ref()
+        .unwrap()
+        .rules()
+        .clone();
+    while !queue.is_empty() && started.elapsed() < Duration::from_secs(40) {
+        let mut still = Vec::new();
+        for (p, mut v) in queue {
+            match v.visit(&c, &fg).await {
+                Visit::Passed => admitted.push(p),
+                Visit::Queued(now_at) => {
+                    assert!(now_at <= p, "{p} moved back to {now_at}");
+                    still.push((p, v));
+                }
+            }
+        }
+        queue = still;
+        let status = fg
+            .app
+            .store
+            .room(&rules, &flashgate::store::RoomCall::Status)
+            .await
+            .unwrap();
+        let flashgate::store::RoomReply::Status(s) = status else {
+            panic!("{status:?}")
+        };
+        assert!(s.active <= 5, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(admitted, (1..=45).collect::<Vec<u64>>(), "FIFO order");
+    assert_eq!(backend.count(), 50);
+}
+
+/// A forged or tampered cookie starts at the back; a queued cookie used once its place was
+/// let in starts at the back too (a place admits once); an active cookie passes with no store
+/// call.
+async fn forged_cookies_go_to_the_back(store: StoreFixture) {
+    let backend = Backend::start_echo().await;
+    let room = "      total_active: 1\n      new_per_minute: 60000\n      session_duration: 2s\n";
+    let fg = Flashgate::start(&room_config(&backend, &store.yaml, room)).await;
+    let c = client();
+    let mut first = Visitor::default();
+    assert_eq!(first.visit(&c, &fg).await, Visit::Passed);
+    let mut queued: Vec<Visitor> = Vec::new();
+    for i in 1..=3 {
+        let mut v = Visitor::default();
+        assert_eq!(v.visit(&c, &fg).await, Visit::Queued(i));
+        queued.push(v);
+    }
+    let real = queued[0].cookie.clone().unwrap();
+    // `fg_room=q.<id>.<entered_ms>.<mac>`: an earlier entry time, another id, a made-up MAC,
+    // the kind changed to active: each verifies as nothing, so a new place at the back.
+    let parts: Vec<&str> = real.split('.').collect();
+    let with = |i: usize, to: &str| {
+        let mut p = parts.clone();
+        p[i] = to;
+        p.join(".")
+    };
+    let forged = [
+        with(2, "1000"),
+        with(1, &"0".repeat(32)),
+        with(3, &"ab".repeat(32)),
+        with(0, "fg_room=a"),
+        "fg_room=garbage".to_owned(),
+    ];
+    for (i, cookie) in forged.iter().enumerate() {
+        let mut v = Visitor {
+            cookie: Some(cookie.clone()),
+        };
+        let at = v.visit(&c, &fg).await;
+        assert_eq!(at, Visit::Queued(4 + i as u64), "{cookie}");
+        assert_ne!(v.cookie.as_deref(), Some(cookie.as_str()), "a new place");
+    }
+    // The real cookie still holds position 1.
+    assert_eq!(queued[0].visit(&c, &fg).await, Visit::Queued(1));
+
+    // An active visitor passes with no store call.
+    let calls = || {
+        let text = fg.app.metrics.encode_text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("flashgate_store_duration_seconds_count{op=\"room\"} "))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    let before = calls();
+    for _ in 0..10 {
+        assert_eq!(first.visit(&c, &fg).await, Visit::Passed);
+    }
+    assert_eq!(calls(), before, "no store call for an active visitor");
+
+    // Once the first session ends, position 1 is let in; its queued cookie replayed (by
+    // anyone) then starts at the back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut copy = queued[0].clone();
+    loop {
+        assert!(Instant::now() < deadline, "never let in");
+        for v in &mut queued[1..] {
+            assert!(matches!(v.visit(&c, &fg).await, Visit::Queued(_)));
+        }
+        if queued[0].visit(&c, &fg).await == Visit::Passed {
+            break;
+        }
+        copy = queued[0].clone();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Visit::Queued(back) = copy.visit(&c, &fg).await else {
+        panic!("a used place admitted twice");
+    };
+    assert!(back >= 3, "behind the two still queued: {back}");
+    let Visit::Queued(next) = Visitor::default().visit(&c, &fg).await else {
+        panic!("the room is full");
+    };
+    assert_eq!(
+        next,
+        back + 1,
+        "the replayed place was the back of the queue"
+    );
+}
+
+/// The HTML page (default) and the JSON answer, with the configured statuses.
+async fn page_and_json_answers(store: StoreFixture) {
+    let backend = Backend::start_echo().await;
+    let room = "      total_active: 1\n      new_per_minute: 60000\n      json_for: [application/json, application/vnd.shop+json]\n      json_status: 503\n";
+    let fg = Flashgate::start(&room_config(&backend, &store.yaml, room)).await;
+    let c = client();
+    assert_eq!(
+        Visitor::default().ask(&c, &fg, "text/html").await.status,
+        200
+    );
+    let mut v = Visitor::default();
+    let page = v.ask(&c, &fg, "text/html,application/xhtml+xml").await;
+    assert_eq!(page.status, 200);
+    assert_eq!(page.headers["content-type"], "text/html; charset=utf-8");
+    assert_eq!(page.headers["cache-control"], "no-store");
+    let html = page.text();
+    assert!(html.contains("id=\"fg-position\">1<"), "{html}");
+    assert!(html.contains("<script>") && !html.contains("{{"), "{html}");
+    let j = v.ask(&c, &fg, "application/vnd.shop+json; q=0.9").await;
+    assert_eq!(j.status, 503);
+    let j = j.json();
+    assert_eq!(j["state"], "queued");
+    assert_eq!(j["position"], 1);
+    assert!(j["estimated_wait_s"].as_u64().is_some() && j["retry_after_s"].as_u64().unwrap() >= 1);
+    // Other routes are not in the room.
+    assert_eq!(get(&fg.url("/other")).await.status, 200);
+}
+
+on_each_store!(
+    a_burst_then_fifo_admission,
+    forged_cookies_go_to_the_back,
+    page_and_json_answers,
+);
+
+/// Two instances on one Redis show the same positions; the room outlives a flashgate restart;
+/// with Redis gone, new visitors get 503 `unavailable` and active cookies still pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_room_and_it_survives_a_restart() {
+    bounded(async {
+        let mut store = support::shop::redis();
+        let backend = Backend::start_echo().await;
+        let room =
+            "      total_active: 2\n      new_per_minute: 60000\n      session_duration: 30s\n";
+        let cfg = room_config(&backend, &store.yaml, room);
+        let (a, b) = (Flashgate::start(&cfg).await, Flashgate::start(&cfg).await);
+        let c = client();
+        let mut active = Visitor::default();
+        assert_eq!(active.visit(&c, &a).await, Visit::Passed);
+        assert_eq!(Visitor::default().visit(&c, &b).await, Visit::Passed);
+        // Ten visitors alternating between the instances: one queue, positions 1..10.
+        let mut queued = Vec::new();
+        for i in 0..10u64 {
+            let mut v = Visitor::default();
+            let fg = if i % 2 == 0 { &a } else { &b };
+            assert_eq!(v.visit(&c, fg).await, Visit::Queued(i + 1));
+            queued.push(v);
+        }
+        for (i, v) in queued.iter_mut().enumerate() {
+            let want = Visit::Queued(i as u64 + 1);
+            assert_eq!(v.visit(&c, &a).await, want);
+            assert_eq!(v.visit(&c, &b).await, want);
+        }
+        // A restart of one instance: a new process (same config, same Redis) sees the same.
+        a.stop().await.unwrap();
+        let a = Flashgate::start(&cfg).await;
+        for (i, v) in queued.iter_mut().enumerate() {
+            assert_eq!(v.visit(&c, &a).await, Visit::Queued(i as u64 + 1));
+        }
+        assert_eq!(active.visit(&c, &a).await, Visit::Passed);
+        // Redis gone: fail closed for the queue, the active cookie needs no store.
+        store.redis.as_mut().unwrap().kill();
+        let refused = queued[0].ask(&c, &b, "application/json").await;
+        assert_eq!(refused.status, 503, "{}", refused.text());
+        assert_eq!(refused.json()["error"], "unavailable");
+        let fresh = Visitor::default().ask(&c, &a, "text/html").await;
+        assert_eq!(fresh.status, 503);
+        assert_eq!(active.visit(&c, &b).await, Visit::Passed);
+    })
+    .await;
+}
+
+/// The pace: `new_per_minute: 60` lets a sixth of a minute's worth (10) in at once, then one
+/// a second, though 100 sessions are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_per_minute_paces_admissions() {
+    bounded(async {
+        let backend = Backend::start_echo().await;
+        let room = "      total_active: 100\n      new_per_minute: 60\n";
+        let fg = Flashgate::start(&room_config(&backend, "", room)).await;
+        let c = client();
+        let mut answers = Vec::new();
+        for _ in 0..15 {
+            answers.push(Visitor::default().visit(&c, &fg).await);
+        }
+        let passed = answers.iter().filter(|a| **a == Visit::Passed).count();
+        assert_eq!(passed, 10, "{answers:?}");
+        assert_eq!(
+            answers[10..],
+            (1..=5).map(Visit::Queued).collect::<Vec<_>>()
+        );
+    })
+    .await;
+}
