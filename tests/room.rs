@@ -6,84 +6,15 @@
 //! and when Redis is gone new visitors get 503 while active cookies still pass.
 //!
 //! Every story runs on the embedded store and on a private `redis-server`; every loop is
-//! bounded in count and time.
+//! bounded in count and time. The orders: `queueing: random` lets everyone in once, not in
+//! arrival order; a pre-queue holds everyone until the start and is shuffled once then.
 mod support;
 
 use std::time::{Duration, Instant};
 
+use support::room::{Visit, Visitor, prequeue, room_config};
 use support::shop::{StoreFixture, bounded};
 use support::*;
-
-pub const KEY_VAR: &str = "FLASHGATE_TEST_ROOM_KEY";
-const KEY: &str = "room-key-for-tests-0123456789abcdef";
-
-/// A config with the admin API, the room route `pages` on `/sale/{*rest}` (its
-/// `waiting_room:` lines given), and a catch-all.
-pub fn room_config(backend: &Backend, store: &str, room: &str) -> String {
-    // Only this test binary reads this variable, and it is set before flashgate starts.
-    unsafe { std::env::set_var(KEY_VAR, KEY) };
-    config(
-        backend,
-        &format!(
-            "admin: {{ listen: \"127.0.0.1:0\" }}\n\
-             {store}routes:\n\
-             \x20 - name: pages\n\
-             \x20   match: {{ path: \"/sale/{{*rest}}\" }}\n\
-             \x20   waiting_room:\n\
-             \x20     key_env: {KEY_VAR}\n{room}\
-             \x20 - name: rest\n\
-             \x20   match: {{ path: \"/{{*rest}}\" }}\n"
-        ),
-    )
-}
-
-/// One visitor's answer: passed (the backend answered 200) or queued at a position.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Visit {
-    Passed,
-    Queued(u64),
-}
-
-/// A visitor: its cookie (`name=value`), if it has one.
-#[derive(Debug, Clone, Default)]
-pub struct Visitor {
-    pub cookie: Option<String>,
-}
-
-impl Visitor {
-    /// Asks `fg` for `/sale/item` (JSON), keeping any cookie set.
-    pub async fn visit(&mut self, c: &HttpClient, fg: &Flashgate) -> Visit {
-        let a = self.ask(c, fg, "application/json").await;
-        match a.status.as_u16() {
-            200 => Visit::Passed,
-            429 => {
-                let j = a.json();
-                assert_eq!(j["state"], "queued", "{j}");
-                assert!(a.headers.contains_key("retry-after"));
-                Visit::Queued(j["position"].as_u64().expect("position"))
-            }
-            other => panic!("unexpected {other}: {}", a.text()),
-        }
-    }
-
-    pub async fn ask(&mut self, c: &HttpClient, fg: &Flashgate, accept: &str) -> Answer {
-        let mut headers = vec![("accept", accept)];
-        let cookie = self.cookie.clone();
-        if let Some(cookie) = &cookie {
-            headers.push(("cookie", cookie));
-        }
-        let a = send(c, "GET", &fg.url("/sale/item"), &headers, "").await;
-        if let Some(set) = a.headers.get("set-cookie") {
-            let set = set.to_str().unwrap();
-            assert!(
-                set.contains("HttpOnly") && set.contains("SameSite=Lax"),
-                "{set}"
-            );
-            self.cookie = Some(set.split(';').next().unwrap().to_owned());
-        }
-        a
-    }
-}
 
 /// Sessions of 1 s, a pace that never binds.
 const FIVE: &str =
@@ -274,7 +205,109 @@ async fn page_and_json_answers(store: StoreFixture) {
     assert_eq!(get(&fg.url("/other")).await.status, 200);
 }
 
+/// Polls every visitor of `queue` (index, visitor) in turn until all are let in (or
+/// `within` passes): the indices in the order they were let in.
+async fn admit_all(
+    c: &HttpClient,
+    fg: &Flashgate,
+    mut queue: Vec<(usize, Visitor)>,
+    within: Duration,
+) -> Vec<usize> {
+    let started = Instant::now();
+    let mut admitted = Vec::new();
+    while !queue.is_empty() && started.elapsed() < within {
+        let mut still = Vec::new();
+        for (i, mut v) in queue {
+            match v.visit(c, fg).await {
+                Visit::Passed => admitted.push(i),
+                Visit::Queued(_) => still.push((i, v)),
+            }
+        }
+        queue = still;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    admitted
+}
+
+/// `queueing: random`: of 40 queued behind 5 sessions, everyone is let in once, in an order
+/// that is not their arrival order.
+async fn random_order_is_shuffled_but_complete(store: StoreFixture) {
+    let backend = Backend::start_echo().await;
+    let room = "      total_active: 5\n      new_per_minute: 60000\n      session_duration: 1s\n      queueing: random\n";
+    let fg = Flashgate::start(&room_config(&backend, &store.yaml, room)).await;
+    let c = client();
+    for _ in 0..5 {
+        assert_eq!(Visitor::default().visit(&c, &fg).await, Visit::Passed);
+    }
+    let mut queue = Vec::new();
+    for i in 0..40 {
+        let mut v = Visitor::default();
+        assert!(matches!(v.visit(&c, &fg).await, Visit::Queued(_)));
+        queue.push((i, v));
+    }
+    let admitted = admit_all(&c, &fg, queue, Duration::from_secs(40)).await;
+    let mut sorted = admitted.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (0..40).collect::<Vec<_>>(),
+        "everyone, once: {admitted:?}"
+    );
+    // The chance that a random order of 40 is the arrival order (or has its first 5 right)
+    // is below 1 in 78 million.
+    assert_ne!(admitted[..5], [0, 1, 2, 3, 4], "{admitted:?}");
+}
+
+/// A pre-queue: before the start nobody is let in, though sessions are free; at the start
+/// the queue is shuffled once; a visitor who arrives after the start queues behind them all.
+async fn the_prequeue_is_shuffled_at_the_start(store: StoreFixture) {
+    let backend = Backend::start_echo().await;
+    let (window, opens) = prequeue(Duration::from_secs(2));
+    let room = format!(
+        "      total_active: 5\n      new_per_minute: 60000\n      session_duration: 1s\n{window}"
+    );
+    let fg = Flashgate::start(&room_config(&backend, &store.yaml, &room)).await;
+    let c = client();
+    let mut queue = Vec::new();
+    for i in 0..30 {
+        let mut v = Visitor::default();
+        assert_eq!(v.visit(&c, &fg).await, Visit::Queued(i as u64 + 1));
+        queue.push((i, v));
+    }
+    assert_eq!(backend.count(), 0, "nobody in before the start");
+    // Keep the places (a place idle for a session is dropped) until the start.
+    while Instant::now() < opens {
+        for (_, v) in &mut queue {
+            assert!(matches!(v.visit(&c, &fg).await, Visit::Queued(_)));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // After the start, a late arrival (the first to ask: its visit runs the shuffle) is
+    // behind all 30.
+    let mut late = Visitor::default();
+    assert_eq!(late.visit(&c, &fg).await, Visit::Queued(31));
+    queue.push((30, late));
+    let admitted = admit_all(&c, &fg, queue, Duration::from_secs(40)).await;
+    let mut sorted = admitted.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (0..=30).collect::<Vec<_>>(),
+        "everyone, once: {admitted:?}"
+    );
+    assert_eq!(
+        admitted.last(),
+        Some(&30),
+        "the late arrival last: {admitted:?}"
+    );
+    let polled_in_order: Vec<usize> = (0..30).collect();
+    assert_ne!(admitted[..30], polled_in_order[..], "shuffled at the start");
+}
+
 on_each_store!(
+    random_order_is_shuffled_but_complete,
+    the_prequeue_is_shuffled_at_the_start,
     a_burst_then_fifo_admission,
     forged_cookies_go_to_the_back,
     page_and_json_answers,
