@@ -134,3 +134,22 @@ pub fn status_json(gate: &RoomGate, s: &RoomStatus) -> Value {
         "prequeue": c.prequeue.is_some(),
     })
 }
+
+/// Every room's status for the dashboard's snapshot, each read bounded by a second; a room
+/// whose read failed shows `"error"`.
+pub async fn statuses(app: &App) -> Vec<Value> {
+    let snapshot = app.snapshot();
+    let mut all = Vec::new();
+    for gate in snapshot.routes.iter().filter_map(|r| r.room.as_deref()) {
+        let read = tokio::time::timeout(
+            crate::metrics::SKU_STATUS_TIMEOUT,
+            ask(app, gate, &RoomCall::Status),
+        )
+        .await;
+        all.push(match read {
+            Ok(Ok(v)) => v,
+            _ => json!({ "room": gate.config.name, "error": "unavailable" }),
+        });
+    }
+    all
+}
