@@ -1,6 +1,7 @@
 //! Operating a waiting room: `flashgate room status|pause|resume|drain` (the real binary,
 //! through the admin API), the sliding session (an active visitor past half its session gets
-//! a fresh cookie, once; none while draining), and the room's metrics. On both stores; every
+//! a fresh cookie, once; none while draining), and the room's metrics. On both stores, and a
+//! room on a Redis Cluster; every
 //! loop bounded in count and time.
 mod support;
 
@@ -143,3 +144,52 @@ on_each_store!(
     pause_resume_and_status,
     sessions_slide_but_not_while_draining
 );
+
+/// A Redis Cluster: the room's four keys share one slot (`{room:pages}`), so `room.lua` runs
+/// there; two instances on a 3-master cluster give one queue (3 in, 17 at positions 1..17,
+/// the same on either instance).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_on_a_redis_cluster() {
+    support::shop::bounded(async {
+        let cluster = support::redis_cluster::RedisCluster::start(3, 0);
+        let store = format!(
+            "store: {{ cluster: {}, connect_timeout: 5s, response_timeout: 10s }}\n",
+            cluster.yaml_seeds()
+        );
+        let backend = Backend::start_echo().await;
+        let room =
+            "      total_active: 3\n      new_per_minute: 60000\n      session_duration: 30s\n";
+        let cfg = room_config(&backend, &store, room);
+        let (a, b) = (Flashgate::start(&cfg).await, Flashgate::start(&cfg).await);
+        let c = client();
+        let mut positions = Vec::new();
+        let mut queued = Vec::new();
+        for i in 0..20 {
+            let mut v = Visitor::default();
+            match v.visit(&c, if i % 2 == 0 { &a } else { &b }).await {
+                Visit::Passed => positions.push(0),
+                Visit::Queued(p) => {
+                    positions.push(p);
+                    queued.push((p, v));
+                }
+            }
+        }
+        let mut expected = vec![0, 0, 0];
+        expected.extend(1..=17);
+        assert_eq!(positions, expected);
+        for (p, v) in &mut queued {
+            assert_eq!(v.visit(&c, &a).await, Visit::Queued(*p));
+            assert_eq!(v.visit(&c, &b).await, Visit::Queued(*p));
+        }
+        let master = cluster.master_for("fg:{room:pages}:queue");
+        for part in ["seen", "active", "state"] {
+            assert_eq!(
+                cluster.master_for(&format!("fg:{{room:pages}}:{part}")),
+                master
+            );
+        }
+        let queue_len: i64 = cluster.cli(master, &["ZCARD", "fg:{room:pages}:queue"]);
+        assert_eq!(queue_len, 17);
+    })
+    .await;
+}
