@@ -690,3 +690,38 @@ fn serve_refuses_a_port_already_in_use() {
     assert!(stderr.contains("is another server running?"), "{stderr}");
     drop(taken);
 }
+
+/// A waiting room is described by `check`; its key (from the environment) is never printed.
+#[test]
+fn a_waiting_room_is_described_and_its_key_never_printed() {
+    let key = "a-room-key-that-must-never-be-printed-0123";
+    let out = Command::new(env!("CARGO_BIN_EXE_flashgate"))
+        .args(["check", "--config", "tests/fixtures/ok_room.yaml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .env("FLASHGATE_TEST_OK_ROOM_KEY", key)
+        .output()
+        .expect("run flashgate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains("waiting_room: 500 at once, 300 per minute, sessions of 5m, fifo"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("pre-queue: 2026-12-24T09:45:00Z to 2026-12-24T10:00:00Z"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(key) && !stderr.contains(key));
+    // Too short a key is refused, naming the variable.
+    let out = Command::new(env!("CARGO_BIN_EXE_flashgate"))
+        .args(["check", "--config", "tests/fixtures/ok_room.yaml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("FLASHGATE_TEST_OK_ROOM_KEY", "short")
+        .output()
+        .expect("run flashgate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("routes[0].waiting_room.key_env: environment variable FLASHGATE_TEST_OK_ROOM_KEY holds 5 bytes"), "{stderr}");
+}

@@ -1,8 +1,7 @@
 //! Operating a waiting room: `flashgate room status|pause|resume|drain` (the real binary,
 //! through the admin API), the sliding session (an active visitor past half its session gets
 //! a fresh cookie, once; none while draining), and the room's metrics. On both stores, and a
-//! room on a Redis Cluster; every
-//! loop bounded in count and time.
+//! room on a Redis Cluster; every loop bounded in count and time.
 mod support;
 
 use std::time::{Duration, Instant};

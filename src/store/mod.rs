@@ -6,7 +6,8 @@
 //! - [`RedisStore`]: the real thing. Each decision is made inside ONE Lua script
 //!   run atomically on the server (`lua/reserve.lua`, `lua/release.lua`,
 //!   `lua/settle.lua`, `lua/set_stock.lua`, `lua/add_stock.lua`; `lua/gcra.lua` for the
-//!   global rate limits, see [`limits`]), so any number of flashgate instances can share
+//!   global rate limits, see [`limits`]; `lua/room.lua` for waiting rooms, see [`room`]), so
+//!   any number of flashgate instances can share
 //!   it. The
 //!   buyers who arrive together on one thread share a script call (on a Redis
 //!   Cluster, those of one SKU), which decides them one after the other.
