@@ -208,7 +208,10 @@ async fn admit_and_forward<'s>(
     if let Some(room) = &route.room {
         match room.admit(&*app.store, req.headers()).await? {
             crate::room::Step::Pass(cookie) => seen.set_cookie = cookie,
-            crate::room::Step::Answer(resp) => return Ok(resp),
+            crate::room::Step::Answer(resp) => {
+                seen.queued = true;
+                return Ok(resp);
+            }
         }
     }
 

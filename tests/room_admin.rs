@@ -141,7 +141,8 @@ async fn sessions_slide_but_not_while_draining(store: StoreFixture) {
 
 on_each_store!(
     pause_resume_and_status,
-    sessions_slide_but_not_while_draining
+    sessions_slide_but_not_while_draining,
+    a_room_in_front_of_a_sale_route,
 );
 
 /// A Redis Cluster: the room's four keys share one slot (`{room:pages}`), so `room.lua` runs
@@ -191,4 +192,65 @@ async fn a_room_on_a_redis_cluster() {
         assert_eq!(queue_len, 17);
     })
     .await;
+}
+
+/// A room on the sale route itself: a buyer let in still meets the reservation (one unit
+/// each), a queued buyer reaches no reservation and counts as no admission.
+async fn a_room_in_front_of_a_sale_route(store: StoreFixture) {
+    let backend = Backend::start_echo().await;
+    // Only this test binary reads this variable, and it is set before flashgate starts.
+    unsafe {
+        std::env::set_var(
+            support::room::KEY_VAR,
+            "room-key-for-tests-0123456789abcdef",
+        )
+    };
+    let yaml = support::shop::sale_config(
+        &backend.url(),
+        &store.yaml,
+        "5s",
+        support::shop::BUY_PATH,
+        &format!(
+            "{{ sku: {{ path_param: sku }} }}\n    waiting_room: {{ total_active: 2, new_per_minute: 60000, session_duration: 30s, key_env: {} }}",
+            support::room::KEY_VAR
+        ),
+    );
+    let fg = Flashgate::start(&yaml).await;
+    support::shop::set_stock(&fg, "tee", 10).await;
+    let c = client();
+    let buy = |user: &'static str, cookie: Option<String>| {
+        let (c, fg) = (&c, &fg);
+        async move {
+            let mut headers = vec![("x-user-id", user), ("accept", "application/json")];
+            let cookie = cookie.unwrap_or_default();
+            if !cookie.is_empty() {
+                headers.push(("cookie", &cookie));
+            }
+            send(c, "POST", &fg.url("/api/flash/tee/buy"), &headers, "").await
+        }
+    };
+    let a = buy("ann", None).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let cookie = a.headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    // Let in, ann still holds one unit at most: her second buy is refused by the sale.
+    let again = buy("ann", Some(cookie)).await;
+    assert_eq!(again.status, 409, "{}", again.text());
+    assert_eq!(buy("bob", None).await.status, 200);
+    let queued = buy("cy", None).await;
+    assert_eq!(queued.status, 429);
+    assert_eq!(queued.json()["state"], "queued");
+    let metrics = fg.app.metrics.encode_text();
+    for line in [
+        "flashgate_admissions_total{route=\"flash-buy\",outcome=\"won\"} 2",
+        "flashgate_admissions_total{route=\"flash-buy\",outcome=\"already_purchased\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing in\n{metrics}");
+    }
+    assert_eq!(backend.count(), 2);
 }
