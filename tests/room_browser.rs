@@ -23,9 +23,13 @@ fn text_of(selector: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_page_updates_its_position_and_lets_the_visitor_in() {
     support::shop::bounded(async {
+        // The browser first: its start may take seconds on a loaded machine, longer than a
+        // session (the queued places below would be dropped as abandoned meanwhile).
+        let browser = Browser::launch().await;
+        let page = browser.page(1000, 700).await;
         let backend = Backend::start_echo().await;
         let room =
-            "      total_active: 1\n      new_per_minute: 60000\n      session_duration: 2s\n";
+            "      total_active: 1\n      new_per_minute: 60000\n      session_duration: 3s\n";
         let fg = Flashgate::start(&room_config(&backend, "", room)).await;
         let c = client();
         // One visitor in, two queued ahead of the browser.
@@ -34,8 +38,6 @@ async fn the_queue_page_updates_its_position_and_lets_the_visitor_in() {
         for (i, v) in ahead.iter_mut().enumerate() {
             assert_eq!(v.visit(&c, &fg).await, Visit::Queued(i as u64 + 1));
         }
-        let browser = Browser::launch().await;
-        let page = browser.page(1000, 700).await;
         page.goto(&fg.url("/sale/item")).await;
         assert_eq!(page.eval(&text_of("#fg-position")).await, "3");
         assert_eq!(page.eval("document.title").await, "You are in the queue");
