@@ -130,7 +130,7 @@ local free = total - redis.call('ZCARD', active)
 
 if mode == 'open' and not prequeue and rank < free then
   -- The pace (GCRA): a place is let in only if there is a token for it and for every place
-  -- ahead of it, so nobody overtakes the queue.
+  -- ahead of it: no place takes a session one ahead of it could not have.
   local period = 60000 / per_minute
   local burst = math.max(1, math.floor(per_minute / 6))
   local tat = tonumber(redis.call('HGET', state, 'tat') or '0')

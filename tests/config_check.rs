@@ -93,6 +93,14 @@ const BAD: &[(&str, u64, &[&str])] = &[
         &["routes[0].waiting_room.json_status: ", "not 204 or 304"],
     ),
     (
+        "room_opens_at_alone",
+        8,
+        &[
+            "routes[0].waiting_room.opens_at: ",
+            "set `prequeue_from` too",
+        ],
+    ),
+    (
         "room_cookie_name",
         8,
         &["routes[0].waiting_room.cookie: ", "a cookie name"],

@@ -113,6 +113,13 @@ pub(super) fn compile_room(
         }
         Some(s) => s.value.0,
     };
+    if let (None, Some(opens)) = (&raw.prequeue_from, &raw.opens_at) {
+        return Err(err(
+            &opens.referenced,
+            "opens_at",
+            "only the end of a pre-queue: set `prequeue_from` too".into(),
+        ));
+    }
     let prequeue = match (
         raw.prequeue_from,
         raw.opens_at.map(|o| o.value.0).or(sale_start),

@@ -100,7 +100,6 @@ impl RoomGate {
         match store.room(&self.rules, &call).await {
             Ok(RoomReply::Admitted { id, expires_ms }) => {
                 self.admitted.inc();
-                self.active.inc();
                 debug!(room = %self.config.name, "room: admitted");
                 Ok(Step::Pass(Some(self.active_cookie(id, expires_ms, now))))
             }

@@ -322,7 +322,8 @@ impl LocalRoom {
                 let free = u64::from(rules.total_active).saturating_sub(self.active.len() as u64);
                 if mode == RoomMode::Open && !prequeue && rank < free {
                     // The pace's tokens now: a place is let in only if there is one for it
-                    // and for every place ahead of it, so nobody overtakes the queue.
+                    // and for every place ahead of it (as with the free sessions): no place
+                    // takes a session one ahead of it could not also have.
                     let period = rules.period_ms();
                     let tolerance = period * f64::from(rules.burst());
                     let base = self.tat.max(now as f64);
@@ -458,6 +459,29 @@ mod tests {
             panic!("a used place does not admit twice");
         };
         assert_eq!((id.as_str(), new, position), ("y", true, 3));
+    }
+
+    #[test]
+    fn a_session_started_before_the_prequeue_ends_at_its_start() {
+        let mut r = rules(10);
+        r.prequeue = Some((5_000, 9_000));
+        let mut room = LocalRoom::default();
+        let RoomReply::Admitted { expires_ms, .. } = visit(&mut room, &r, None, "a", 1_000) else {
+            panic!("let in before the pre-queue");
+        };
+        assert_eq!(expires_ms, 5_000, "not 1_000 + 10_000");
+        // Nor does extending it carry it past the pre-queue's start.
+        let RoomReply::Refreshed { expires_ms } =
+            room.decide(&r, &RoomCall::Refresh { id: "a".into() }, 4_000)
+        else {
+            panic!("refreshed");
+        };
+        assert_eq!(expires_ms, Some(5_000));
+        // During the pre-queue nobody is let in, though sessions are free.
+        assert!(matches!(
+            visit(&mut room, &r, None, "b", 6_000),
+            RoomReply::Queued { position: 1, .. }
+        ));
     }
 
     #[test]
