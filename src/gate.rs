@@ -76,14 +76,20 @@ pub async fn handle(
         trace: &trace,
     };
     observe::finish(&app, &snapshot, &seen, &result, &asked);
-    Ok(match result {
+    let mut resp = match result {
         Ok(resp) => resp,
         Err(reject) => {
             let trace_id = trace.id();
             debug!(%method, path = uri.path(), status = reject.status().as_u16(), reason = reject.reason(), trace_id, "answered by flashgate");
             reject.into_response_traced(Some(&trace_id))
         }
-    })
+    };
+    // A waiting room's session cookie goes with any answer (a visitor let in and then
+    // refused by a limit keeps its session).
+    if let Some(cookie) = seen.set_cookie.take() {
+        resp.headers_mut().append(http::header::SET_COOKIE, cookie);
+    }
+    Ok(resp)
 }
 
 async fn admit_and_forward<'s>(
@@ -193,6 +199,20 @@ async fn admit_and_forward<'s>(
     let max_body = route.route.max_body.or(cfg.server.max_body);
     if body::declared_length(&req).is_some_and(|n| max_body.is_some_and(|max| n > max)) {
         return Err(Reject::PayloadTooLarge);
+    }
+
+    // 2b. The waiting room, before every limit: a visitor over the room's limits is given a
+    //     place in the queue rather than a 429 (which rewards whoever retries fastest), and
+    //     an admitted visitor's cookie is checked with no store call. The limits then still
+    //     apply to those let in, and a sale route behind the room keeps its reservation.
+    if let Some(room) = &route.room {
+        match room.admit(&*app.store, req.headers()).await? {
+            crate::room::Step::Pass(cookie) => seen.set_cookie = cookie,
+            crate::room::Step::Answer(resp) => {
+                seen.queued = true;
+                return Ok(resp);
+            }
+        }
     }
 
     // 3. Guards. The in-flight slot first (the only reversible check), then per-client buckets,

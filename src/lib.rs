@@ -12,6 +12,8 @@
 //!    that is both matched and forwarded (ambiguous spellings refused);
 //!    [`state::Snapshot::route_for`] matches the route (first match wins); [`fence`] refuses
 //!    any other spelling of a sale path.
+//!    A route with a waiting room meets [`room`] next: an admitted visitor's signed cookie
+//!    passes, anyone else gets a place in the queue (one store call) or is let in.
 //! 4. [`limit`] guards: in-flight slot, per-IP bucket, [`identity`], per-user bucket, route bucket;
 //!    then a route's `scope: global` buckets, in one store call ([`limit::global`]).
 //! 5. On a sale route, [`sale`] reads the order (SKU, quantity) — parsed once into the
@@ -52,6 +54,7 @@ pub mod order;
 pub mod reject;
 pub mod reload;
 pub mod request_line;
+pub mod room;
 pub mod sale;
 pub mod server;
 pub mod signing;

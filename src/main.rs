@@ -69,6 +69,13 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// A waiting room's status, or pause, resume or drain it, through the admin API.
+    Room {
+        #[command(subcommand)]
+        action: cli::RoomAction,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Check that each sale's books balance (added = stock + held + sold + uncertain) and
     /// that no reservation was left held; print a table, exit 1 on any problem.
     Audit {
@@ -137,6 +144,7 @@ fn main() -> ExitCode {
         }),
         Command::Stock { action, admin } => cli::stock(&admin, action),
         Command::Sale { action, admin } => cli::sale(&admin, action),
+        Command::Room { action, admin } => cli::room(&admin, action),
         Command::Audit { args, admin } => cli::audit(&admin, args),
         Command::Reservations { args, admin } => cli::reservations(&admin, args),
         Command::Verify {

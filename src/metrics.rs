@@ -76,6 +76,11 @@ struct RouteStatus {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoomLabel {
+    room: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
     route: String,
 }
@@ -147,6 +152,9 @@ pub struct Metrics {
     heap_released: Counter,
     sku_stock: Family<SkuLabel, Gauge>,
     sku_units: Family<SkuState, Gauge>,
+    room_queued: Family<RoomLabel, Gauge>,
+    room_active: Family<RoomLabel, Gauge>,
+    room_admitted: Family<RoomLabel, Counter>,
     skus: RwLock<HashSet<Sku>>,
     /// Every route name given a [`RouteMetrics`] (from the config, so bounded), with whether
     /// it is a sale route: what [`Metrics::totals`] sums over.
@@ -176,6 +184,9 @@ impl Metrics {
             heap_released: Counter::default(),
             sku_stock: Family::default(),
             sku_units: Family::default(),
+            room_queued: Family::default(),
+            room_active: Family::default(),
+            room_admitted: Family::default(),
             skus: RwLock::new(HashSet::new()),
             routes: RwLock::new(Vec::new()),
             unmatched: OnceLock::new(),
@@ -262,6 +273,21 @@ impl Metrics {
             "Units by reservation state, per SKU this instance has seen (at most 1000 SKUs)",
             m.sku_units.clone(),
         );
+        registry.register(
+            "room_queued",
+            "Visitors queued in a waiting room, as the store last told this instance",
+            m.room_queued.clone(),
+        );
+        registry.register(
+            "room_active",
+            "Active sessions of a waiting room, as the store last told this instance",
+            m.room_active.clone(),
+        );
+        registry.register(
+            "room_admitted",
+            "Visitors this instance let in from a waiting room",
+            m.room_admitted.clone(),
+        );
         let m = Metrics { registry, ..m };
         Arc::new(m)
     }
@@ -296,6 +322,18 @@ impl Metrics {
             in_flight: self.in_flight.get_or_create(&label).clone(),
             admissions,
         })
+    }
+
+    /// The queued and active gauges and the admitted counter of the room of route `name`.
+    pub fn room(&self, name: &str) -> (Gauge, Gauge, Counter) {
+        let label = RoomLabel {
+            room: name.to_owned(),
+        };
+        (
+            self.room_queued.get_or_create(&label).clone(),
+            self.room_active.get_or_create(&label).clone(),
+            self.room_admitted.get_or_create(&label).clone(),
+        )
     }
 
     /// The handles for requests no route matched.

@@ -28,6 +28,10 @@ pub(crate) struct Seen<'s> {
     pub user: Option<UserId>,
     /// The backend's status (if it answered) and how long it took.
     pub upstream: Option<(Option<u16>, Duration)>,
+    /// A waiting room's cookie for the answer, whatever the answer is (`room/`).
+    pub set_cookie: Option<http::HeaderValue>,
+    /// A waiting room answered with the queue: no admission was decided.
+    pub queued: bool,
 }
 
 impl<'s> Seen<'s> {
@@ -39,6 +43,8 @@ impl<'s> Seen<'s> {
             client_ip: peer_ip,
             user: None,
             upstream: None,
+            set_cookie: None,
+            queued: false,
         }
     }
 
@@ -74,7 +80,9 @@ pub(crate) fn finish(
         .route
         .unwrap_or((UNMATCHED, snapshot.unmatched.as_ref()));
     route.answered(status, took);
-    if seen.route.is_some() {
+    // A waiting room's queue answer decided no admission: a sale route behind a room counts
+    // only what reached its reservation (or was refused on the way).
+    if seen.route.is_some() && !seen.queued {
         route.admission(match result {
             Err(reject) if !seen.won => metrics::outcome_of(reject),
             _ => "won",

@@ -74,6 +74,8 @@ pub struct RouteState {
     pub metrics: Arc<RouteMetrics>,
     /// Reads the route's `identity` (a JWT route's keys and token cache live here).
     pub identity: Option<Arc<Reader>>,
+    /// The route's waiting room (stateless here: the store keeps the queue).
+    pub room: Option<Arc<crate::room::RoomGate>>,
 }
 
 /// A matched route and the path parameters it captured.
@@ -116,6 +118,10 @@ impl Snapshot {
                         |r| r.guards.clone(),
                     ),
                     identity,
+                    room: route
+                        .waiting_room
+                        .as_ref()
+                        .map(|r| Arc::new(crate::room::RoomGate::new(r, metrics))),
                 }
             })
             .collect();

@@ -42,6 +42,74 @@ fn assert_refused(out: &Output, prefix: &str) -> String {
 /// (fixture name, line the error is reported at, fragments the message must contain).
 /// Line 0 means the error carries no location and prints as `file: key: message`.
 const BAD: &[(&str, u64, &[&str])] = &[
+    (
+        "room_zero_active",
+        6,
+        &[
+            "routes[0].waiting_room.total_active: ",
+            "must be at least 1",
+        ],
+    ),
+    (
+        "room_key_unset",
+        8,
+        &[
+            "routes[0].waiting_room.key_env: ",
+            "environment variable FLASHGATE_TEST_UNSET_ROOM_KEY is not set",
+        ],
+    ),
+    (
+        "room_prequeue_without_start",
+        8,
+        &["routes[0].waiting_room.prequeue_from: ", "needs the start"],
+    ),
+    (
+        "room_prequeue_after_start",
+        8,
+        &[
+            "routes[0].waiting_room.prequeue_from: ",
+            "must be before the start",
+        ],
+    ),
+    (
+        "room_queueing",
+        8,
+        &[
+            "routes[0].waiting_room.queueing: ",
+            "unknown variant `lottery`",
+        ],
+    ),
+    (
+        "room_session",
+        8,
+        &[
+            "routes[0].waiting_room.session_duration: ",
+            "between 1s and 7 days",
+        ],
+    ),
+    (
+        "room_status",
+        8,
+        &["routes[0].waiting_room.json_status: ", "not 204 or 304"],
+    ),
+    (
+        "room_opens_at_alone",
+        8,
+        &[
+            "routes[0].waiting_room.opens_at: ",
+            "set `prequeue_from` too",
+        ],
+    ),
+    (
+        "room_cookie_name",
+        8,
+        &["routes[0].waiting_room.cookie: ", "a cookie name"],
+    ),
+    (
+        "room_page_template",
+        8,
+        &["routes[0].waiting_room.page_template: ", "cannot read"],
+    ),
     ("yaml_syntax", 5, &["routes[0].match: ", "unclosed bracket"]),
     (
         "unknown_top_key",
@@ -629,4 +697,39 @@ fn serve_refuses_a_port_already_in_use() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("is another server running?"), "{stderr}");
     drop(taken);
+}
+
+/// A waiting room is described by `check`; its key (from the environment) is never printed.
+#[test]
+fn a_waiting_room_is_described_and_its_key_never_printed() {
+    let key = "a-room-key-that-must-never-be-printed-0123";
+    let out = Command::new(env!("CARGO_BIN_EXE_flashgate"))
+        .args(["check", "--config", "tests/fixtures/ok_room.yaml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .env("FLASHGATE_TEST_OK_ROOM_KEY", key)
+        .output()
+        .expect("run flashgate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains("waiting_room: 500 at once, 300 per minute, sessions of 5m, fifo"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("pre-queue: 2026-12-24T09:45:00Z to 2026-12-24T10:00:00Z"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(key) && !stderr.contains(key));
+    // Too short a key is refused, naming the variable.
+    let out = Command::new(env!("CARGO_BIN_EXE_flashgate"))
+        .args(["check", "--config", "tests/fixtures/ok_room.yaml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("FLASHGATE_TEST_OK_ROOM_KEY", "short")
+        .output()
+        .expect("run flashgate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("routes[0].waiting_room.key_env: environment variable FLASHGATE_TEST_OK_ROOM_KEY holds 5 bytes"), "{stderr}");
 }

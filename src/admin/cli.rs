@@ -15,6 +15,9 @@ use clap::{Subcommand, ValueEnum};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
+mod room;
+pub use room::{RoomAction, room};
+
 use super::client::{self, CallError};
 use super::render;
 use crate::ids::{ReservationId, Sku};

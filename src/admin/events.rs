@@ -7,13 +7,15 @@
 //!        "units":{"held":0,"sold":8,"released":0,"uncertain":0},"fresh":true}],
 //!        "admissions_per_s":{"won":2.0,…},"admissions_total":{"won":8,…},
 //!        "answers_per_s":{"429":0.0,"503":0.0},"answers_total":{"429":0,"503":0},
-//!        "breaker_open":false,"in_flight":0,"connections":3}
+//!        "breaker_open":false,"in_flight":0,"connections":3,
+//!        "rooms":[{"room":"sale-pages","mode":"open","queued":40,"active":500,…}]}
 //! ```
 //!
 //! Rates are the difference of two readings of the counters ([`Totals`]) over the time between
 //! them (`null` in the first snapshot after nobody was watching). SKUs are the ones `/metrics`
 //! exports, read by the same refresh ([`Metrics::refresh_skus`]); a SKU whose read failed keeps
-//! its last values with `"fresh": false`.
+//! its last values with `"fresh": false`. Rooms are the waiting rooms' statuses
+//! (`admin/rooms.rs`), one store read each per tick.
 //!
 //! **Cost.** One sampler task reads the store once per tick however many pages watch, and only
 //! while at least one does. Each subscriber has a forwarding task and a channel of one event:
@@ -201,7 +203,8 @@ async fn sampler(app: Arc<App>, events: Arc<Events>) {
             }
             let read = app.metrics.refresh_skus(app.store.as_ref()).await;
             let now = (Instant::now(), app.metrics.totals());
-            let snapshot = snapshot(&read, &mut known, previous.as_ref(), &now);
+            let mut snapshot = snapshot(&read, &mut known, previous.as_ref(), &now);
+            snapshot["rooms"] = Value::Array(super::rooms::statuses(&app).await);
             previous = Some(now);
             events.latest.send_replace(Some(encode(&snapshot)));
         }

@@ -25,6 +25,7 @@
 //!
 //! `GET` calls work with the read-only token too; every other call needs the write token.
 //! Every write is logged at `info` with the token kind, the SKU and the value before and after.
+//! | `GET /v1/rooms`, `GET /v1/rooms/{name}`, `POST /v1/rooms/{name}/pause\|resume\|drain` | | the waiting rooms ([`rooms`]) |
 //! | `GET /v1/events` | | the live dashboard's server-sent events ([`events`]) |
 //! | `GET /dashboard` (no token) | | the live dashboard page ([`dashboard`]) |
 //!
@@ -57,6 +58,7 @@ use crate::state::App;
 use crate::store::{MAX_UNITS, StockSet, StoreError};
 
 mod reconcile;
+pub mod rooms;
 
 /// Admin request bodies are tiny.
 const MAX_ADMIN_BODY: usize = 4096;
@@ -219,6 +221,10 @@ async fn handle(
         return events.subscribe(req.method());
     }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Waiting rooms: their own module.
+    if let Some(call) = rooms::Call::from_path(&segments) {
+        return rooms::handle(app, who, call, req.method()).await;
+    }
     // Audit and reconciliation: their own module.
     if let Some(call) = reconcile::Call::from_path(&segments) {
         return match call {

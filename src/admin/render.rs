@@ -405,3 +405,62 @@ pub fn resolved(v: &Value) -> String {
     };
     format!("{sku}: reservation {id} resolved {from} → {to}{what}")
 }
+
+/// `flashgate room status`, for people.
+pub fn room_status(v: &Value) -> String {
+    let n = |k: &str| num(&v[k]);
+    let wait = v["estimated_wait_s"].as_u64().map_or("?".to_owned(), |s| {
+        humantime::format_duration(Duration::from_secs(s)).to_string()
+    });
+    let order = match (v["queueing"].as_str(), v["prequeue"] == true) {
+        (Some(q), true) => format!("{q}, with a pre-queue shuffled at the start"),
+        (Some(q), false) => q.to_owned(),
+        (None, _) => "?".to_owned(),
+    };
+    format!(
+        "room {}: {}\n\
+         \x20 queued               {}\n\
+         \x20 active               {} of {}\n\
+         \x20 admitted last minute {} (pace {} per minute)\n\
+         \x20 admitted in all      {}\n\
+         \x20 estimated wait       {wait} (for a visitor joining now)\n\
+         \x20 order                {order}; sessions of {}s",
+        v["room"].as_str().unwrap_or("?"),
+        v["mode"].as_str().unwrap_or("?"),
+        n("queued"),
+        n("active"),
+        n("total_active"),
+        n("admitted_last_minute"),
+        n("new_per_minute"),
+        n("admitted_total"),
+        n("session_s"),
+    )
+}
+
+/// `flashgate room list`, for people.
+pub fn rooms(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["rooms"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            vec![
+                r["room"].as_str().unwrap_or("?").to_owned(),
+                r["mode"].as_str().unwrap_or("?").to_owned(),
+                num(&r["queued"]),
+                format!("{}/{}", num(&r["active"]), num(&r["total_active"])),
+                num(&r["admitted_last_minute"]),
+                num(&r["estimated_wait_s"]),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return "no waiting room in the running config".to_owned();
+    }
+    table(
+        &["room", "mode", "queued", "active", "admitted/min", "wait s"],
+        &rows,
+        2,
+    )
+}

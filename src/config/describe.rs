@@ -85,6 +85,9 @@ pub fn describe(cfg: &Config) -> String {
         if let Some(sale) = &r.sale {
             sale_lines(&mut out, r, sale);
         }
+        if let Some(room) = &r.waiting_room {
+            room_lines(&mut out, room);
+        }
     }
     let _ = writeln!(
         out,
@@ -234,6 +237,44 @@ fn source(s: &Source) -> String {
         Source::Header(h) => format!("header `{h}`"),
         Source::Json(j) => format!("json field `{j}`"),
     }
+}
+
+/// A route's waiting room, indented under its route line (the key is never shown).
+fn room_lines(out: &mut String, room: &super::Room) {
+    const IN: &str = "       ";
+    let order = match room.queueing {
+        super::Queueing::Fifo => "fifo",
+        super::Queueing::Random => "random",
+    };
+    let _ = writeln!(
+        out,
+        "{IN}waiting_room: {} at once, {} per minute, sessions of {}, {order}",
+        room.total_active,
+        room.new_per_minute,
+        dur(room.session)
+    );
+    if let Some((from, start)) = room.prequeue {
+        let _ = writeln!(
+            out,
+            "{IN}pre-queue: {} to {}, shuffled at the start",
+            time(Some(from), ""),
+            time(Some(start), "")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{IN}cookie: {}{}, page {} / JSON {} for {}{}",
+        room.cookie,
+        if room.secure_cookie { " (Secure)" } else { "" },
+        room.page_status.as_u16(),
+        room.json_status.as_u16(),
+        room.json_for.join(", "),
+        if room.page_template.is_some() {
+            ", own page template"
+        } else {
+            ""
+        }
+    );
 }
 
 fn time(t: Option<SystemTime>, none: &str) -> String {

@@ -8,6 +8,7 @@ mod describe;
 mod jwt;
 mod limits;
 mod raw;
+mod room;
 mod route;
 mod shadow;
 mod stock_stream;
@@ -28,6 +29,7 @@ use serde_saphyr::Location;
 pub use describe::{describe, mask_password};
 pub use jwt::{Jwt, JwtKeys, TokenFrom};
 pub use raw::Unmatched;
+pub use room::{Queueing, Room, RoomKey};
 
 use crate::canonical::PathPolicy;
 use raw::RawConfig;
@@ -188,6 +190,8 @@ pub struct Route {
     pub limits: Limits,
     pub max_body: Option<u64>,
     pub sale: Option<Sale>,
+    /// The route's waiting room (`room/`), checked before its limits.
+    pub waiting_room: Option<Room>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

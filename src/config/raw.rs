@@ -323,6 +323,7 @@ pub struct RawRoute {
     /// Request body limit on this route (413 past it).
     pub max_body: Option<Bytes>,
     pub sale: Option<Spanned<RawSale>>,
+    pub waiting_room: Option<Spanned<super::room::RawRoom>>,
 }
 
 /// Marks a route as a flash-sale route: a request reaches the backend only if it wins stock.

@@ -64,6 +64,7 @@ pub(super) fn compile_route(
             "needs an `identity` on the route to know who the user is".into(),
         ));
     }
+    let sale_at = raw.sale.as_ref().map(|s| s.value.start.map(|t| t.0));
     let sale = match raw.sale {
         None => None,
         Some(s) => {
@@ -82,6 +83,14 @@ pub(super) fn compile_route(
             )?)
         }
     };
+    let waiting_room = raw
+        .waiting_room
+        .map(|r| {
+            super::room::compile_room(r.value, &name, sale_at.flatten(), base, &|at, k, m| {
+                err(at, key(&format!("waiting_room.{k}")), m)
+            })
+        })
+        .transpose()?;
     Ok(Route {
         name,
         methods: raw
@@ -94,6 +103,7 @@ pub(super) fn compile_route(
         limits,
         max_body: raw.max_body.map(|b| b.0),
         sale,
+        waiting_room,
     })
 }
 

@@ -245,6 +245,14 @@ impl<S: Store> StoreImpl for Breaker<S> {
     async fn check_limits(&self, check: &LimitCheck) -> Result<LimitVerdict, StoreError> {
         self.guarded(self.store.check_limits(check)).await
     }
+
+    async fn room(
+        &self,
+        rules: &super::RoomRules,
+        call: &super::RoomCall,
+    ) -> Result<super::RoomReply, StoreError> {
+        self.guarded(self.store.room(rules, call)).await
+    }
 }
 
 #[cfg(test)]
@@ -322,6 +330,13 @@ mod tests {
             Err(StoreError::Invalid("unused".into()))
         }
         async fn check_limits(&self, _: &LimitCheck) -> Result<LimitVerdict, StoreError> {
+            Err(StoreError::Invalid("unused".into()))
+        }
+        async fn room(
+            &self,
+            _: &crate::store::RoomRules,
+            _: &crate::store::RoomCall,
+        ) -> Result<crate::store::RoomReply, StoreError> {
             Err(StoreError::Invalid("unused".into()))
         }
     }

@@ -28,6 +28,8 @@ pub struct MemoryStore {
     sales: Mutex<HashMap<Sku, Sale>>,
     /// Global rate limits (`scope: global`): this process's GCRA, in its own lock.
     limits: LocalLimits,
+    /// Waiting rooms (`store::room`), in their own lock.
+    rooms: super::room::LocalRooms,
 }
 
 /// One SKU's state: the in-memory twin of the four Redis keys.
@@ -547,5 +549,13 @@ impl StoreImpl for MemoryStore {
 
     async fn check_limits(&self, check: &LimitCheck) -> Result<LimitVerdict, StoreError> {
         self.limits.check(check)
+    }
+
+    async fn room(
+        &self,
+        rules: &super::RoomRules,
+        call: &super::RoomCall,
+    ) -> Result<super::RoomReply, StoreError> {
+        self.rooms.call(rules, call)
     }
 }

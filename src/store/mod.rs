@@ -6,7 +6,8 @@
 //! - [`RedisStore`]: the real thing. Each decision is made inside ONE Lua script
 //!   run atomically on the server (`lua/reserve.lua`, `lua/release.lua`,
 //!   `lua/settle.lua`, `lua/set_stock.lua`, `lua/add_stock.lua`; `lua/gcra.lua` for the
-//!   global rate limits, see [`limits`]), so any number of flashgate instances can share
+//!   global rate limits, see [`limits`]; `lua/room.lua` for waiting rooms, see [`room`]), so
+//!   any number of flashgate instances can share
 //!   it. The
 //!   buyers who arrive together on one thread share a script call (on a Redis
 //!   Cluster, those of one SKU), which decides them one after the other.
@@ -50,6 +51,7 @@ pub mod observed;
 pub mod reconcile;
 pub mod redis;
 mod retry;
+pub mod room;
 
 pub use self::events::StoreEvent;
 pub use self::limits::{LimitBucket, LimitCheck, LimitVerdict};
@@ -61,6 +63,7 @@ pub use self::reconcile::{
 pub use self::redis::{RedisConfig, RedisStore, RedisTarget};
 pub(crate) use self::retry::retry_while_unavailable;
 pub use self::retry::{RECORD_RETRY_FOR, Record, record_retrying};
+pub use self::room::{RoomCall, RoomMode, RoomReply, RoomRules, RoomStatus};
 
 /// A boxed, `Send` future: lets [`Store`] be used as `Arc<dyn Store>`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -235,6 +238,12 @@ pub trait Store: Send + Sync + 'static {
         check: &'a LimitCheck,
     ) -> BoxFuture<'a, Result<LimitVerdict, StoreError>>;
 
+    fn room<'a>(
+        &'a self,
+        rules: &'a RoomRules,
+        call: &'a RoomCall,
+    ) -> BoxFuture<'a, Result<RoomReply, StoreError>>;
+
     /// Set the units left, whatever they were. Returns the new stock.
     fn set_stock<'a>(&'a self, sku: &'a Sku, units: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
@@ -340,6 +349,14 @@ pub trait StoreImpl: Send + Sync + 'static {
         &self,
         check: &LimitCheck,
     ) -> impl Future<Output = Result<LimitVerdict, StoreError>> + Send;
+
+    /// One waiting-room decision (`store::room`), atomic: a visit, a session's refresh, the
+    /// counts, or the operator's mode. Shared by every instance of a Redis store.
+    fn room(
+        &self,
+        rules: &RoomRules,
+        call: &RoomCall,
+    ) -> impl Future<Output = Result<RoomReply, StoreError>> + Send;
 }
 
 impl<T: StoreImpl> Store for T {
@@ -415,6 +432,13 @@ impl<T: StoreImpl> Store for T {
         check: &'a LimitCheck,
     ) -> BoxFuture<'a, Result<LimitVerdict, StoreError>> {
         Box::pin(StoreImpl::check_limits(self, check))
+    }
+    fn room<'a>(
+        &'a self,
+        rules: &'a RoomRules,
+        call: &'a RoomCall,
+    ) -> BoxFuture<'a, Result<RoomReply, StoreError>> {
+        Box::pin(StoreImpl::room(self, rules, call))
     }
 }
 

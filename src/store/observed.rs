@@ -129,4 +129,12 @@ impl<S: Store> StoreImpl for Observed<S> {
         self.timed("check_limits", self.store.check_limits(check))
             .await
     }
+
+    async fn room(
+        &self,
+        rules: &super::RoomRules,
+        call: &super::RoomCall,
+    ) -> Result<super::RoomReply, StoreError> {
+        self.timed("room", self.store.room(rules, call)).await
+    }
 }

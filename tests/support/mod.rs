@@ -7,6 +7,7 @@ pub mod browser;
 pub mod raw;
 pub mod redis;
 pub mod redis_cluster;
+pub mod room;
 pub mod shop;
 pub mod sse;
 pub mod storm;

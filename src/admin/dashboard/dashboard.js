@@ -192,6 +192,7 @@
     $('card-429').className = 'card' + (answers['429'] > 0 ? ' bad' : '');
     $('card-503').className = 'card' + (answers['503'] > 0 ? ' bad' : '');
     renderSkus(snap.skus || []);
+    renderRooms(snap.rooms || []);
     if (snap.interval_s !== null && snap.interval_s !== undefined) {
       samples.push({ t: snap.time_ms, rates });
       if (samples.length > WINDOW) samples = samples.slice(-WINDOW);
@@ -252,6 +253,35 @@
       row.cells[8].firstChild.firstChild.style.width = (left * 100).toFixed(1) + '%';
     });
     for (const gone of rows.values()) gone.remove();
+  }
+
+  function renderRooms(rooms) {
+    $('rooms-panel').hidden = rooms.length === 0;
+    const body = document.querySelector('#rooms tbody');
+    body.replaceChildren(...rooms.map((r) => {
+      const row = document.createElement('tr');
+      row.dataset.room = r.room;
+      const wait = r.estimated_wait_s;
+      const cells = r.error ? [r.room, 'unavailable', '–', '–', '–', '–'] : [
+        r.room, r.mode, fmtInt(r.queued), fmtInt(r.active) + ' / ' + fmtInt(r.total_active),
+        fmtInt(r.admitted_last_minute),
+        wait === undefined ? '–' : (wait < 60 ? wait + ' s' : Math.ceil(wait / 60) + ' min'),
+      ];
+      cells.forEach((text, i) => {
+        const td = document.createElement('td');
+        if (i === 1) {
+          const pill = document.createElement('span');
+          pill.className = 'pill ' + (r.mode === 'open' ? 'open' : 'closed');
+          pill.textContent = text;
+          td.appendChild(pill);
+        } else {
+          td.textContent = text;
+        }
+        if (i >= 2) td.className = 'num';
+        row.appendChild(td);
+      });
+      return row;
+    }));
   }
 
   function renderLegend(rates, totals) {

@@ -18,6 +18,7 @@
 //!   per batch.
 //! - `limits.rs`: global rate limits, batched per route the same way, one `gcra.lua` call
 //!   per batch.
+//! - `room.rs`: waiting rooms, one `room.lua` call per decision.
 //! - `batch.rs`: the per-thread, per-SKU queue both kinds of batch wait in.
 //! - `reply.rs`: turning script replies into outcomes and errors.
 //! - `events.rs`: the subscription that hears the other instances' stock changes.
@@ -32,6 +33,7 @@ mod link;
 mod pool;
 mod reply;
 mod reserve;
+mod room;
 mod scripts;
 mod settle;
 
@@ -125,6 +127,7 @@ struct Shared {
     set_stock: LuaScript,
     set_closed: LuaScript,
     gcra: LuaScript,
+    room: LuaScript,
     /// Reserves waiting to be sent together (see [`Shared::reserve_inner`]).
     reserves: ThreadLocal<Arc<Batches<ReserveWaiter>>>,
     /// Settles waiting to be sent together (see [`Shared::settle_inner`]).
@@ -271,6 +274,7 @@ impl Shared {
             set_stock: LuaScript::new(include_str!("../../../lua/set_stock.lua")),
             set_closed: LuaScript::new(include_str!("../../../lua/set_closed.lua")),
             gcra: LuaScript::new(include_str!("../../../lua/gcra.lua")),
+            room: LuaScript::new(include_str!("../../../lua/room.lua")),
             reserves: ThreadLocal::new(),
             settles: ThreadLocal::new(),
             limits: ThreadLocal::new(),
@@ -541,6 +545,14 @@ impl StoreImpl for RedisStore {
         check: &LimitCheck,
     ) -> impl Future<Output = Result<LimitVerdict, StoreError>> + Send {
         self.shared.check_limits_inner(check)
+    }
+
+    fn room(
+        &self,
+        rules: &crate::store::RoomRules,
+        call: &crate::store::RoomCall,
+    ) -> impl Future<Output = Result<crate::store::RoomReply, StoreError>> + Send {
+        self.shared.room_inner(rules, call)
     }
 }
 
