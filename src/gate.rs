@@ -201,9 +201,17 @@ async fn admit_and_forward<'s>(
         return Err(Reject::PayloadTooLarge);
     }
 
-    // 2b. The waiting room, before every limit: a visitor over the room's limits is given a
-    //     place in the queue rather than a 429 (which rewards whoever retries fastest), and
-    //     an admitted visitor's cookie is checked with no store call. The limits then still
+    // 3. Guards. The in-flight slot first (the only reversible check), then per-client buckets,
+    //    then the shared route bucket, so a client rejected for its own excess spends no token
+    //    that other clients need. See `limit/mod.rs` for the full argument.
+    let slot = guards.enter()?;
+    seen.client_ip = client_ip::client_ip(peer.ip, req.headers(), &cfg.trusted_proxies);
+    guards.check_ip(seen.client_ip)?;
+    // 3a. The waiting room, once the per-IP bucket has passed (every visitor without an active
+    //     cookie costs one store call, so a flood from one client is cut here first) and
+    //     before the per-user and route buckets: a visitor over the room's limits is given a
+    //     place in the queue rather than a 429 (which rewards whoever retries fastest), and an
+    //     admitted visitor's cookie is checked with no store call. The remaining limits then
     //     apply to those let in, and a sale route behind the room keeps its reservation.
     if let Some(room) = &route.room {
         match room.admit(&*app.store, req.headers()).await? {
@@ -214,13 +222,6 @@ async fn admit_and_forward<'s>(
             }
         }
     }
-
-    // 3. Guards. The in-flight slot first (the only reversible check), then per-client buckets,
-    //    then the shared route bucket, so a client rejected for its own excess spends no token
-    //    that other clients need. See `limit/mod.rs` for the full argument.
-    let slot = guards.enter()?;
-    seen.client_ip = client_ip::client_ip(peer.ip, req.headers(), &cfg.trusted_proxies);
-    guards.check_ip(seen.client_ip)?;
     // 4. Identity (needed by the per-user bucket, so it sits between the buckets). A JWT is
     //    verified here, after the per-IP bucket, so a flood of forged tokens from one client
     //    is cut before it costs signature checks; a token seen before is a cache hit.

@@ -426,3 +426,46 @@ async fn new_per_minute_paces_admissions() {
     })
     .await;
 }
+
+/// Every visitor without an active cookie costs the room one store call, so the route's per-IP
+/// bucket runs first: a flood from one address is answered 429 `rate_limited` by flashgate
+/// alone once its burst is spent, and the store sees only the burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_address_is_cut_before_the_store() {
+    bounded(async {
+        let backend = Backend::start_echo().await;
+        let room = "      total_active: 1\n      new_per_minute: 60000\n      session_duration: 30s\n    limits:\n      per_ip: { per_minute: 1, burst: 3 }\n";
+        let fg = Flashgate::start(&room_config(
+            &backend,
+            &support::shop::memory().yaml,
+            room,
+        ))
+        .await;
+        let c = client();
+        let calls = || {
+            let text = fg.app.metrics.encode_text();
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix("flashgate_store_duration_seconds_count{op=\"room\"} ")
+                })
+                .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+        };
+        let (mut passed, mut queued, mut limited) = (0, 0, 0);
+        for _ in 0..20 {
+            // A fresh visitor each time: no cookie, as a flood sends.
+            let a = Visitor::default().ask(&c, &fg, "application/json").await;
+            match (a.status.as_u16(), a.json()["state"].as_str()) {
+                (200, _) => passed += 1,
+                (429, Some("queued")) => queued += 1,
+                (429, None) => {
+                    assert_eq!(a.json()["error"], "rate_limited", "{}", a.text());
+                    limited += 1;
+                }
+                (s, _) => panic!("unexpected {s}: {}", a.text()),
+            }
+        }
+        assert_eq!((passed, queued, limited), (1, 2, 17));
+        assert_eq!(calls(), 3, "only the burst reached the store");
+    })
+    .await;
+}
