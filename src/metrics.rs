@@ -22,7 +22,9 @@ use crate::ids::Sku;
 use crate::reject::Reject;
 use crate::store::{SaleStatus, Settlement, Store};
 
+mod text;
 mod totals;
+use text::openmetrics_to_text;
 pub use totals::Totals;
 
 /// SKUs whose stock and units are exported; past it new SKUs are not added (documented).
@@ -467,39 +469,6 @@ impl Metrics {
     pub fn encode_text(&self) -> String {
         openmetrics_to_text(&self.encode_openmetrics())
     }
-}
-
-/// OpenMetrics text → Prometheus text 0.0.4. The two differ, for what is exported here, in
-/// the family name of a counter (`# TYPE x counter` with samples `x_total` becomes
-/// `# TYPE x_total counter`) and in the closing `# EOF`.
-fn openmetrics_to_text(om: &str) -> String {
-    let counters: HashSet<&str> = om
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(om.len() + 64);
-    for line in om.lines() {
-        if line == "# EOF" {
-            continue;
-        }
-        let meta = ["# HELP ", "# TYPE ", "# UNIT "]
-            .iter()
-            .find_map(|p| Some((*p, line.strip_prefix(p)?)));
-        match meta {
-            Some((prefix, rest)) => {
-                let name = rest.split(' ').next().unwrap_or_default();
-                out.push_str(prefix);
-                out.push_str(name);
-                if counters.contains(name) {
-                    out.push_str("_total");
-                }
-                out.push_str(&rest[name.len()..]);
-            }
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
 }
 
 /// Statuses 100..=599 have a counter slot each.
