@@ -10,6 +10,8 @@
 //! elements with ids `fg-position` and `fg-wait`).
 
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, SET_COOKIE};
+use std::time::Duration;
+
 use http::{HeaderMap, HeaderValue, Response};
 
 use crate::body::{self, Body};
@@ -39,9 +41,12 @@ const SCRIPT: &str = r#"<script>
 })();
 </script>"#;
 
-/// How soon a queued visitor should ask again: a quarter of the wait, 1 to 10 seconds.
-pub fn retry_after(wait_s: u64) -> u64 {
-    wait_s.div_ceil(4).clamp(1, 10)
+/// How soon a queued visitor should ask again: a quarter of the wait, 1 to 10 seconds, and
+/// never more than a third of a session (the store drops a place nobody asked about for a
+/// session: a visitor told to wait longer would lose it between two polls).
+pub fn retry_after(wait_s: u64, session: Duration) -> u64 {
+    let most = (session.as_secs() / 3).clamp(1, 10);
+    wait_s.div_ceil(4).clamp(1, most)
 }
 
 /// The answer for a visitor at `position`, `wait_s` from being let in.
@@ -52,7 +57,7 @@ pub fn queued(
     wait_s: u64,
     cookie: HeaderValue,
 ) -> Response<Body> {
-    let retry = retry_after(wait_s);
+    let retry = retry_after(wait_s, room.session);
     let (status, content_type, text) = if wants_json(room, headers) {
         let json = serde_json::json!({
             "state": "queued",
@@ -133,9 +138,13 @@ mod tests {
 
     #[test]
     fn retry_after_is_a_quarter_of_the_wait_within_bounds() {
-        assert_eq!(retry_after(0), 1);
-        assert_eq!(retry_after(8), 2);
-        assert_eq!(retry_after(3600), 10);
+        let five_min = Duration::from_secs(300);
+        assert_eq!(retry_after(0, five_min), 1);
+        assert_eq!(retry_after(8, five_min), 2);
+        assert_eq!(retry_after(3600, five_min), 10);
+        // Short sessions: asked again well within one, or the place is dropped meanwhile.
+        assert_eq!(retry_after(3600, Duration::from_secs(15)), 5);
+        assert_eq!(retry_after(3600, Duration::from_secs(2)), 1);
     }
 
     #[test]
