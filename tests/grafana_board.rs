@@ -120,6 +120,24 @@ async fn exported_names() -> (HashSet<String>, HashSet<String>) {
     let down = buy(&c, &fg, "another-sku", "d").await;
     assert_rejected(&down, 503, "unavailable");
     text.push_str(&scrape_text(&fg).await);
+    // A waiting room's families: one visitor let in, one queued.
+    let room = support::room::room_config(
+        &backend,
+        "",
+        "      total_active: 1\n      new_per_minute: 60000\n      session_duration: 30s\n",
+    );
+    let fg_room = Flashgate::start(&room).await;
+    let mut first = support::room::Visitor::default();
+    assert_eq!(
+        first.visit(&c, &fg_room).await,
+        support::room::Visit::Passed
+    );
+    let mut second = support::room::Visitor::default();
+    assert_eq!(
+        second.visit(&c, &fg_room).await,
+        support::room::Visit::Queued(1)
+    );
+    text.push_str(&scrape_text(&fg_room).await);
     let (mut series, mut families) = (HashSet::new(), HashSet::new());
     for line in text.lines() {
         if let Some(typed) = line.strip_prefix("# TYPE ") {
@@ -140,7 +158,7 @@ async fn exported_names() -> (HashSet<String>, HashSet<String>) {
             }
         }
     }
-    assert_eq!(families.len(), 15, "{text}");
+    assert_eq!(families.len(), 18, "{text}");
     (series, families)
 }
 
