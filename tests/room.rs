@@ -149,12 +149,7 @@ async fn forged_cookies_go_to_the_back(store: StoreFixture) {
     assert_eq!(queued[0].visit(&c, &fg).await, Visit::Queued(1));
 
     // An active visitor passes with no store call.
-    let calls = || {
-        let text = fg.app.metrics.encode_text();
-        text.lines()
-            .find_map(|l| l.strip_prefix("flashgate_store_duration_seconds_count{op=\"room\"} "))
-            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
-    };
+    let calls = || room_store_calls(&fg);
     let before = calls();
     for _ in 0..10 {
         assert_eq!(first.visit(&c, &fg).await, Visit::Passed);
@@ -442,14 +437,7 @@ async fn a_flood_from_one_address_is_cut_before_the_store() {
         ))
         .await;
         let c = client();
-        let calls = || {
-            let text = fg.app.metrics.encode_text();
-            text.lines()
-                .find_map(|l| {
-                    l.strip_prefix("flashgate_store_duration_seconds_count{op=\"room\"} ")
-                })
-                .map_or(0, |v| v.trim().parse::<u64>().unwrap())
-        };
+        let calls = || room_store_calls(&fg);
         let (mut passed, mut queued, mut limited) = (0, 0, 0);
         for _ in 0..20 {
             // A fresh visitor each time: no cookie, as a flood sends.
@@ -468,4 +456,14 @@ async fn a_flood_from_one_address_is_cut_before_the_store() {
         assert_eq!(calls(), 3, "only the burst reached the store");
     })
     .await;
+}
+
+/// The room's store calls so far (`flashgate_store_duration_seconds_count{op="room"}`).
+fn room_store_calls(fg: &Flashgate) -> u64 {
+    fg.app
+        .metrics
+        .encode_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("flashgate_store_duration_seconds_count{op=\"room\"} "))
+        .map_or(0, |v| v.trim().parse::<u64>().unwrap())
 }
