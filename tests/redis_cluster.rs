@@ -63,7 +63,7 @@ fn evals(cluster: &RedisCluster) -> u64 {
 
 /// Two instances, one 3-master cluster, five SKUs spread over the masters, 100 units each;
 /// 1,000 attempts per SKU (the first 100 buyers of each try twice), split between the
-/// instances; every node's script cache flushed between two waves. Exactly 100 winners per
+/// instances; every node's script cache flushed mid-sale, between two waves. Exactly 100 winners per
 /// SKU reach the backends, no buyer wins twice, no 503, and the books balance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_a_cluster_sell_exactly_the_stock() {
@@ -106,7 +106,10 @@ async fn two_instances_on_a_cluster_sell_exactly_the_stock() {
                 out
             }
         };
-        let first = wave(0..300).await;
+        // The flush lands while every SKU still has stock (50 of 100 sold), so the second wave
+        // must reach the store: had the first wave sold out, the local sold-out flag could
+        // answer the whole second wave without one script call.
+        let first = wave(0..50).await;
         let evals_before = evals(&cluster);
         cluster.on_every_node(&["SCRIPT", "FLUSH"]);
         let second = wave(300..1000).await;
