@@ -272,6 +272,12 @@ async fn a_replica_takes_over_from_a_killed_master() {
         let ((hit, hit_master), (other, _)) = (skus[0].clone(), skus[1].clone());
         set_stock(&fg, &hit, 100_000).await;
         set_stock(&fg, &other, 100_000).await;
+        // The stock itself must be on the replica before the sale: this test counts the
+        // orders asynchronous replication loses, and a replica lagging a loaded machine by the
+        // whole sale once lost the stock key too (the promoted replica then answered 404 for
+        // an SKU it had never heard of: the operator's cue to set the stock again, not a
+        // failover outcome to measure here).
+        tokio::task::block_in_place(|| cluster.wait_replica_caught_up(hit_master));
         let client = client();
 
         // Buyers before, during and after: one at a time per SKU, each answer recorded.
