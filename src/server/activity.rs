@@ -44,6 +44,9 @@ pub(super) struct Activity {
 
 const UNACCOUNTED: u64 = u64::MAX;
 
+/// A deadline too far to compute (a timeout near `Duration::MAX`): about a year.
+const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Limits on a request head, checked as its bytes are read.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct HeadLimits {
@@ -259,6 +262,42 @@ impl Activity {
             }
         })
         .await
+    }
+
+    /// When a connection with no request in flight times out if nothing changes:
+    /// `header_timeout` after a request head began arriving, else `idle_timeout` after it
+    /// became idle (or opened). At this instant [`Activity::timed_out_at_rest`] sees it.
+    pub(super) fn deadline(
+        &self,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> tokio::time::Instant {
+        let head = self.head_started.load(Ordering::Acquire);
+        let (since, limit) = if head != 0 {
+            (head, header_timeout)
+        } else {
+            (self.idle_since.load(Ordering::Acquire), idle_timeout)
+        };
+        // A millisecond past the limit: `timed_out` wants more than the limit, on a clock
+        // that counts from 1.
+        let at = Duration::from_millis(since.saturating_add(1))
+            .checked_add(limit)
+            .and_then(|d| self.epoch.checked_add(d));
+        match at {
+            Some(at) => tokio::time::Instant::from_std(at),
+            None => tokio::time::Instant::now() + FAR_FUTURE,
+        }
+    }
+
+    /// [`Activity::timed_out`] for a connection hyper is not serving (parked, or before its
+    /// first request).
+    pub(super) fn timed_out_at_rest(
+        &self,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Option<Verdict> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.timed_out(ms(header_timeout), ms(idle_timeout))
     }
 
     fn timed_out(&self, header_ms: u64, idle_ms: u64) -> Option<Verdict> {

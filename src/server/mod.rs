@@ -91,10 +91,16 @@ pub async fn run_shared(
             max_head: cfg.max_header_bytes,
             max_uri: cfg.max_uri_bytes,
         };
-        tracker.spawn(async move {
-            conn::serve_connection(protocols, stream, peer, app, stop, timeouts, limits).await;
-            drop(permit);
-        });
+        // Spawned as is, not inside an `async` block: a block would keep these arguments in
+        // its own state beside the connection's (every parked connection holds this task).
+        let conn = conn::Conn {
+            peer,
+            stop,
+            timeouts,
+            limits,
+            permit,
+        };
+        tracker.spawn(conn::serve_connection(protocols, stream, app, conn));
     }
 
     drop(listener);
