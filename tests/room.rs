@@ -59,12 +59,7 @@ async fn a_burst_then_fifo_admission(store: StoreFixture) {
     queue.sort_by_key(|(p, _)| *p);
     let mut admitted: Vec<u64> = Vec::new();
     let started = Instant::now();
-    let rules = fg.app.snapshot().routes[0]
-        .room
-        .as_ref()
-        .unwrap()
-        .rules()
-        .clone();
+    let rules = room_rules(&fg);
     while !queue.is_empty() && started.elapsed() < Duration::from_secs(40) {
         let mut still = Vec::new();
         for (p, mut v) in queue {
@@ -303,12 +298,7 @@ async fn the_prequeue_is_shuffled_at_the_start(store: StoreFixture) {
     );
     // Paused over the start, so the shuffled order shows in the positions (open, all 30
     // would be let in at their next request, in the order they ask).
-    let rules = fg.app.snapshot().routes[0]
-        .room
-        .as_ref()
-        .unwrap()
-        .rules()
-        .clone();
+    let rules = room_rules(&fg);
     let pause = flashgate::store::RoomCall::SetMode(flashgate::store::RoomMode::Paused);
     fg.app.store.room(&rules, &pause).await.unwrap();
     tokio::time::sleep_until((opens + Duration::from_millis(50)).into()).await;
@@ -466,4 +456,14 @@ fn room_store_calls(fg: &Flashgate) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix("flashgate_store_duration_seconds_count{op=\"room\"} "))
         .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+}
+
+/// The rules of the room on `fg`'s first route, to ask its store directly.
+fn room_rules(fg: &Flashgate) -> flashgate::store::RoomRules {
+    fg.app.snapshot().routes[0]
+        .room
+        .as_ref()
+        .expect("the first route has a room")
+        .rules()
+        .clone()
 }

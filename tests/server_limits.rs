@@ -144,23 +144,31 @@ async fn slowloris_connection_is_closed_after_header_read_timeout() {
     );
 }
 
+/// Connects to flashgate started with `server_yaml`, sends `first` (if anything), and
+/// returns how long flashgate took to close the connection and what it sent meanwhile (within
+/// 3 s).
+async fn closed_after(backend: &Backend, server_yaml: &str, first: &[u8]) -> (Duration, Vec<u8>) {
+    let fg = Flashgate::start(&server(backend, server_yaml)).await;
+    let mut s = TcpStream::connect(fg.addr).await.unwrap();
+    let started = Instant::now();
+    s.write_all(first).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), raw::read_to_close(&mut s))
+        .await
+        .expect("the connection was still open after 3s");
+    (started.elapsed(), got)
+}
+
 /// A client that starts the HTTP/2 preface and stops: flashgate waits for the rest of it
 /// (a peek, before any hyper state exists) under the header timeout, not the idle one.
 #[tokio::test]
 async fn a_stalled_h2_preface_is_closed_after_header_read_timeout() {
     let backend = Backend::start_echo().await;
-    let fg = Flashgate::start(&server(
+    let (took, got) = closed_after(
         &backend,
         "  header_read_timeout: 300ms\n  keep_alive_timeout: 30s\n",
-    ))
+        b"PRI * HTTP/2.0\r\n",
+    )
     .await;
-    let mut stalled = TcpStream::connect(fg.addr).await.unwrap();
-    let started = Instant::now();
-    stalled.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(3), raw::read_to_close(&mut stalled))
-        .await
-        .expect("the stalled preface was still open after 3s");
-    let took = started.elapsed();
     assert!(took >= Duration::from_millis(300), "closed early: {took:?}");
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
     assert_eq!(backend.count(), 0);
@@ -170,17 +178,12 @@ async fn a_stalled_h2_preface_is_closed_after_header_read_timeout() {
 #[tokio::test]
 async fn a_silent_new_connection_is_closed_after_keep_alive_timeout() {
     let backend = Backend::start_echo().await;
-    let fg = Flashgate::start(&server(
+    let (took, got) = closed_after(
         &backend,
         "  header_read_timeout: 100ms\n  keep_alive_timeout: 400ms\n",
-    ))
+        b"",
+    )
     .await;
-    let mut silent = TcpStream::connect(fg.addr).await.unwrap();
-    let started = Instant::now();
-    let got = tokio::time::timeout(Duration::from_secs(3), raw::read_to_close(&mut silent))
-        .await
-        .expect("the silent connection was still open after 3s");
-    let took = started.elapsed();
     assert!(took >= Duration::from_millis(400), "closed early: {took:?}");
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
 }

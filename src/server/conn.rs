@@ -178,15 +178,15 @@ pub(super) fn serve_connection(
                     }
                 })
             };
-            // Boxed: the connection task keeps only a pointer while the connection is parked.
             let watch = Watch {
                 activity: &activity,
                 stop: &mut conn.stop,
                 peer: conn.peer,
                 timeouts: conn.timeouts,
             };
-            // `drive` is boxed too: its state (timers, the shutdown watch) exists only while hyper
-            // serves, so a parked connection's task is just `wait_for_bytes` and these locals.
+            // hyper's connection and `drive` are boxed: their state (buffers, timers, the
+            // shutdown watch) exists only while hyper serves, so a parked connection's task is
+            // just `wait_for_bytes` and these locals.
             let ended = if is_h2 {
                 let conn = Box::pin(protocols.h2.serve_connection(io, service));
                 Box::pin(drive(conn, |c| c.graceful_shutdown(), watch, false)).await
@@ -272,22 +272,19 @@ fn wait_for_bytes<'a>(
                     if let Some(verdict) = activity.timed_out_at_rest(timeouts.0, timeouts.1) {
                         return Waited::TimedOut(verdict);
                     }
-                    let mut deadline = activity.deadline(timeouts.0, timeouts.1);
-                    if deadline <= tokio::time::Instant::now() {
+                    let now = tokio::time::Instant::now();
+                    let mut next = activity.deadline(timeouts.0, timeouts.1);
+                    if next <= now {
                         // Not timed out although due: a request still counted in flight. Look
                         // again later rather than spin on a past deadline.
-                        deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+                        next = now + Duration::from_secs(1);
                     }
-                    match repeek_at.take() {
-                        Some(at) if at <= tokio::time::Instant::now() => {}
-                        Some(at) => {
-                            repeek_at = Some(at);
-                            timer.as_mut().reset(at.min(deadline));
-                            continue;
-                        }
-                        None => {}
+                    match repeek_at {
+                        Some(at) if at > now => next = next.min(at),
+                        // Time to peek again (or no peek waiting).
+                        _ => repeek_at = None,
                     }
-                    timer.as_mut().reset(deadline);
+                    timer.as_mut().reset(next);
                     continue;
                 }
                 peeked = std::future::poll_fn(|cx| {
