@@ -295,8 +295,6 @@ fn serve(path: &std::path::Path, listen: Option<std::net::SocketAddr>) -> ExitCo
                 return ExitCode::FAILURE;
             }
         };
-        // After a burst, the allocator's free memory goes back to the system (`heap.rs`).
-        flashgate::heap::spawn_trimmer(app.metrics.clone());
         if let Some(admin) = admin {
             let env_token = |name: &str| {
                 std::env::var(name)

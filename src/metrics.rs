@@ -150,8 +150,8 @@ pub struct Metrics {
     upstream_duration: Histogram,
     upstream_errors: Family<Kind, Counter>,
     pub connections: Gauge,
-    heap_trims: Counter,
-    heap_released: Counter,
+    heap_allocated: Gauge,
+    heap_resident: Gauge,
     sku_stock: Family<SkuLabel, Gauge>,
     sku_units: Family<SkuState, Gauge>,
     room_queued: Family<RoomLabel, Gauge>,
@@ -182,8 +182,8 @@ impl Metrics {
             upstream_duration: latency(),
             upstream_errors: Family::default(),
             connections: Gauge::default(),
-            heap_trims: Counter::default(),
-            heap_released: Counter::default(),
+            heap_allocated: Gauge::default(),
+            heap_resident: Gauge::default(),
             sku_stock: Family::default(),
             sku_units: Family::default(),
             room_queued: Family::default(),
@@ -256,14 +256,14 @@ impl Metrics {
             m.connections.clone(),
         );
         registry.register(
-            "heap_trims",
-            "Times the allocator's free memory was handed back after a burst (see `heap.rs`)",
-            m.heap_trims.clone(),
+            "heap_allocated_bytes",
+            "Bytes allocated and not freed, as the allocator counts them (read at scrape time)",
+            m.heap_allocated.clone(),
         );
         registry.register(
-            "heap_released_bytes",
-            "Resident memory handed back by those trims",
-            m.heap_released.clone(),
+            "heap_resident_bytes",
+            "Bytes of the allocator's pages resident in memory: allocated, kept for reuse, and its own metadata (read at scrape time; see `heap.rs`)",
+            m.heap_resident.clone(),
         );
         registry.register(
             "sku_stock",
@@ -294,10 +294,11 @@ impl Metrics {
         Arc::new(m)
     }
 
-    /// A heap trim ran and released `bytes` of resident memory.
-    pub fn heap_trimmed(&self, bytes: usize) {
-        self.heap_trims.inc();
-        self.heap_released.inc_by(bytes as u64);
+    /// The allocator's figures (`heap::observe`, before a scrape).
+    pub fn heap(&self, stats: crate::heap::HeapStats) {
+        let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.heap_allocated.set(gauge(stats.allocated));
+        self.heap_resident.set(gauge(stats.resident));
     }
 
     /// The handles of route `name` (`sale`: it decides admissions).

@@ -119,12 +119,14 @@ pub async fn run(
 }
 
 /// `GET /metrics`: the SKU gauges refreshed from the store
-/// ([`Metrics::refresh_skus`](crate::metrics::Metrics::refresh_skus)), then the exposition:
+/// ([`Metrics::refresh_skus`](crate::metrics::Metrics::refresh_skus)) and the heap gauges from
+/// the allocator ([`crate::heap::observe`]), then the exposition:
 /// OpenMetrics when the scraper asks for it (Prometheus does), else Prometheus' classic text
 /// format.
 async fn metrics(app: &App, headers: &http::HeaderMap) -> Response<Body> {
     let metrics = &app.metrics;
     metrics.refresh_skus(app.store.as_ref()).await;
+    crate::heap::observe(metrics);
     let openmetrics = headers.get_all(http::header::ACCEPT).iter().any(|v| {
         v.as_bytes()
             .windows(19)
