@@ -1,11 +1,12 @@
 //! The allocator: jemalloc, its options, and what it tells the metrics.
 //!
 //! Why jemalloc (issue 15; `bench/README.md` History has the runs): against glibc's malloc,
-//! in six paired A/B runs on the same machine, a flash admission cost 0.91x-1.00x the CPU
-//! (median 0.94x), pass-through was unchanged, and 10,000 idle keep-alive connections cost
-//! ~4 MiB less. Its per-thread caches serve the admission path's many short-lived allocations
-//! (a request's futures, the order task, headers) without the bin consolidation glibc does for
-//! blocks over its fastbin sizes. The price is ~2 MiB more resident memory at idle.
+//! in seven paired A/B runs on the same machine, a flash admission cost 0.91x-1.00x the CPU
+//! (median 0.95x), pass-through 0.92x-1.06x (median 0.99x), and 10,000 idle keep-alive
+//! connections cost ~4 MiB less. Its per-thread caches serve the admission path's many
+//! short-lived allocations (a request's futures, the order task, headers) without the bin
+//! consolidation glibc does for blocks over its fastbin sizes. The price is ~2 MiB more
+//! resident memory at idle.
 //!
 //! Memory after a burst: a sale opening brings thousands of connections at once, each with
 //! hyper's buffers and a request in flight. jemalloc's background threads (at most one per
