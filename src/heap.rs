@@ -34,7 +34,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static MALLOC_CONF: Conf = Conf(OPTIONS.as_ptr());
 
 /// The options, as jemalloc parses them (`name:value`, comma-separated).
-pub const OPTIONS: &[u8] = b"background_thread:true,muzzy_decay_ms:0\0";
+const OPTIONS: &[u8] = b"background_thread:true,muzzy_decay_ms:0\0";
 
 /// A C string pointer jemalloc reads; it points at a `'static` constant, so sharing it
 /// between threads is sound.
