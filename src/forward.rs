@@ -76,6 +76,85 @@ pub struct Peer {
     pub hints: Option<Arc<Outbox>>,
 }
 
+/// Whether a request may be sent to the backend a second time when its connection closed
+/// before any answer came back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Again {
+    /// An admitted order: sent once, whatever happens (a second copy could sell twice).
+    Never,
+    /// Pass-through traffic: a request with an idempotent method (RFC 9110 §9.2.2) and no body
+    /// is sent once more, as RFC 9112 §9.3.1.1 allows and Go's `net/http` and nginx do. A
+    /// backend closing an idle keep-alive connection (its keep-alive timeout) just as
+    /// flashgate sends on it otherwise costs the client a 502.
+    IfIdempotent,
+}
+
+/// How many times a request safe to repeat is sent at most.
+const MAX_SENDS: usize = 3;
+
+/// A copy of a request that may be sent again (see [`Again::IfIdempotent`]).
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    /// The copy, for an idempotent method and a body known to be empty; else `None`.
+    fn of(req: &Request<Body>) -> Option<Replay> {
+        use http::Method;
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        (idempotent && http_body::Body::size_hint(req.body()).exact() == Some(0)).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(&self) -> Request<Body> {
+        let mut req = Request::new(body::empty());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// The backend's side closed (or reset) the connection before any answer: the request may or
+/// may not have reached it, so only a request safe to repeat is sent again.
+fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        if let Some(h) = inner.downcast_ref::<hyper::Error>()
+            && h.is_incomplete_message()
+        {
+            return true;
+        }
+        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = inner.source();
+    }
+    false
+}
+
 /// RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
 // Header names, not strings: a `&str` key is parsed and hashed on every lookup, and these
 // are removed from every request and response.
@@ -129,9 +208,10 @@ impl Upstream {
         &self,
         req: Request<Body>,
         peer: Peer,
+        again: Again,
     ) -> Result<Response<Body>, ForwardError> {
         let started = std::time::Instant::now();
-        let result = self.exchange(req, peer).await;
+        let result = self.exchange(req, peer, again).await;
         let kind = result.as_ref().err().map(ForwardError::kind);
         self.metrics.upstream_call(started.elapsed(), kind);
         result
@@ -141,12 +221,17 @@ impl Upstream {
         &self,
         mut req: Request<Body>,
         peer: Peer,
+        again: Again,
     ) -> Result<Response<Body>, ForwardError> {
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let mut interim = Interim::watch(&mut req, peer.hints.clone());
         self.rewrite(&mut req, &peer)?;
+        let replay = match again {
+            Again::IfIdempotent if client_upgrade.is_none() => Replay::of(&req),
+            _ => None,
+        };
 
-        let response = interim.until_final(self.client().request(req), self.cfg.interim_timeout);
+        let response = interim.until_final(self.send(req, replay), self.cfg.interim_timeout);
         let sent = match tokio::time::timeout(self.cfg.request_timeout, response).await {
             Err(_) => return Err(ForwardError::Timeout(self.cfg.request_timeout)),
             Ok(Err(OnlyInterim(silence))) => {
@@ -177,6 +262,31 @@ impl Upstream {
             strip_hop_by_hop(resp.headers_mut());
         }
         Ok(resp.map(body::stream::<Incoming>))
+    }
+
+    /// Sends `req`; when the connection closed before any answer and `replay` holds a copy
+    /// (a body-less request with an idempotent method), sends the copy again, up to
+    /// [`MAX_SENDS`] in all (the next pooled connection may be closing too).
+    async fn send(
+        &self,
+        req: Request<Body>,
+        replay: Option<Replay>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        let mut sent = self.client().request(req).await;
+        let Some(replay) = replay else {
+            return sent;
+        };
+        for _ in 1..MAX_SENDS {
+            match &sent {
+                Err(e) if closed_before_answer(e) => {
+                    debug!(error = %error_chain(e), "upstream closed the connection before answering: sending the request again");
+                    self.metrics.upstream_retried();
+                    sent = self.client().request(replay.request()).await;
+                }
+                _ => break,
+            }
+        }
+        sent
     }
 
     fn rewrite(&self, req: &mut Request<Body>, peer: &Peer) -> Result<(), ForwardError> {

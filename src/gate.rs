@@ -385,7 +385,7 @@ async fn forward(
     limit: body::BodyLimit,
 ) -> Result<Response<Body>, Reject> {
     snap.upstream
-        .forward(req, peer)
+        .forward(req, peer, crate::forward::Again::IfIdempotent)
         .await
         .map_err(|e| forward_error(e, &limit))
 }

@@ -149,6 +149,7 @@ pub struct Metrics {
     pub breaker_open: Gauge,
     upstream_duration: Histogram,
     upstream_errors: Family<Kind, Counter>,
+    upstream_retries: Counter,
     pub connections: Gauge,
     heap_allocated: Gauge,
     heap_resident: Gauge,
@@ -181,6 +182,7 @@ impl Metrics {
             breaker_open: Gauge::default(),
             upstream_duration: latency(),
             upstream_errors: Family::default(),
+            upstream_retries: Counter::default(),
             connections: Gauge::default(),
             heap_allocated: Gauge::default(),
             heap_resident: Gauge::default(),
@@ -249,6 +251,12 @@ impl Metrics {
             "upstream_errors",
             "Failed forwards to the backend, by kind",
             m.upstream_errors.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Pass-through requests sent to the backend again after it closed the connection \
+             before answering (idempotent methods, no body)",
+            m.upstream_retries.clone(),
         );
         registry.register(
             "connections",
@@ -386,6 +394,10 @@ impl Metrics {
         if let Some(kind) = error {
             self.upstream_errors.get_or_create(&Kind { kind }).inc();
         }
+    }
+
+    pub fn upstream_retried(&self) {
+        self.upstream_retries.inc();
     }
 
     /// Notes a SKU to export (up to [`MAX_SKUS`]).

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::body::Body;
-use crate::forward::{ForwardError, Peer, Upstream};
+use crate::forward::{Again, ForwardError, Peer, Upstream};
 use crate::ids::{ReservationId, Sku, UserId};
 use crate::metrics::Metrics;
 use crate::signing::Admission;
@@ -106,7 +106,7 @@ impl Won {
             );
             req.headers_mut().insert(X_SIGNATURE, signature);
         }
-        let result = upstream.forward(req, peer).await;
+        let result = upstream.forward(req, peer, Again::Never).await;
 
         // 9. Outcome: sold, released (the backend certainly did not take it) or uncertain.
         let outcome = match &result {

@@ -427,10 +427,13 @@ async fn backend_closing_keep_alive_connections_silently() {
 /// The stricter promise: a request the backend never saw is never answered 502. flashgate
 /// cannot keep it yet: hyper's pool may hand out a keep-alive connection the backend has just
 /// closed, and the request fails with "connection closed before message completed" (seen: 0
-/// to 2 of 600 requests per run, each one the backend never read). flashgate cannot tell that
-/// from a backend that read the order and then died, so the unit stays `uncertain` and that
+/// to 2 of 600 requests per run, each one the backend never read). A reader's GET is now sent
+/// again (see the keep-alive timeout tests below), but flashgate cannot tell an order the
+/// backend never read from one it read before dying, so the unit stays `uncertain` and that
 /// buyer is told 502 (then 409). The remedy is on the backend: send `Connection: close`, or
-/// keep idle connections open longer than `upstream.pool_idle_timeout`.
+/// keep idle connections open longer than `upstream.pool_idle_timeout`. (Checking the socket
+/// for the backend's close just before sending was tried: it did not change these counts, as
+/// the one-shot backend mostly closes after flashgate has already sent.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "known gap: hyper's pool can reuse a keep-alive connection the backend is closing (spurious 502)"]
 async fn no_spurious_502_when_the_backend_closes_keep_alive_connections_silently() {
@@ -443,6 +446,173 @@ async fn no_spurious_502_when_the_backend_closes_keep_alive_connections_silently
             "flash {tf:?}, plain {tp:?}, backend read {}",
             run.answered
         );
+    })
+    .await;
+}
+
+/// A backend with a short keep-alive timeout: it closes a connection idle for `idle` without a
+/// word, as Node's `keepAliveTimeout` (5 s) or Go's `IdleTimeout` do, at a moment of its own.
+async fn idle_closing_backend(
+    idle: Duration,
+) -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    raw_backend(move |mut conn, seen| async move {
+        // The timeout covers the wait for a request's first byte, as a server's keep-alive
+        // timeout does; a request begun in time is read to its end.
+        let mut first = [0u8; 1];
+        while let Ok(Ok(1)) = tokio::time::timeout(idle, conn.peek(&mut first)).await {
+            if read_request(&mut conn).await.is_none() {
+                return;
+            }
+            seen.fetch_add(1, Ordering::SeqCst);
+            let body = r#"{"ok":true}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if conn.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// What 8 clients, each sending `per_client` requests (buyers and readers in turn) with pauses
+/// of 0 to twice `backend_idle` between them, got from a backend closing connections idle for
+/// `backend_idle`: (orders sold, orders answered 502), after checking that every reader got 200
+/// and the books balance.
+async fn keep_alive_race(
+    backend_idle: Duration,
+    per_client: u64,
+    pool_idle_timeout: Option<&str>,
+) -> (u64, u64) {
+    let (url, seen, task) = idle_closing_backend(backend_idle).await;
+    let mut yaml = config(&url, "5s");
+    if let Some(t) = pool_idle_timeout {
+        yaml = yaml.replace(
+            "request_timeout: 5s",
+            &format!("request_timeout: 5s, pool_idle_timeout: {t}"),
+        );
+        assert!(yaml.contains("pool_idle_timeout"), "{yaml}");
+    }
+    let fg = Flashgate::start(&yaml).await;
+    fg.app
+        .store
+        .set_stock(&sku("idle-1"), 10_000)
+        .await
+        .unwrap();
+    let mut clients = Vec::new();
+    for c in 0..8u64 {
+        let (flash, plain) = (fg.url("/api/flash/idle-1/buy"), fg.url("/catalog/item"));
+        clients.push(tokio::spawn(async move {
+            let client = client();
+            let (mut flash_statuses, mut plain_statuses) = (Vec::new(), Vec::new());
+            let mut seed = c * 7919 + 1;
+            let pause_us = 2 * backend_idle.as_micros() as u64;
+            for i in 0..per_client {
+                // A pause of 0 to 2 x backend_idle (a fixed pseudo-random sequence per client).
+                seed = seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                tokio::time::sleep(Duration::from_micros((seed >> 33) % pause_us)).await;
+                if i % 2 == 0 {
+                    let user = format!("u{c}-{i}");
+                    let a = send(
+                        &client,
+                        "POST",
+                        &flash,
+                        &[("x-user-id", &user)],
+                        Bytes::new(),
+                    )
+                    .await;
+                    flash_statuses.push(a.status.as_u16());
+                } else {
+                    plain_statuses.push(
+                        send(&client, "GET", &plain, &[], Bytes::new())
+                            .await
+                            .status
+                            .as_u16(),
+                    );
+                }
+            }
+            (flash_statuses, plain_statuses)
+        }));
+    }
+    let (mut flash, mut plain) = (Vec::new(), Vec::new());
+    for c in clients {
+        let (f, p) = c.await.unwrap();
+        flash.extend(f);
+        plain.extend(p);
+    }
+    let count = |v: &[u16], s: u16| v.iter().filter(|x| **x == s).count() as u64;
+    let retried = fg
+        .app
+        .metrics
+        .encode_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("flashgate_upstream_retries_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    println!(
+        "backend keep-alive timeout: flash {} sold, {} 502; plain {} 200; {retried} retried; backend read {}",
+        count(&flash, 200),
+        count(&flash, 502),
+        count(&plain, 200),
+        seen.load(Ordering::SeqCst)
+    );
+    let half = 8 * per_client / 2;
+    assert_eq!(count(&plain, 200), half, "plain: {plain:?}");
+    assert_eq!(
+        count(&flash, 200) + count(&flash, 502),
+        half,
+        "flash: {flash:?}"
+    );
+    let won = count(&flash, 200);
+    let failed = count(&flash, 502);
+    let settled = eventually(Duration::from_secs(5), || {
+        futures_util::FutureExt::now_or_never(fg.app.store.status(&sku("idle-1")))
+            .and_then(Result::ok)
+            .is_some_and(|s| s.units.sold == won && s.units.uncertain == failed)
+    })
+    .await;
+    let status = fg.app.store.status(&sku("idle-1")).await.unwrap();
+    assert!(settled, "won {won}, 502 {failed}: {status:?}");
+    assert_eq!(status.stock, Some(10_000 - won - failed), "{status:?}");
+    // Every 200 was read once; a retried GET's first copy was never read, and an order
+    // caught by the race may or may not have been.
+    let read = seen.load(Ordering::SeqCst) as u64;
+    assert!(
+        read >= half + won && read <= 4 * half,
+        "backend read {read}"
+    );
+    assert_no_slot_leaked(&fg).await;
+    assert_audit_clean(&fg, "idle-1").await;
+    task.abort();
+    (won, failed)
+}
+
+/// The backend closes keep-alive connections idle for 3 ms, and 8 clients pause 0-6 ms between
+/// requests, so flashgate often sends on a connection the backend is closing that very moment.
+/// A pass-through GET the backend never answered is sent again (RFC 9112 §9.3.1.1): every one
+/// gets 200. An order is never sent twice: a flash buyer caught by the race gets 502 and the
+/// unit stays `uncertain` (the books balance), and the backend read each order at most once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_are_sent_again_when_the_backend_closes_an_idle_connection() {
+    bounded(async {
+        keep_alive_race(Duration::from_millis(3), 150, None).await;
+    })
+    .await;
+}
+
+/// The remedy for orders (README, "Backend keep-alive"): `upstream.pool_idle_timeout` below the
+/// backend's keep-alive timeout, so flashgate lets an idle connection go before the backend
+/// does (here 4 ms against the backend's 20 ms). Then no order meets a closing connection: all
+/// 400 are sold. (Without the remedy, about every other run of this test lost an order here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_order_is_lost_when_the_pool_lets_go_before_the_backend_does() {
+    bounded(async {
+        let (won, failed) = keep_alive_race(Duration::from_millis(20), 100, Some("4ms")).await;
+        assert_eq!((won, failed), (400, 0));
     })
     .await;
 }

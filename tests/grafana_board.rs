@@ -158,7 +158,7 @@ async fn exported_names() -> (HashSet<String>, HashSet<String>) {
             }
         }
     }
-    assert_eq!(families.len(), 18, "{text}");
+    assert_eq!(families.len(), 19, "{text}");
     (series, families)
 }
 
