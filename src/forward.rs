@@ -64,6 +64,8 @@ pub struct Upstream {
     cfg: config::Upstream,
     metrics: Arc<Metrics>,
     clients: ThreadLocal<Client<HttpConnector, Body>>,
+    /// The orders' pool: connections idle for less than `order_idle_timeout` only.
+    order_clients: ThreadLocal<Client<HttpConnector, Body>>,
 }
 
 /// What the forwarder needs to know about the client connection.
@@ -80,7 +82,8 @@ pub struct Peer {
 /// before any answer came back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Again {
-    /// An admitted order: sent once, whatever happens (a second copy could sell twice).
+    /// An admitted order: sent once, whatever happens (a second copy could sell twice), on
+    /// the orders' own pool (`upstream.order_idle_timeout`).
     Never,
     /// Pass-through traffic: a request with an idempotent method (RFC 9110 §9.2.2) and no body
     /// is sent once more, as RFC 9112 §9.3.1.1 allows and Go's `net/http` and nginx do. A
@@ -176,6 +179,7 @@ impl Upstream {
             cfg: cfg.clone(),
             metrics,
             clients: ThreadLocal::new(),
+            order_clients: ThreadLocal::new(),
         }
     }
 
@@ -185,21 +189,31 @@ impl Upstream {
         format!("{}{path_and_query}", self.cfg.url.path_prefix)
     }
 
-    fn client(&self) -> &Client<HttpConnector, Body> {
-        self.clients.get_or(|| {
-            let mut http = HttpConnector::new();
-            http.set_connect_timeout(Some(self.cfg.connect_timeout));
-            http.set_nodelay(true);
-            http.enforce_http(true);
-            Client::builder(TokioExecutor::new())
-                .http1_max_headers(self.cfg.max_response_headers)
-                // hyper's floor; the config refuses less.
-                .http1_max_buf_size(self.cfg.max_response_head_bytes.max(8192))
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(self.cfg.pool_idle_timeout)
-                .pool_max_idle_per_host(self.cfg.pool_max_idle)
-                .build(http)
-        })
+    /// This thread's pool: pass-through traffic's, or the orders' (see [`Again`]).
+    fn client(&self, again: Again) -> &Client<HttpConnector, Body> {
+        match again {
+            Again::IfIdempotent => self
+                .clients
+                .get_or(|| self.build(self.cfg.pool_idle_timeout)),
+            Again::Never => self
+                .order_clients
+                .get_or(|| self.build(self.cfg.pool_idle_timeout.min(self.cfg.order_idle_timeout))),
+        }
+    }
+
+    fn build(&self, idle_timeout: Duration) -> Client<HttpConnector, Body> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(self.cfg.connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(true);
+        Client::builder(TokioExecutor::new())
+            .http1_max_headers(self.cfg.max_response_headers)
+            // hyper's floor; the config refuses less.
+            .http1_max_buf_size(self.cfg.max_response_head_bytes.max(8192))
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(idle_timeout)
+            .pool_max_idle_per_host(self.cfg.pool_max_idle)
+            .build(http)
     }
 
     /// Forwards `req` (already routed and admitted) and returns the upstream's response with
@@ -231,7 +245,7 @@ impl Upstream {
             _ => None,
         };
 
-        let response = interim.until_final(self.send(req, replay), self.cfg.interim_timeout);
+        let response = interim.until_final(self.send(req, again, replay), self.cfg.interim_timeout);
         let sent = match tokio::time::timeout(self.cfg.request_timeout, response).await {
             Err(_) => return Err(ForwardError::Timeout(self.cfg.request_timeout)),
             Ok(Err(OnlyInterim(silence))) => {
@@ -270,9 +284,10 @@ impl Upstream {
     async fn send(
         &self,
         req: Request<Body>,
+        again: Again,
         replay: Option<Replay>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        let mut sent = self.client().request(req).await;
+        let mut sent = self.client(again).request(req).await;
         let Some(replay) = replay else {
             return sent;
         };
@@ -281,7 +296,7 @@ impl Upstream {
                 Err(e) if closed_before_answer(e) => {
                     debug!(error = %error_chain(e), "upstream closed the connection before answering: sending the request again");
                     self.metrics.upstream_retried();
-                    sent = self.client().request(replay.request()).await;
+                    sent = self.client(again).request(replay.request()).await;
                 }
                 _ => break,
             }

@@ -431,7 +431,7 @@ async fn backend_closing_keep_alive_connections_silently() {
 /// again (see the keep-alive timeout tests below), but flashgate cannot tell an order the
 /// backend never read from one it read before dying, so the unit stays `uncertain` and that
 /// buyer is told 502 (then 409). The remedy is on the backend: send `Connection: close`, or
-/// keep idle connections open longer than `upstream.pool_idle_timeout`. (Checking the socket
+/// keep idle connections open longer than `upstream.order_idle_timeout`. (Checking the socket
 /// for the backend's close just before sending was tried: it did not change these counts, as
 /// the one-shot backend mostly closes after flashgate has already sent.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -484,17 +484,14 @@ async fn idle_closing_backend(
 async fn keep_alive_race(
     backend_idle: Duration,
     per_client: u64,
-    pool_idle_timeout: Option<&str>,
+    order_idle_timeout: &str,
 ) -> (u64, u64) {
     let (url, seen, task) = idle_closing_backend(backend_idle).await;
-    let mut yaml = config(&url, "5s");
-    if let Some(t) = pool_idle_timeout {
-        yaml = yaml.replace(
-            "request_timeout: 5s",
-            &format!("request_timeout: 5s, pool_idle_timeout: {t}"),
-        );
-        assert!(yaml.contains("pool_idle_timeout"), "{yaml}");
-    }
+    let yaml = config(&url, "5s").replace(
+        "request_timeout: 5s",
+        &format!("request_timeout: 5s, order_idle_timeout: {order_idle_timeout}"),
+    );
+    assert!(yaml.contains("order_idle_timeout"), "{yaml}");
     let fg = Flashgate::start(&yaml).await;
     fg.app
         .store
@@ -599,19 +596,21 @@ async fn keep_alive_race(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_requests_are_sent_again_when_the_backend_closes_an_idle_connection() {
     bounded(async {
-        keep_alive_race(Duration::from_millis(3), 150, None).await;
+        keep_alive_race(Duration::from_millis(3), 150, "1s").await;
     })
     .await;
 }
 
-/// The remedy for orders (README, "Backend keep-alive"): `upstream.pool_idle_timeout` below the
-/// backend's keep-alive timeout, so flashgate lets an idle connection go before the backend
-/// does (here 4 ms against the backend's 20 ms). Then no order meets a closing connection: all
-/// 400 are sold. (Without the remedy, about every other run of this test lost an order here.)
+/// What keeps orders out of the race (README, "Backend keep-alive"): orders ride their own
+/// connections, closed after `upstream.order_idle_timeout` idle, shorter than the backend's
+/// keep-alive timeout (1 s by default against backends' 2 s and up; here 4 ms against the
+/// backend's 20 ms). No order meets a closing connection: all 400 are sold. (With the orders'
+/// connections kept as long as the backend's, about every other run of this test lost an order
+/// here.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_order_is_lost_when_the_pool_lets_go_before_the_backend_does() {
+async fn no_order_is_lost_when_orders_leave_idle_connections_before_the_backend_does() {
     bounded(async {
-        let (won, failed) = keep_alive_race(Duration::from_millis(20), 100, Some("4ms")).await;
+        let (won, failed) = keep_alive_race(Duration::from_millis(20), 100, "4ms").await;
         assert_eq!((won, failed), (400, 0));
     })
     .await;

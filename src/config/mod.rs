@@ -157,6 +157,11 @@ pub struct Upstream {
     /// start before the client gets 502 `bad_upstream_response` (see `interim.rs`).
     pub interim_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    /// Orders (a flash route's winners) ride their own keep-alive connections, closed after
+    /// this long idle (or `pool_idle_timeout`, if shorter): a backend's keep-alive timeout
+    /// closing a connection as an order is sent on it loses that order to `uncertain`, and
+    /// backends' timeouts start at 2 s (gunicorn) and 5 s (Node, Apache, uvicorn).
+    pub order_idle_timeout: Duration,
     pub pool_max_idle: usize,
     /// Header lines a backend response may carry; over it: 502 `bad_upstream_response`.
     pub max_response_headers: usize,
@@ -450,6 +455,7 @@ fn compile(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
             request_timeout: raw.upstream.request_timeout.0,
             interim_timeout: raw.upstream.interim_timeout.0,
             pool_idle_timeout: raw.upstream.pool_idle_timeout.0,
+            order_idle_timeout: raw.upstream.order_idle_timeout.0,
             pool_max_idle: raw.upstream.pool_max_idle,
             max_response_headers: raw.upstream.max_response_headers.get(),
             max_response_head_bytes: usize::try_from(raw.upstream.max_response_head_bytes.value.0)

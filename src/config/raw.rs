@@ -218,6 +218,8 @@ pub struct RawUpstream {
     pub interim_timeout: Dur,
     #[serde(default = "d_90s")]
     pub pool_idle_timeout: Dur,
+    #[serde(default = "d_1s")]
+    pub order_idle_timeout: Dur,
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle: usize,
     #[serde(default = "default_max_response_headers")]
