@@ -11,6 +11,8 @@ wait_port() { for _ in $(seq 1 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/n
 
 # CPU ticks (utime + stime) of the given processes, summed; a pid that is gone counts 0.
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
+# The user-mode share of those ticks (the rest is the kernel's: sockets, wake-ups).
+uticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
 # An nginx master's worker processes (the ones doing the work).
 nginx_workers() { cat "/proc/$1/task/$1/children"; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }

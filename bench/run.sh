@@ -188,7 +188,7 @@ hz=$(getconf CLK_TCK)
 results="$work/results.tsv"
 : >"$results"
 # results.tsv: round target rps p50 p99 proxy-cpu-µs/req redis-cpu-µs/req redis-cmds/req non-2xx
-#              requests proxy-ticks redis-ticks
+#              requests proxy-ticks redis-ticks proxy-user-ticks
 per_req_us() { awk -v t="$1" -v hz="$hz" -v n="$2" 'BEGIN { if (n>0) printf "%.1f", t/hz/n*1e6; else print "-" }'; }
 
 echo "bench: $ROUNDS rounds x ${#targets[@]} targets x ${DURATION}s, $CONNS connections, $THREADS wrk threads"
@@ -197,24 +197,28 @@ for round in $(seq 1 "$ROUNDS"); do
     args=(-t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency)
     [ -n "${script[$t]:-}" ] && args+=(-s "${script[$t]}")
     # shellcheck disable=SC2086 # proxy[] holds a list of pids
-    c0=$(ticks ${proxy[$t]:-}); d0=$(ticks "$REDIS_PID"); r0=$(redis_calls)
+    c0=$(ticks ${proxy[$t]:-})
+    # shellcheck disable=SC2086
+    u0=$(uticks ${proxy[$t]:-}); d0=$(ticks "$REDIS_PID"); r0=$(redis_calls)
     out=$(wrk "${args[@]}" "${url[$t]}")
     # shellcheck disable=SC2086
-    c1=$(ticks ${proxy[$t]:-}); d1=$(ticks "$REDIS_PID"); r1=$(redis_calls)
+    c1=$(ticks ${proxy[$t]:-})
+    # shellcheck disable=SC2086
+    u1=$(uticks ${proxy[$t]:-}); d1=$(ticks "$REDIS_PID"); r1=$(redis_calls)
     reqs=$(echo "$out" | awk '/requests in/ {print $1}')
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     p50=$(to_ms "$(echo "$out" | awk '$1=="50%" {print $2}')")
     p99=$(to_ms "$(echo "$out" | awk '$1=="99%" {print $2}')")
     non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}'); non2xx=${non2xx:-0}
     errors=$(echo "$out" | awk '/Socket errors/ {print}' | tr -d '\n')
-    cpu="-"; pticks="-"
-    if [ -n "${proxy[$t]:-}" ]; then pticks=$((c1 - c0)); cpu=$(per_req_us "$pticks" "$reqs"); fi
+    cpu="-"; pticks="-"; uticks="-"
+    if [ -n "${proxy[$t]:-}" ]; then pticks=$((c1 - c0)); uticks=$((u1 - u0)); cpu=$(per_req_us "$pticks" "$reqs"); fi
     rcpu="-"; rpr="-"; rticks="-"
     if uses_redis "$t"; then
       rticks=$((d1 - d0)); rcpu=$(per_req_us "$rticks" "$reqs")
       rpr=$(awk -v a="$r0" -v b="$r1" -v n="$reqs" 'BEGIN { printf "%.3f", (b-a)/n }')
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$p50" "$p99" "$cpu" "$rcpu" "$rpr" "$non2xx" "$reqs" "$pticks" "$rticks" >>"$results"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$t" "$rps" "$p50" "$p99" "$cpu" "$rcpu" "$rpr" "$non2xx" "$reqs" "$pticks" "$rticks" "$uticks" >>"$results"
     printf '  round %s %-11s %10s req/s  p50 %7s ms  p99 %7s ms  proxy CPU %6s us/req  Redis CPU %6s us/req  redis cmds/req %6s  non-2xx %s %s\n' \
       "$round" "$t" "$rps" "$p50" "$p99" "$cpu" "$rcpu" "$rpr" "$non2xx" "$errors"
   done
@@ -222,7 +226,8 @@ done
 peak_rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$FGPID/status")
 
 col() { awk -F'\t' -v t="$1" -v c="$2" '$2==t {print $c}' "$results" | median; }
-# CPU µs per request of target $1 over all its rounds (column 11: the proxy's, 12: Redis's):
+# CPU µs per request of target $1 over all its rounds (column 11: the proxy's, 12: Redis's, 13:
+# the proxy's in user mode):
 # summed ticks over summed requests, steadier than a median of 10 ms ticks per round.
 cpu_per_req() { awk -F'\t' -v t="$1" -v c="$2" -v hz="$hz" '$2==t && $c ~ /^[0-9]+$/ {k+=$c; n+=$10} END { if (n>0) printf "%.1f", k/hz/n*1e6; else print "-" }' "$results"; }
 label[direct]="(a) stub backend direct"; label[nginx]="(b) nginx pass-through"; label[flashgate]="(c) flashgate pass-through"
@@ -231,10 +236,10 @@ label[flash]="(d) flashgate flash route (distinct users, stock never runs out)";
 label[soldout]="(e) flashgate sold-out route (410)"; label[gatesoldout]="(e2) OpenResty-style gate, stock 0 (410)"
 label[hdrpool]="(g) flash route, 1,000 buyers cycled, header identity"; label[hdrtok]="(g') the same, each request also carrying its buyer's JWT (ignored)"; label[jwtpool]="(h) flash route, 1,000 buyers cycled, RS256 JWT identity (cached)"
 table() {
-  echo "| target | req/s | p50 ms | p99 ms | proxy CPU µs / req | Redis CPU µs / req | Redis cmds / req | non-2xx |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| target | req/s | p50 ms | p99 ms | proxy CPU µs / req | of which user mode | Redis CPU µs / req | Redis cmds / req | non-2xx |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
   for t in "${targets[@]}"; do
-    printf '| %s | %.0f | %s | %s | %s | %s | %s | %s |\n' "${label[$t]}" "$(col "$t" 3)" "$(col "$t" 4)" "$(col "$t" 5)" "$(cpu_per_req "$t" 11)" "$(cpu_per_req "$t" 12)" "$(col "$t" 8)" "$(col "$t" 9)"
+    printf '| %s | %.0f | %s | %s | %s | %s | %s | %s | %s |\n' "${label[$t]}" "$(col "$t" 3)" "$(col "$t" 4)" "$(col "$t" 5)" "$(cpu_per_req "$t" 11)" "$(cpu_per_req "$t" 13)" "$(cpu_per_req "$t" 12)" "$(col "$t" 8)" "$(col "$t" 9)"
   done
 }
 jwt_ratio() {
@@ -286,8 +291,8 @@ md=bench/results/latest.md
   echo "\`bench/run.sh\`: ROUNDS=$ROUNDS DURATION=${DURATION}s CONNS=$CONNS THREADS=$THREADS, wrk keep-alive; medians over rounds."
   echo
   table
-  printf '| (f) redis-benchmark EVALSHA reserve.lua, %s clients | %.0f | %s | %s | - | - | 1 | - |\n' "$CONNS" "$(csv_field "$redis_plain" 2)" "$(csv_field "$redis_plain" 5)" "$(csv_field "$redis_plain" 7)"
-  printf '| (f) same, pipelined -P 16 | %.0f | %s | %s | - | - | 1 | - |\n' "$(csv_field "$redis_piped" 2)" "$(csv_field "$redis_piped" 5)" "$(csv_field "$redis_piped" 7)"
+  printf '| (f) redis-benchmark EVALSHA reserve.lua, %s clients | %.0f | %s | %s | - | - | - | 1 | - |\n' "$CONNS" "$(csv_field "$redis_plain" 2)" "$(csv_field "$redis_plain" 5)" "$(csv_field "$redis_plain" 7)"
+  printf '| (f) same, pipelined -P 16 | %.0f | %s | %s | - | - | - | 1 | - |\n' "$(csv_field "$redis_piped" 2)" "$(csv_field "$redis_piped" 5)" "$(csv_field "$redis_piped" 7)"
   echo
   echo "flashgate memory: idle RSS $((idle_rss_kb / 1024)) MiB; peak RSS during the run $((peak_rss_kb / 1024)) MiB;"
   echo "$idle_opened idle keep-alive connections added $((idle_added_kb / 1024)) MiB (RSS $((before_idle / 1024)) MiB before)."
