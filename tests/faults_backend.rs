@@ -17,105 +17,10 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use support::audit::assert_audit_clean;
+use support::faulty::*;
 use support::storm::{Storm, tally};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// Bound on one whole test.
-const TEST_DEADLINE: Duration = Duration::from_secs(60);
-/// The route's in-flight cap in these tests.
-const IN_FLIGHT: usize = 16;
-
-async fn bounded(fut: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(TEST_DEADLINE, fut)
-        .await
-        .expect("test did not finish within its deadline");
-}
-
-/// Route 0: a flash route `POST /api/flash/{sku}/buy` capped at [`IN_FLIGHT`]; route 1: an
-/// ordinary catch-all, capped too. Embedded store.
-fn config(upstream: &str, request_timeout: &str) -> String {
-    format!(
-        "upstream: {{ url: \"{upstream}\", connect_timeout: 500ms, request_timeout: {request_timeout} }}\n\
-         routes:\n\
-         \x20 - name: flash-buy\n\
-         \x20   match: {{ method: POST, path: \"/api/flash/{{sku}}/buy\" }}\n\
-         \x20   identity: {{ header: X-User-Id }}\n\
-         \x20   limits: {{ in_flight: {IN_FLIGHT} }}\n\
-         \x20   sale: {{ sku: {{ path_param: sku }} }}\n\
-         \x20 - name: everything-else\n\
-         \x20   match: {{ path: \"/{{*rest}}\" }}\n\
-         \x20   limits: {{ in_flight: {IN_FLIGHT} }}\n"
-    )
-}
-
-/// Waits until no request holds an in-flight slot on any route; fails with the counts.
-async fn assert_no_slot_leaked(fg: &Flashgate) {
-    let snap = fg.app.snapshot();
-    let all_free = eventually(Duration::from_secs(5), || {
-        snap.routes.iter().all(|r| r.guards.in_flight() == 0)
-    })
-    .await;
-    let held: Vec<(String, usize)> = snap
-        .routes
-        .iter()
-        .map(|r| (r.route.name.clone(), r.guards.in_flight()))
-        .collect();
-    assert!(
-        all_free,
-        "in-flight slots still held after the storm: {held:?}"
-    );
-}
-
-fn refused_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// Reads one request head from `conn` (and a `Content-Length` body, if any). `None` at EOF.
-async fn read_request(conn: &mut TcpStream) -> Option<String> {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        match conn.read(&mut byte).await {
-            Ok(1) => buf.push(byte[0]),
-            _ => return None,
-        }
-    }
-    let head = String::from_utf8_lossy(&buf).into_owned();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())
-                .flatten()
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    conn.read_exact(&mut body).await.ok()?;
-    Some(head)
-}
-
-/// A backend on raw TCP: for each connection, `serve` gets the stream and a counter of the
-/// requests it has read.
-async fn raw_backend<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>)
-where
-    F: Fn(TcpStream, Arc<AtomicUsize>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let seen = Arc::new(AtomicUsize::new(0));
-    let counter = seen.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((conn, _)) = listener.accept().await {
-            tokio::spawn(serve(conn, counter.clone()));
-        }
-    });
-    (url, seen, task)
-}
+use tokio::io::AsyncWriteExt;
 
 /// The backend refuses every connection while 16 buyers fire at 50 units: every buyer gets
 /// 502 `upstream_unavailable`, every unit is released (the backend never saw an order), and
@@ -123,7 +28,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_backend_releases_every_unit_and_leaks_no_slot() {
     bounded(async {
-        let fg = Flashgate::start(&config(
+        let fg = Flashgate::start(&faults_config(
             &format!("http://127.0.0.1:{}", refused_port()),
             "5s",
         ))
@@ -170,7 +75,7 @@ async fn slow_backend_answers_504_keeps_units_uncertain_and_leaks_no_slot() {
             }
         })
         .await;
-        let fg = Flashgate::start(&config(&backend.url(), "300ms")).await;
+        let fg = Flashgate::start(&faults_config(&backend.url(), "300ms")).await;
         fg.app.store.set_stock(&sku("slow-2"), 50).await.unwrap();
 
         let storm = Storm::start(fg.url("/api/flash/slow-2/buy"), "buyer", 8, 24);
@@ -243,7 +148,7 @@ async fn backend_breaking_mid_body_is_a_body_error_not_a_hang() {
     bounded(async {
         for rst in [false, true] {
             let (url, seen, task) = breaking_backend(rst).await;
-            let fg = Flashgate::start(&config(&url, "5s")).await;
+            let fg = Flashgate::start(&faults_config(&url, "5s")).await;
             fg.app.store.set_stock(&sku("mid-1"), 10).await.unwrap();
             let c = client();
             for (i, (method, path)) in [
@@ -332,7 +237,7 @@ struct OneShotRun {
 
 async fn one_shot_run(announce: bool) -> OneShotRun {
     let (url, seen, task) = one_shot_backend(announce).await;
-    let fg = Flashgate::start(&config(&url, "5s")).await;
+    let fg = Flashgate::start(&faults_config(&url, "5s")).await;
     fg.app
         .store
         .set_stock(&sku("close-1"), 10_000)
@@ -446,172 +351,6 @@ async fn no_spurious_502_when_the_backend_closes_keep_alive_connections_silently
             "flash {tf:?}, plain {tp:?}, backend read {}",
             run.answered
         );
-    })
-    .await;
-}
-
-/// A backend with a short keep-alive timeout: it closes a connection idle for `idle` without a
-/// word, as Node's `keepAliveTimeout` (5 s) or Go's `IdleTimeout` do, at a moment of its own.
-async fn idle_closing_backend(
-    idle: Duration,
-) -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
-    raw_backend(move |mut conn, seen| async move {
-        // The timeout covers the wait for a request's first byte, as a server's keep-alive
-        // timeout does; a request begun in time is read to its end.
-        let mut first = [0u8; 1];
-        while let Ok(Ok(1)) = tokio::time::timeout(idle, conn.peek(&mut first)).await {
-            if read_request(&mut conn).await.is_none() {
-                return;
-            }
-            seen.fetch_add(1, Ordering::SeqCst);
-            let body = r#"{"ok":true}"#;
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            if conn.write_all(answer.as_bytes()).await.is_err() {
-                return;
-            }
-        }
-    })
-    .await
-}
-
-/// What 8 clients, each sending `per_client` requests (buyers and readers in turn) with pauses
-/// of 0 to twice `backend_idle` between them, got from a backend closing connections idle for
-/// `backend_idle`: (orders sold, orders answered 502), after checking that every reader got 200
-/// and the books balance.
-async fn keep_alive_race(
-    backend_idle: Duration,
-    per_client: u64,
-    order_idle_timeout: &str,
-) -> (u64, u64) {
-    let (url, seen, task) = idle_closing_backend(backend_idle).await;
-    let yaml = config(&url, "5s").replace(
-        "request_timeout: 5s",
-        &format!("request_timeout: 5s, order_idle_timeout: {order_idle_timeout}"),
-    );
-    assert!(yaml.contains("order_idle_timeout"), "{yaml}");
-    let fg = Flashgate::start(&yaml).await;
-    fg.app
-        .store
-        .set_stock(&sku("idle-1"), 10_000)
-        .await
-        .unwrap();
-    let mut clients = Vec::new();
-    for c in 0..8u64 {
-        let (flash, plain) = (fg.url("/api/flash/idle-1/buy"), fg.url("/catalog/item"));
-        clients.push(tokio::spawn(async move {
-            let client = client();
-            let (mut flash_statuses, mut plain_statuses) = (Vec::new(), Vec::new());
-            let mut seed = c * 7919 + 1;
-            let pause_us = 2 * backend_idle.as_micros() as u64;
-            for i in 0..per_client {
-                // A pause of 0 to 2 x backend_idle (a fixed pseudo-random sequence per client).
-                seed = seed
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                tokio::time::sleep(Duration::from_micros((seed >> 33) % pause_us)).await;
-                if i % 2 == 0 {
-                    let user = format!("u{c}-{i}");
-                    let a = send(
-                        &client,
-                        "POST",
-                        &flash,
-                        &[("x-user-id", &user)],
-                        Bytes::new(),
-                    )
-                    .await;
-                    flash_statuses.push(a.status.as_u16());
-                } else {
-                    plain_statuses.push(
-                        send(&client, "GET", &plain, &[], Bytes::new())
-                            .await
-                            .status
-                            .as_u16(),
-                    );
-                }
-            }
-            (flash_statuses, plain_statuses)
-        }));
-    }
-    let (mut flash, mut plain) = (Vec::new(), Vec::new());
-    for c in clients {
-        let (f, p) = c.await.unwrap();
-        flash.extend(f);
-        plain.extend(p);
-    }
-    let count = |v: &[u16], s: u16| v.iter().filter(|x| **x == s).count() as u64;
-    let retried = fg
-        .app
-        .metrics
-        .encode_text()
-        .lines()
-        .find_map(|l| l.strip_prefix("flashgate_upstream_retries_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0);
-    println!(
-        "backend keep-alive timeout: flash {} sold, {} 502; plain {} 200; {retried} retried; backend read {}",
-        count(&flash, 200),
-        count(&flash, 502),
-        count(&plain, 200),
-        seen.load(Ordering::SeqCst)
-    );
-    let half = 8 * per_client / 2;
-    assert_eq!(count(&plain, 200), half, "plain: {plain:?}");
-    assert_eq!(
-        count(&flash, 200) + count(&flash, 502),
-        half,
-        "flash: {flash:?}"
-    );
-    let won = count(&flash, 200);
-    let failed = count(&flash, 502);
-    let settled = eventually(Duration::from_secs(5), || {
-        futures_util::FutureExt::now_or_never(fg.app.store.status(&sku("idle-1")))
-            .and_then(Result::ok)
-            .is_some_and(|s| s.units.sold == won && s.units.uncertain == failed)
-    })
-    .await;
-    let status = fg.app.store.status(&sku("idle-1")).await.unwrap();
-    assert!(settled, "won {won}, 502 {failed}: {status:?}");
-    assert_eq!(status.stock, Some(10_000 - won - failed), "{status:?}");
-    // Every 200 was read once; a retried GET's first copy was never read, and an order
-    // caught by the race may or may not have been.
-    let read = seen.load(Ordering::SeqCst) as u64;
-    assert!(
-        read >= half + won && read <= 4 * half,
-        "backend read {read}"
-    );
-    assert_no_slot_leaked(&fg).await;
-    assert_audit_clean(&fg, "idle-1").await;
-    task.abort();
-    (won, failed)
-}
-
-/// The backend closes keep-alive connections idle for 3 ms, and 8 clients pause 0-6 ms between
-/// requests, so flashgate often sends on a connection the backend is closing that very moment.
-/// A pass-through GET the backend never answered is sent again (RFC 9112 §9.3.1.1): every one
-/// gets 200. An order is never sent twice: a flash buyer caught by the race gets 502 and the
-/// unit stays `uncertain` (the books balance), and the backend read each order at most once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idempotent_requests_are_sent_again_when_the_backend_closes_an_idle_connection() {
-    bounded(async {
-        keep_alive_race(Duration::from_millis(3), 150, "1s").await;
-    })
-    .await;
-}
-
-/// What keeps orders out of the race (README, "Backend keep-alive"): orders ride their own
-/// connections, closed after `upstream.order_idle_timeout` idle, shorter than the backend's
-/// keep-alive timeout (1 s by default against backends' 2 s and up; here 4 ms against the
-/// backend's 20 ms). No order meets a closing connection: all 400 are sold. (With the orders'
-/// connections kept as long as the backend's, about every other run of this test lost an order
-/// here.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_order_is_lost_when_orders_leave_idle_connections_before_the_backend_does() {
-    bounded(async {
-        let (won, failed) = keep_alive_race(Duration::from_millis(20), 100, "4ms").await;
-        assert_eq!((won, failed), (400, 0));
     })
     .await;
 }

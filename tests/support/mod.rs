@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod browser;
+pub mod faulty;
 pub mod raw;
 pub mod redis;
 pub mod redis_cluster;
