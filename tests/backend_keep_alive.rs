@@ -157,14 +157,7 @@ async fn keep_alive_race(
     );
     let won = count(&flash, 200);
     let failed = count(&flash, 502) + count(&flash, 504);
-    let settled = eventually(Duration::from_secs(5), || {
-        futures_util::FutureExt::now_or_never(fg.app.store.status(&sku("idle-1")))
-            .and_then(Result::ok)
-            .is_some_and(|s| s.units.sold == won && s.units.uncertain == failed)
-    })
-    .await;
-    let status = fg.app.store.status(&sku("idle-1")).await.unwrap();
-    assert!(settled, "won {won}, 502 {failed}: {status:?}");
+    let status = assert_settled(&fg, "idle-1", won, failed).await;
     assert_eq!(status.stock, Some(10_000 - won - failed), "{status:?}");
     // Every 200 was read once; a retried GET's first copy was never read, and an order
     // caught by the race may or may not have been.
@@ -197,15 +190,7 @@ async fn raw_keep_alive_backend(idle: Duration) -> KeepAliveBackend {
         url,
         idle,
         seen: Some(seen),
-        _running: Box::new(AbortOnDrop(task)),
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+        _running: Box::new(tokio_util::task::AbortOnDropHandle::new(task)),
     }
 }
 
@@ -283,8 +268,8 @@ async fn no_order_is_lost_when_orders_leave_idle_connections_before_the_backend_
 }
 
 /// The same with Node's HTTP server, `keepAliveTimeout` at 30 ms, orders keeping their
-/// connections 5 ms: every reader gets 200 (a GET caught by Node's close is sent again) and
-/// every order is sold.
+/// connections 5 ms: readers held to the same bounds as above (a GET caught by Node's close is
+/// sent again), and every order is sold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_keep_alive_timeout_loses_no_order_and_no_reader() {
     bounded(async {

@@ -248,15 +248,7 @@ async fn one_shot_run(announce: bool) -> OneShotRun {
     let (flash, plain) = (flash.finish().await, plain.finish().await);
     let won = flash.iter().filter(|s| s.status == 200).count() as u64;
     let failed = flash.iter().filter(|s| s.status == 502).count() as u64;
-    // Settles run off the response path.
-    let settled = eventually(Duration::from_secs(5), || {
-        futures_util::FutureExt::now_or_never(fg.app.store.status(&sku("close-1")))
-            .and_then(Result::ok)
-            .is_some_and(|s| s.units.sold == won && s.units.uncertain == failed)
-    })
-    .await;
-    let status = fg.app.store.status(&sku("close-1")).await.unwrap();
-    assert!(settled, "won {won}, 502 {failed}: {status:?}");
+    let status = assert_settled(&fg, "close-1", won, failed).await;
     assert_no_slot_leaked(&fg).await;
     assert_audit_clean(&fg, "close-1").await;
     task.abort();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{Flashgate, eventually};
+use super::{Flashgate, eventually, sku};
 
 /// Bound on one whole test.
 pub const TEST_DEADLINE: Duration = Duration::from_secs(60);
@@ -106,4 +106,23 @@ where
         }
     });
     (url, seen, task)
+}
+
+/// Waits until the SKU's books show `won` units sold and `failed` uncertain (settles run off the
+/// response path), fails with the status if they never do, and returns it.
+pub async fn assert_settled(
+    fg: &Flashgate,
+    name: &str,
+    won: u64,
+    failed: u64,
+) -> flashgate::store::SaleStatus {
+    let settled = eventually(Duration::from_secs(5), || {
+        futures_util::FutureExt::now_or_never(fg.app.store.status(&sku(name)))
+            .and_then(Result::ok)
+            .is_some_and(|s| s.units.sold == won && s.units.uncertain == failed)
+    })
+    .await;
+    let status = fg.app.store.status(&sku(name)).await.unwrap();
+    assert!(settled, "won {won}, 502 {failed}: {status:?}");
+    status
 }
