@@ -2,7 +2,8 @@
 //! gunicorn 2 s, Node 5 s), at the moment flashgate sends on one. A pass-through request with
 //! an idempotent method and no body is sent again; an order never is, and rides connections
 //! flashgate lets go of first (`upstream.order_idle_timeout`). Backends: one on raw TCP with a
-//! 3 or 20 ms timeout, and Node's own HTTP server with `keepAliveTimeout` at 30 ms.
+//! 3 or 20 ms timeout, and Node's own HTTP server with `keepAliveTimeout` at 30 ms. flashgate
+//! runs as `flashgate serve` runs it: a single-threaded runtime and upstream pool per core.
 mod support;
 
 use std::sync::Arc;
@@ -57,7 +58,7 @@ async fn keep_alive_race(
         &format!("request_timeout: 2s, order_idle_timeout: {order_idle_timeout}"),
     );
     assert!(yaml.contains("order_idle_timeout"), "{yaml}");
-    let fg = Flashgate::start(&yaml).await;
+    let fg = Flashgate::start_per_core(&yaml, 2).await;
     fg.app
         .store
         .set_stock(&sku("idle-1"), 10_000)
@@ -132,13 +133,15 @@ async fn keep_alive_race(
     };
     // A reader's GET whose connection closed is sent again, up to three sends: only three
     // closes in a row fail it (without the repeat, ~30 of these 600 readers got 502 here).
-    // Rarely (about one request in 10,000 under this race, seen with orders too), hyper's
-    // client waits on such a connection until `request_timeout`: 504, and an order's unit
-    // stays `uncertain`. Both are counted, and bounded, not hidden.
+    // Every request is answered well before `request_timeout` (2 s): no 504. flashgate runs
+    // here as `flashgate serve` does, one single-threaded runtime per core; served from a
+    // runtime shared by threads (`Flashgate::start`), hyper's client strands about one
+    // request in 20,000 of this race queued on a connection that another thread is closing
+    // (hyper issue #4122), until the timeout.
     let half = 8 * per_client / 2;
     for (what, v) in [("plain", &plain), ("flash", &flash)] {
         assert_eq!(
-            count(v, 200) + count(v, 502) + count(v, 504),
+            count(v, 200) + count(v, 502),
             half,
             "{what}, not 200: {:?}",
             others(v)
@@ -149,14 +152,8 @@ async fn keep_alive_race(
         "plain, not 200: {:?}",
         others(&plain)
     );
-    assert!(
-        count(&plain, 504) + count(&flash, 504) <= 2,
-        "waited out: plain {:?}, flash {:?}",
-        others(&plain),
-        others(&flash)
-    );
     let won = count(&flash, 200);
-    let failed = count(&flash, 502) + count(&flash, 504);
+    let failed = count(&flash, 502);
     let status = assert_settled(&fg, "idle-1", won, failed).await;
     assert_eq!(status.stock, Some(10_000 - won - failed), "{status:?}");
     // Every 200 was read once; a retried GET's first copy was never read, and an order

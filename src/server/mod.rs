@@ -38,8 +38,15 @@ use activity::HeadLimits;
 pub use detach::Detach;
 pub use per_core::{bind_reuseport, run_per_core};
 
-/// Serves `listener` until `shutdown` resolves, then drains. Used by `main` and by tests
-/// (bind `127.0.0.1:0`); holds no global state, so one process can run many instances.
+/// Serves `listener` until `shutdown` resolves, then drains. Used by tests (bind
+/// `127.0.0.1:0`); holds no global state, so one process can run many instances. `main` runs
+/// [`run_per_core`] instead.
+///
+/// On a runtime with several worker threads, hyper's pooled client can strand a request queued
+/// on a backend connection that another thread is closing (hyper issue #4122: the request is
+/// never sent, and waits for `upstream.request_timeout`). Measured with a backend closing idle
+/// connections every 3 ms: about one request in 20,000. [`run_per_core`] keeps each request
+/// and its connections on one thread, where that race cannot happen.
 pub async fn run(
     listener: TcpListener,
     app: Arc<App>,

@@ -52,11 +52,60 @@ pub struct Flashgate {
 }
 
 impl Flashgate {
-    /// Starts flashgate on 127.0.0.1:0 with `yaml` (its `listen` is ignored).
+    /// Starts flashgate on 127.0.0.1:0 with `yaml` (its `listen` is ignored), served on the
+    /// test's runtime.
     pub async fn start(yaml: &str) -> Flashgate {
-        let cfg = flashgate::config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (app, admin) = Self::build(yaml).await;
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(flashgate::server::run(listener, app.clone(), async {
+            let _ = rx.await;
+        }));
+        Flashgate {
+            addr,
+            admin,
+            app,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Starts flashgate the way `flashgate serve` runs: `threads` single-threaded runtimes,
+    /// each with its own listener and upstream pool ([`flashgate::server::run_per_core`]), on a
+    /// free port of 127.0.0.1.
+    pub async fn start_per_core(yaml: &str, threads: usize) -> Flashgate {
+        let (app, admin) = Self::build(yaml).await;
+        let addr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(flashgate::server::run_per_core(
+            addr,
+            threads,
+            app.clone(),
+            async {
+                let _ = rx.await;
+            },
+        ));
+        let listening = eventually(Duration::from_secs(5), || {
+            std::net::TcpStream::connect(addr).is_ok()
+        })
+        .await;
+        assert!(listening, "flashgate never listened on {addr}");
+        Flashgate {
+            addr,
+            admin,
+            app,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// The app for `yaml`, and the admin API's address when the config has an `admin` section.
+    async fn build(yaml: &str) -> (Arc<App>, Option<SocketAddr>) {
+        let cfg = flashgate::config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
         let has_admin = cfg.admin.is_some();
         let app = App::build(cfg).await.expect("store setup");
         let admin = if has_admin {
@@ -76,17 +125,7 @@ impl Flashgate {
         } else {
             None
         };
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(flashgate::server::run(listener, app.clone(), async {
-            let _ = rx.await;
-        }));
-        Flashgate {
-            addr,
-            admin,
-            app,
-            stop: Some(tx),
-            task: Some(task),
-        }
+        (app, admin)
     }
 
     pub fn url(&self, path: &str) -> String {
