@@ -167,16 +167,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr through a background writer: when Redis or the backend fails under
-/// load, every request may log a warning, and a blocking write to a slow stderr (a pipe, a
-/// container log driver) must not stall the request path. Lines beyond the writer's buffer
-/// ([`LOG_BUFFER_LINES`]) are dropped rather than waited for.
 /// How many diagnostic log lines wait for the writer at most: about a third of a second of a
 /// warning on every request at 50,000 requests/s. The buffer is allocated, and its pages
 /// touched, at start: tracing-appender's default (128,000 lines) is 4 MiB, a quarter of an
 /// idle flashgate's memory; this one is 512 KiB.
 const LOG_BUFFER_LINES: usize = 16_384;
 
+/// Logs go to stderr through a background writer: when Redis or the backend fails under
+/// load, every request may log a warning, and a blocking write to a slow stderr (a pipe, a
+/// container log driver) must not stall the request path. Lines beyond the writer's buffer
+/// ([`LOG_BUFFER_LINES`]) are dropped rather than waited for.
 fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(LOG_BUFFER_LINES)

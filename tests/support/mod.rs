@@ -76,31 +76,37 @@ impl Flashgate {
     /// free port of 127.0.0.1.
     pub async fn start_per_core(yaml: &str, threads: usize) -> Flashgate {
         let (app, admin) = Self::build(yaml).await;
-        let addr = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            probe.local_addr().unwrap()
-        };
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(flashgate::server::run_per_core(
-            addr,
-            threads,
-            app.clone(),
-            async {
-                let _ = rx.await;
-            },
-        ));
-        let listening = eventually(Duration::from_secs(5), || {
-            std::net::TcpStream::connect(addr).is_ok()
-        })
-        .await;
-        assert!(listening, "flashgate never listened on {addr}");
-        Flashgate {
-            addr,
-            admin,
-            app,
-            stop: Some(tx),
-            task: Some(task),
+        // The port is found free, then bound again by `run_per_core`: should another test take
+        // it in between, that bind fails (the task ends) and a new port is tried.
+        for _ in 0..5 {
+            let addr = {
+                let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                probe.local_addr().unwrap()
+            };
+            let (tx, rx) = oneshot::channel::<()>();
+            let task = tokio::spawn(flashgate::server::run_per_core(
+                addr,
+                threads,
+                app.clone(),
+                async {
+                    let _ = rx.await;
+                },
+            ));
+            let listening = eventually(Duration::from_secs(5), || {
+                task.is_finished() || std::net::TcpStream::connect(addr).is_ok()
+            })
+            .await;
+            if listening && !task.is_finished() {
+                return Flashgate {
+                    addr,
+                    admin,
+                    app,
+                    stop: Some(tx),
+                    task: Some(task),
+                };
+            }
         }
+        panic!("flashgate could not listen on a free port");
     }
 
     /// The app for `yaml`, and the admin API's address when the config has an `admin` section.
