@@ -57,11 +57,6 @@ pub async fn assert_no_slot_leaked(fg: &Flashgate) {
     );
 }
 
-pub fn refused_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// Reads one request head from `conn` (and a `Content-Length` body, if any). `None` at EOF.
 pub async fn read_request(conn: &mut TcpStream) -> Option<String> {
     let mut buf = Vec::new();

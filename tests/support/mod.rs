@@ -79,10 +79,7 @@ impl Flashgate {
         // The port is found free, then bound again by `run_per_core`: should another test take
         // it in between, that bind fails (the task ends) and a new port is tried.
         for _ in 0..5 {
-            let addr = {
-                let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                probe.local_addr().unwrap()
-            };
+            let addr = SocketAddr::from(([127, 0, 0, 1], refused_port()));
             let (tx, rx) = oneshot::channel::<()>();
             let task = tokio::spawn(flashgate::server::run_per_core(
                 addr,
@@ -366,6 +363,13 @@ pub async fn send(
 
 pub async fn get(url: &str) -> Answer {
     send(&client(), "GET", url, &[], Bytes::new()).await
+}
+
+/// A port nothing listens on (free, as far as anyone can tell): bind, note the port, drop the
+/// listener.
+pub fn refused_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
 }
 
 /// Polls `cond` every 10 ms until it holds or `within` passes: a wait on a condition, not a

@@ -227,12 +227,6 @@ pub async fn recording_shop() -> (Backend, Arc<Mutex<Vec<Bytes>>>) {
     (backend, bodies)
 }
 
-/// A port nothing listens on: bind, note the port, drop the listener.
-pub fn refused_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// The flash requests a backend received for `sku` (by the path flashgate forwarded).
 pub fn flash_seen(backend: &Backend, sku: &str) -> Vec<Seen> {
     let path = BUY_PATH.replace("{sku}", sku);
